@@ -1,0 +1,48 @@
+//! Records where ONNX Runtime was found at build time (the project's Python venv), so
+//! that the release binaries run from the repo root with no environment variable set.
+
+use std::path::{Path, PathBuf};
+
+fn find_onnxruntime(venv: &Path) -> Option<PathBuf> {
+    let lib = venv.join("lib");
+    for entry in std::fs::read_dir(&lib).ok()?.flatten() {
+        let capi = entry.path().join("site-packages/onnxruntime/capi");
+        let Ok(files) = std::fs::read_dir(&capi) else {
+            continue;
+        };
+        let mut found: Vec<PathBuf> = files
+            .flatten()
+            .map(|f| f.path())
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("libonnxruntime.so."))
+            })
+            .collect();
+        found.sort();
+        if let Some(p) = found.pop() {
+            return Some(p);
+        }
+    }
+    None
+}
+
+fn main() {
+    println!("cargo:rerun-if-env-changed=STREAMIQ_VENV");
+    println!("cargo:rerun-if-env-changed=ORT_DYLIB_PATH");
+    let venv = std::env::var_os("STREAMIQ_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/opt/streamiq/venv"));
+    let ort = std::env::var_os("ORT_DYLIB_PATH")
+        .map(PathBuf::from)
+        .or_else(|| find_onnxruntime(&venv));
+    if let Some(p) = ort {
+        println!("cargo:rustc-env=STREAMIQ_ORT_LIB={}", p.display());
+        println!("cargo:rerun-if-changed={}", p.display());
+    } else {
+        println!(
+            "cargo:warning=ONNX Runtime not found under {}; run scripts/setup.sh or set ORT_DYLIB_PATH",
+            venv.display()
+        );
+    }
+}

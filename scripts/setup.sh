@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Install what streamiq needs to build, run and test, idempotently.
+#   scripts/setup.sh            system packages + Python venv
+#   scripts/setup.sh apt|venv   one part only
+# The venv lives at a fixed place ($STREAMIQ_VENV, default /opt/streamiq/venv) so that a
+# fresh clone on the same machine reuses it; a stamp file records what it holds.
+set -euo pipefail
+
+VENV=${STREAMIQ_VENV:-/opt/streamiq/venv}
+APT_PACKAGES=(pkg-config libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev
+  gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad
+  gstreamer1.0-libav gstreamer1.0-tools ffmpeg prometheus sqlite3 chromium curl)
+PY_PACKAGES=(torch==2.11.0 onnxruntime==1.31.1 onnx==1.23.2 numpy safetensors
+  opencv-python-headless prometheus_client pillow)
+
+log() { printf '[setup] %s\n' "$*" >&2; }
+
+need_sudo() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+setup_apt() {
+  local missing=()
+  for p in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+  done
+  if [ ${#missing[@]} -eq 0 ]; then log "system packages present"; return; fi
+  log "installing system packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  need_sudo apt-get update -qq
+  need_sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+setup_venv() {
+  local want stamp="$VENV/.streamiq-stamp"
+  want=$(printf '%s\n' "${PY_PACKAGES[@]}")
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$VENV/bin/python" ]; then
+    log "python venv present at $VENV"; return
+  fi
+  log "creating python venv at $VENV (torch is a large download; this happens once)"
+  mkdir -p "$(dirname "$VENV")"
+  if ! python3 -m venv "$VENV" 2>/dev/null; then
+    need_sudo apt-get install -y -qq python3-venv >/dev/null
+    python3 -m venv "$VENV"
+  fi
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  "$VENV/bin/python" -m pip install -q --progress-bar off "${PY_PACKAGES[@]}"
+  printf '%s\n' "$want" >"$stamp"
+}
+
+case "${1:-all}" in
+  apt) setup_apt ;;
+  venv) setup_venv ;;
+  all) setup_apt; setup_venv ;;
+  *) echo "usage: $0 [all|apt|venv]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,246 @@
+//! `streamiq`: the daemon and its light tools. Parses flags, sets up tracing, calls
+//! the library. Exit codes: 0 ok, 1 runtime failure (or scan below threshold),
+//! 2 bad configuration, model files or input files.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use streamiq::app::StartupError;
+use streamiq::config::{Config, ConfigError, Settings};
+use streamiq::scan::{self, ScanOptions};
+use streamiq::score::bundle::Bundle;
+use streamiq::score::prompts::PromptSet;
+
+#[derive(Parser)]
+#[command(
+    name = "streamiq",
+    version,
+    about = "Per-stream picture quality for Prometheus"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon.
+    Run {
+        /// Configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a configuration (and its model bundle) and print the effective config.
+    CheckConfig {
+        /// Configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Score video files as fast as possible and report per file.
+    Scan {
+        /// Configuration file (model, scorer and qc sections are used).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// One JSON object per file instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Frames per second to sample (default: every frame).
+        #[arg(long)]
+        sample_fps: Option<f64>,
+        /// Exit 1 when a file's mean score is below this.
+        #[arg(long)]
+        fail_below: Option<f64>,
+        /// Video files.
+        #[arg(required = true)]
+        videos: Vec<PathBuf>,
+    },
+    /// Score still images: `SCORE PATH` per line, or JSON with --json.
+    Score {
+        /// Model bundle directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+        /// Image files (anything GStreamer decodes: JPEG, PNG, ...).
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+    },
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("STREAMIQ_LOG")
+        .or_else(|_| EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn settings(path: &std::path::Path) -> Result<Settings, ConfigError> {
+    Config::load(path)?.validate()
+}
+
+fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("streamiq: {msg}");
+    ExitCode::from(code)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    match cli.command {
+        Command::Run { config } => run(config),
+        Command::CheckConfig { config } => check_config(config),
+        Command::Scan {
+            config,
+            json,
+            sample_fps,
+            fail_below,
+            videos,
+        } => {
+            let s = match settings(&config) {
+                Ok(s) => s,
+                Err(e) => return fail(2, e),
+            };
+            scan_cmd(&s, videos, sample_fps, fail_below, json)
+        }
+        Command::Score {
+            model,
+            json,
+            images,
+        } => {
+            let mut c = Config::default();
+            c.model.bundle = model;
+            let s = match c.validate() {
+                Ok(s) => s,
+                Err(e) => return fail(2, e),
+            };
+            score_cmd(&s, images, json)
+        }
+    }
+}
+
+fn run(config: PathBuf) -> ExitCode {
+    let s = match settings(&config) {
+        Ok(s) if s.streams.is_empty() => {
+            return fail(
+                2,
+                format!(
+                    "{}: streams: configure at least one [[streams]]",
+                    config.display()
+                ),
+            );
+        }
+        Ok(s) => s,
+        Err(e) => return fail(2, e),
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(1, e),
+    };
+    let token = CancellationToken::new();
+    let deadline = s.server.shutdown_timeout;
+    rt.spawn(streamiq::shutdown::on_signals(token.clone(), deadline));
+    match rt.block_on(streamiq::run(s, token, None)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<StartupError>().is_some() => fail(2, e),
+        Err(e) => fail(1, format!("{e:#}")),
+    }
+}
+
+fn check_config(config: PathBuf) -> ExitCode {
+    let s = match settings(&config) {
+        Ok(s) => s,
+        Err(e) => return fail(2, e),
+    };
+    let bundle = match Bundle::open(&s.model.bundle) {
+        Ok(b) => b,
+        Err(e) => return fail(2, format!("model.bundle: {e}")),
+    };
+    if let Err(e) = PromptSet::load(&bundle.prompts_path(), bundle.manifest.embed_dim) {
+        return fail(2, format!("model.bundle: {e}"));
+    }
+    match toml::to_string_pretty(&s.raw) {
+        Ok(text) => {
+            print!("{text}");
+            eprintln!(
+                "streamiq: {}: ok ({} streams, bundle {} verified)",
+                config.display(),
+                s.streams.len(),
+                bundle.manifest.name
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(1, e),
+    }
+}
+
+fn scan_cmd(
+    s: &Settings,
+    files: Vec<PathBuf>,
+    sample_fps: Option<f64>,
+    fail_below: Option<f64>,
+    json: bool,
+) -> ExitCode {
+    if let Some(f) = sample_fps.filter(|f| !(*f > 0.0 && *f <= 240.0)) {
+        return fail(2, format!("--sample-fps {f}: must be within (0, 240]"));
+    }
+    let opts = ScanOptions {
+        files,
+        sample_fps,
+        fail_below,
+    };
+    let reports = match scan::scan(s, &opts) {
+        Ok(r) => r,
+        Err(e) => return fail(2, e),
+    };
+    for r in &reports {
+        if json {
+            println!("{}", serde_json::to_string(r).expect("report serialises"));
+        } else {
+            print!("{}", scan::format_text(r));
+        }
+    }
+    ExitCode::from(scan::exit_code(&reports) as u8)
+}
+
+fn score_cmd(s: &Settings, images: Vec<PathBuf>, json: bool) -> ExitCode {
+    let opts = ScanOptions {
+        files: images,
+        sample_fps: None,
+        fail_below: None,
+    };
+    let reports = match scan::scan(s, &opts) {
+        Ok(r) => r,
+        Err(e) => return fail(2, e),
+    };
+    for r in &reports {
+        match (r.mean_score, json) {
+            (Some(score), false) => println!("{score:.6} {}", r.path),
+            (Some(score), true) => println!(
+                "{}",
+                serde_json::json!({"path": r.path, "score": score, "attributes": r.attributes})
+            ),
+            (None, _) => eprintln!(
+                "streamiq: {}: {}",
+                r.path,
+                r.error.as_deref().unwrap_or("not scored")
+            ),
+        }
+    }
+    ExitCode::from(if reports.iter().any(|r| r.error.is_some()) {
+        2
+    } else {
+        0
+    })
+}

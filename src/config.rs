@@ -1,0 +1,782 @@
+//! Configuration: [`Config`] as read (TOML file layered over defaults and under
+//! `STREAMIQ__SECTION__KEY` environment variables), validated once into [`Settings`].
+//!
+//! Every error names the key and the bad value, so that `streamiq check-config` can
+//! print one line an operator can act on.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// A configuration that could not be read or is invalid.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file or the environment could not be parsed (unknown key, wrong type, bad TOML).
+    #[error("{path}: {message}")]
+    Parse {
+        /// The configuration file.
+        path: PathBuf,
+        /// What the parser said, with the key it was at.
+        message: String,
+    },
+    /// A key holds a value outside what it accepts.
+    #[error("{key} = {value}: {reason}")]
+    Invalid {
+        /// Dotted key, e.g. `scorer.max_batch` or `streams[1].id`.
+        key: String,
+        /// The offending value as written.
+        value: String,
+        /// Why it is refused.
+        reason: String,
+    },
+}
+
+impl ConfigError {
+    fn invalid(key: impl Into<String>, value: impl ToString, reason: impl Into<String>) -> Self {
+        Self::Invalid {
+            key: key.into(),
+            value: value.to_string(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// The whole configuration file, as read.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// HTTP server.
+    pub server: ServerConfig,
+    /// Model bundle and execution.
+    pub model: ModelConfig,
+    /// Batching and scoring.
+    pub scorer: ScorerConfig,
+    /// Quality-control detectors.
+    pub qc: QcConfig,
+    /// Recent frames and the label store.
+    pub labels: LabelsConfig,
+    /// Few-shot adaptation (read by `streamiq-adapt`).
+    pub adapt: AdaptConfig,
+    /// The streams to watch.
+    pub streams: Vec<StreamConfig>,
+}
+
+/// `[server]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address for /metrics, /healthz, /readyz, the API and the label page.
+    pub listen: String,
+    /// Bearer token for write routes; created with mode 0600 if missing.
+    pub api_token_file: PathBuf,
+    /// Longest time the ordered shutdown may take before the process exits anyway.
+    pub shutdown_timeout: String,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9790".into(),
+            api_token_file: "state/api-token".into(),
+            shutdown_timeout: "10s".into(),
+        }
+    }
+}
+
+/// `[model]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// Model bundle directory.
+    pub bundle: PathBuf,
+    /// Versioned prompt sets written by `streamiq-adapt`.
+    pub prompts_dir: PathBuf,
+    /// Execution providers in order of preference: "tensorrt", "cuda", "cpu".
+    pub execution: Vec<String>,
+    /// ONNX Runtime intra-op threads; 0 = its default.
+    pub intra_threads: usize,
+    /// Path of `libonnxruntime.so`; empty = the one recorded at build time or `ORT_DYLIB_PATH`.
+    pub onnxruntime_lib: PathBuf,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            bundle: "models/streamiq-tiny".into(),
+            prompts_dir: "state/prompts".into(),
+            execution: vec!["cpu".into()],
+            intra_threads: 0,
+            onnxruntime_lib: PathBuf::new(),
+        }
+    }
+}
+
+/// `[scorer]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScorerConfig {
+    /// Largest batch handed to the model.
+    pub max_batch: usize,
+    /// Longest wait from a batch's first frame to its flush.
+    pub max_wait: String,
+    /// Frames the handoff queue holds.
+    pub queue_capacity: usize,
+    /// What a live source does when the queue is full: "drop_oldest" or "drop_newest".
+    pub when_full: String,
+    /// "global" (whole frame resized) or "crops:N".
+    pub views: String,
+}
+
+impl Default for ScorerConfig {
+    fn default() -> Self {
+        Self {
+            max_batch: 32,
+            max_wait: "20ms".into(),
+            queue_capacity: 256,
+            when_full: "drop_oldest".into(),
+            views: "global".into(),
+        }
+    }
+}
+
+/// `[qc]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QcConfig {
+    /// `streamiq_quality_score` is the mean over this window.
+    pub window: String,
+    /// A pixel is dark when its luma (0..1) is at most this.
+    pub black_luma_max: f64,
+    /// A frame is black when at least this share of its pixels is dark.
+    pub black_pixel_ratio: f64,
+    /// A black run becomes a segment once it has lasted this long.
+    pub black_min_duration: String,
+    /// Consecutive sampled frames whose mean absolute difference (0..1) is at most this are frozen.
+    pub freeze_mad_max: f64,
+    /// A frozen run becomes a segment once it has lasted this long.
+    pub freeze_min_duration: String,
+    /// No frame for this long: the stream is down and its pipeline is rebuilt.
+    pub stall_timeout: String,
+}
+
+impl Default for QcConfig {
+    fn default() -> Self {
+        Self {
+            window: "10s".into(),
+            black_luma_max: 0.10,
+            black_pixel_ratio: 0.98,
+            black_min_duration: "2s".into(),
+            freeze_mad_max: 0.002,
+            freeze_min_duration: "2s".into(),
+            stall_timeout: "5s".into(),
+        }
+    }
+}
+
+/// `[labels]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LabelsConfig {
+    /// SQLite label store.
+    pub db: PathBuf,
+    /// Recent scored frames kept per stream for labelling and thumbnails.
+    pub recent_frames: usize,
+}
+
+impl Default for LabelsConfig {
+    fn default() -> Self {
+        Self {
+            db: "state/labels.sqlite".into(),
+            recent_frames: 200,
+        }
+    }
+}
+
+/// `[adapt]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdaptConfig {
+    /// Fewest labels an adaptation round needs.
+    pub min_labels: usize,
+    /// Share of labels held out for early stopping and promotion.
+    pub holdout: f64,
+    /// Gradient-regularisation strength; 0 disables it.
+    pub lambda: f64,
+    /// Upper bound on training epochs.
+    pub max_epochs: usize,
+    /// "cpu" or "cuda:N".
+    pub device: String,
+}
+
+impl Default for AdaptConfig {
+    fn default() -> Self {
+        Self {
+            min_labels: 20,
+            holdout: 0.2,
+            lambda: 5.0,
+            max_epochs: 200,
+            device: "cpu".into(),
+        }
+    }
+}
+
+/// `[[streams]]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamConfig {
+    /// `[a-z0-9_-]{1,64}`; the only per-stream metric label.
+    pub id: String,
+    /// A URI GStreamer can open (file, rtsp, srt, udp, http/hls).
+    #[serde(default)]
+    pub uri: Option<String>,
+    /// A launch line ending in raw video, instead of `uri`.
+    #[serde(default)]
+    pub pipeline: Option<String>,
+    /// Frames per second to sample; 0 = every frame.
+    #[serde(default = "default_sample_fps")]
+    pub sample_fps: f64,
+    /// false: a file is read as fast as scoring allows (no drops, backpressure instead).
+    #[serde(default = "default_true")]
+    pub realtime: bool,
+}
+
+fn default_sample_fps() -> f64 {
+    2.0
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// Where a stream's frames come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// Opened with `uridecodebin3`.
+    Uri(String),
+    /// A launch line that ends in raw video.
+    Pipeline(String),
+}
+
+impl Source {
+    /// Whether the source is a plain file (it ends; others are restarted after EOS).
+    pub fn is_file(&self) -> bool {
+        matches!(self, Source::Uri(u) if u.starts_with("file:"))
+    }
+}
+
+/// What a live source does when the handoff queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenFull {
+    /// Evict the oldest queued frame to make room.
+    DropOldest,
+    /// Drop the frame that just arrived.
+    DropNewest,
+}
+
+/// How each frame is looked at by the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Views {
+    /// The whole frame, resized to the model's input.
+    Global,
+    /// N crops at (close to) native scale, scores averaged.
+    Crops(NonZeroUsize),
+}
+
+/// One validated stream.
+#[derive(Debug, Clone)]
+pub struct StreamSettings {
+    /// Metric label and API id.
+    pub id: String,
+    /// Frame source.
+    pub source: Source,
+    /// Sampling rate; `None` = every frame.
+    pub sample_fps: Option<f64>,
+    /// Live pacing (drops by policy) or as fast as scoring allows (backpressure).
+    pub realtime: bool,
+}
+
+/// Validated `[scorer]`.
+#[derive(Debug, Clone)]
+pub struct ScorerSettings {
+    /// Largest batch.
+    pub max_batch: NonZeroUsize,
+    /// Longest wait from a batch's first frame.
+    pub max_wait: Duration,
+    /// Handoff queue capacity.
+    pub queue_capacity: NonZeroUsize,
+    /// Full-queue policy for live sources.
+    pub when_full: WhenFull,
+    /// Views per frame.
+    pub views: Views,
+}
+
+/// Validated `[qc]`.
+#[derive(Debug, Clone)]
+pub struct QcSettings {
+    /// Quality window.
+    pub window: Duration,
+    /// Dark-pixel luma threshold, 0..1.
+    pub black_luma_max: f32,
+    /// Share of dark pixels that makes a frame black.
+    pub black_pixel_ratio: f32,
+    /// Minimum black duration.
+    pub black_min_duration: Duration,
+    /// Frozen-frame MAD threshold, 0..1.
+    pub freeze_mad_max: f32,
+    /// Minimum frozen duration.
+    pub freeze_min_duration: Duration,
+    /// No-frame timeout.
+    pub stall_timeout: Duration,
+}
+
+/// Validated `[model]`.
+#[derive(Debug, Clone)]
+pub struct ModelSettings {
+    /// Bundle directory.
+    pub bundle: PathBuf,
+    /// Prompt-set directory.
+    pub prompts_dir: PathBuf,
+    /// Execution providers in order.
+    pub execution: Vec<ExecutionProvider>,
+    /// ONNX Runtime intra-op threads (0 = default).
+    pub intra_threads: usize,
+    /// Explicit ONNX Runtime library, if configured.
+    pub onnxruntime_lib: Option<PathBuf>,
+}
+
+/// An ONNX Runtime execution provider streamiq knows how to ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExecutionProvider {
+    /// NVIDIA TensorRT.
+    TensorRt,
+    /// NVIDIA CUDA.
+    Cuda,
+    /// The CPU (always available).
+    Cpu,
+}
+
+impl ExecutionProvider {
+    /// The name used in the config and in `streamiq_build_info{execution}`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::TensorRt => "tensorrt",
+            Self::Cuda => "cuda",
+            Self::Cpu => "cpu",
+        }
+    }
+}
+
+/// Validated `[server]`.
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    /// Bind address.
+    pub listen: SocketAddr,
+    /// Bearer-token file.
+    pub api_token_file: PathBuf,
+    /// Shutdown deadline.
+    pub shutdown_timeout: Duration,
+}
+
+/// The validated configuration every stage is built from.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// HTTP server.
+    pub server: ServerSettings,
+    /// Model.
+    pub model: ModelSettings,
+    /// Batching and scoring.
+    pub scorer: ScorerSettings,
+    /// QC detectors.
+    pub qc: QcSettings,
+    /// Recent frames kept per stream.
+    pub recent_frames: NonZeroUsize,
+    /// Label store path.
+    pub labels_db: PathBuf,
+    /// Adaptation parameters, as read.
+    pub adapt: AdaptConfig,
+    /// Streams, in config order.
+    pub streams: Vec<StreamSettings>,
+    /// The configuration as read (for `check-config`).
+    pub raw: Config,
+}
+
+impl Config {
+    /// Reads `path` over the built-in defaults, with `STREAMIQ__SECTION__KEY` overrides.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let parse = |e: config::ConfigError| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        };
+        if !path.is_file() {
+            return Err(ConfigError::Parse {
+                path: path.to_owned(),
+                message: "no such file".into(),
+            });
+        }
+        config::Config::builder()
+            .add_source(config::File::from(path).format(config::FileFormat::Toml))
+            .add_source(
+                config::Environment::with_prefix("STREAMIQ")
+                    .prefix_separator("__")
+                    .separator("__")
+                    .try_parsing(true)
+                    .list_separator(",")
+                    .with_list_parse_key("model.execution"),
+            )
+            .build()
+            .map_err(parse)?
+            .try_deserialize()
+            .map_err(parse)
+    }
+
+    /// Parses TOML text (no environment), for tests and tools.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: "<inline>".into(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Validates into [`Settings`]; relative paths are kept relative to the working directory.
+    pub fn validate(self) -> Result<Settings, ConfigError> {
+        let server = ServerSettings {
+            listen: self.server.listen.parse().map_err(|_| {
+                ConfigError::invalid("server.listen", &self.server.listen, "expected IP:PORT")
+            })?,
+            api_token_file: self.server.api_token_file.clone(),
+            shutdown_timeout: duration("server.shutdown_timeout", &self.server.shutdown_timeout)?,
+        };
+        let model = self.validate_model()?;
+        let scorer = self.validate_scorer()?;
+        let qc = self.validate_qc()?;
+        let recent_frames = NonZeroUsize::new(self.labels.recent_frames)
+            .ok_or_else(|| ConfigError::invalid("labels.recent_frames", 0, "must be at least 1"))?;
+        self.validate_adapt()?;
+        let streams = self.validate_streams()?;
+        Ok(Settings {
+            server,
+            model,
+            scorer,
+            qc,
+            recent_frames,
+            labels_db: self.labels.db.clone(),
+            adapt: self.adapt.clone(),
+            streams,
+            raw: self,
+        })
+    }
+
+    fn validate_model(&self) -> Result<ModelSettings, ConfigError> {
+        let m = &self.model;
+        if m.execution.is_empty() {
+            return Err(ConfigError::invalid(
+                "model.execution",
+                "[]",
+                "name at least one provider",
+            ));
+        }
+        let execution = m
+            .execution
+            .iter()
+            .map(|e| match e.as_str() {
+                "tensorrt" => Ok(ExecutionProvider::TensorRt),
+                "cuda" => Ok(ExecutionProvider::Cuda),
+                "cpu" => Ok(ExecutionProvider::Cpu),
+                other => Err(ConfigError::invalid(
+                    "model.execution",
+                    format!("{other:?}"),
+                    "expected \"tensorrt\", \"cuda\" or \"cpu\"",
+                )),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(ModelSettings {
+            bundle: m.bundle.clone(),
+            prompts_dir: m.prompts_dir.clone(),
+            execution,
+            intra_threads: m.intra_threads,
+            onnxruntime_lib: (!m.onnxruntime_lib.as_os_str().is_empty())
+                .then(|| m.onnxruntime_lib.clone()),
+        })
+    }
+
+    fn validate_scorer(&self) -> Result<ScorerSettings, ConfigError> {
+        let s = &self.scorer;
+        let nz = |key: &str, v: usize| {
+            NonZeroUsize::new(v).ok_or_else(|| ConfigError::invalid(key, v, "must be at least 1"))
+        };
+        let when_full = match s.when_full.as_str() {
+            "drop_oldest" => WhenFull::DropOldest,
+            "drop_newest" => WhenFull::DropNewest,
+            other => {
+                return Err(ConfigError::invalid(
+                    "scorer.when_full",
+                    format!("{other:?}"),
+                    "expected \"drop_oldest\" or \"drop_newest\"",
+                ));
+            }
+        };
+        Ok(ScorerSettings {
+            max_batch: nz("scorer.max_batch", s.max_batch)?,
+            max_wait: duration("scorer.max_wait", &s.max_wait)?,
+            queue_capacity: nz("scorer.queue_capacity", s.queue_capacity)?,
+            when_full,
+            views: parse_views(&s.views)?,
+        })
+    }
+
+    fn validate_qc(&self) -> Result<QcSettings, ConfigError> {
+        let q = &self.qc;
+        let unit = |key: &str, v: f64| {
+            if (0.0..=1.0).contains(&v) {
+                Ok(v as f32)
+            } else {
+                Err(ConfigError::invalid(key, v, "must be within 0..1"))
+            }
+        };
+        let window = duration("qc.window", &q.window)?;
+        if window.is_zero() {
+            return Err(ConfigError::invalid("qc.window", &q.window, "must be > 0"));
+        }
+        let stall_timeout = duration("qc.stall_timeout", &q.stall_timeout)?;
+        if stall_timeout < Duration::from_millis(100) {
+            return Err(ConfigError::invalid(
+                "qc.stall_timeout",
+                &q.stall_timeout,
+                "must be at least 100ms",
+            ));
+        }
+        Ok(QcSettings {
+            window,
+            black_luma_max: unit("qc.black_luma_max", q.black_luma_max)?,
+            black_pixel_ratio: unit("qc.black_pixel_ratio", q.black_pixel_ratio)?,
+            black_min_duration: duration("qc.black_min_duration", &q.black_min_duration)?,
+            freeze_mad_max: unit("qc.freeze_mad_max", q.freeze_mad_max)?,
+            freeze_min_duration: duration("qc.freeze_min_duration", &q.freeze_min_duration)?,
+            stall_timeout,
+        })
+    }
+
+    fn validate_adapt(&self) -> Result<(), ConfigError> {
+        let a = &self.adapt;
+        if !(a.holdout > 0.0 && a.holdout < 1.0) {
+            return Err(ConfigError::invalid(
+                "adapt.holdout",
+                a.holdout,
+                "must be within (0, 1)",
+            ));
+        }
+        if !(a.lambda >= 0.0 && a.lambda.is_finite()) {
+            return Err(ConfigError::invalid(
+                "adapt.lambda",
+                a.lambda,
+                "must be finite and >= 0",
+            ));
+        }
+        if a.max_epochs == 0 {
+            return Err(ConfigError::invalid(
+                "adapt.max_epochs",
+                0,
+                "must be at least 1",
+            ));
+        }
+        let device_ok = a.device == "cpu"
+            || a.device
+                .strip_prefix("cuda:")
+                .is_some_and(|n| n.parse::<u32>().is_ok());
+        if !device_ok {
+            return Err(ConfigError::invalid(
+                "adapt.device",
+                format!("{:?}", a.device),
+                "expected \"cpu\" or \"cuda:N\"",
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_streams(&self) -> Result<Vec<StreamSettings>, ConfigError> {
+        let mut seen = HashSet::new();
+        let mut out = Vec::with_capacity(self.streams.len());
+        for (i, s) in self.streams.iter().enumerate() {
+            let key = |k: &str| format!("streams[{i}].{k}");
+            if !valid_stream_id(&s.id) {
+                return Err(ConfigError::invalid(
+                    key("id"),
+                    format!("{:?}", s.id),
+                    "expected [a-z0-9_-]{1,64}",
+                ));
+            }
+            if !seen.insert(s.id.clone()) {
+                return Err(ConfigError::invalid(
+                    key("id"),
+                    format!("{:?}", s.id),
+                    "duplicate stream id",
+                ));
+            }
+            let source = match (&s.uri, &s.pipeline) {
+                (Some(u), None) if u.contains("://") => Source::Uri(u.clone()),
+                (Some(u), None) => {
+                    return Err(ConfigError::invalid(
+                        key("uri"),
+                        format!("{u:?}"),
+                        "expected a URI such as file:///path or rtsp://host/path",
+                    ));
+                }
+                (None, Some(p)) if !p.trim().is_empty() => Source::Pipeline(p.clone()),
+                (None, Some(p)) => {
+                    return Err(ConfigError::invalid(
+                        key("pipeline"),
+                        format!("{p:?}"),
+                        "empty launch line",
+                    ));
+                }
+                (Some(_), Some(_)) => {
+                    return Err(ConfigError::invalid(
+                        key("uri"),
+                        "(with pipeline)",
+                        "set either uri or pipeline, not both",
+                    ));
+                }
+                (None, None) => {
+                    return Err(ConfigError::invalid(
+                        format!("streams[{i}]"),
+                        &s.id,
+                        "needs a uri or a pipeline",
+                    ));
+                }
+            };
+            if !(s.sample_fps >= 0.0 && s.sample_fps <= 240.0) {
+                return Err(ConfigError::invalid(
+                    key("sample_fps"),
+                    s.sample_fps,
+                    "must be within 0..240 (0 = every frame)",
+                ));
+            }
+            out.push(StreamSettings {
+                id: s.id.clone(),
+                source,
+                sample_fps: (s.sample_fps > 0.0).then_some(s.sample_fps),
+                realtime: s.realtime,
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// Whether `id` matches `[a-z0-9_-]{1,64}`.
+pub fn valid_stream_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+/// Parses a duration such as "250ms", "10s" or "6h".
+pub fn duration(key: &str, value: &str) -> Result<Duration, ConfigError> {
+    humantime::parse_duration(value.trim()).map_err(|e| {
+        ConfigError::invalid(
+            key,
+            format!("{value:?}"),
+            format!("{e}; expected e.g. \"250ms\", \"10s\", \"6h\""),
+        )
+    })
+}
+
+fn parse_views(v: &str) -> Result<Views, ConfigError> {
+    if v == "global" {
+        return Ok(Views::Global);
+    }
+    v.strip_prefix("crops:")
+        .and_then(|n| n.parse::<usize>().ok())
+        .and_then(|n| NonZeroUsize::new(n).filter(|n| n.get() <= 64))
+        .map(Views::Crops)
+        .ok_or_else(|| {
+            ConfigError::invalid(
+                "scorer.views",
+                format!("{v:?}"),
+                "expected \"global\" or \"crops:N\" with N in 1..=64",
+            )
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> String {
+        "[[streams]]\nid = \"a\"\npipeline = \"videotestsrc is-live=true\"\n".to_string()
+    }
+
+    fn err(text: &str) -> String {
+        match Config::from_toml(text).and_then(Config::validate) {
+            Ok(_) => panic!("accepted:\n{text}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn defaults_validate() {
+        let s = Config::from_toml(&base()).unwrap().validate().unwrap();
+        assert_eq!(s.scorer.max_batch.get(), 32);
+        assert_eq!(s.scorer.max_wait, Duration::from_millis(20));
+        assert_eq!(s.qc.window, Duration::from_secs(10));
+        assert_eq!(s.streams[0].sample_fps, Some(2.0));
+        assert_eq!(s.server.listen.port(), 9790);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = err(&format!("[scorer]\nmax_bach = 3\n{}", base()));
+        assert!(e.contains("max_bach"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        let e = err(&format!("[scorer]\nmax_batch = \"many\"\n{}", base()));
+        assert!(e.contains("max_batch") || e.contains("integer"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_stream_id_is_refused() {
+        let e = err(&format!("{}{}", base(), base()));
+        assert!(
+            e.contains("streams[1].id") && e.contains("duplicate"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        for (text, key) in [
+            ("[scorer]\nmax_wait = \"soon\"\n", "scorer.max_wait"),
+            ("[scorer]\nwhen_full = \"block\"\n", "scorer.when_full"),
+            ("[scorer]\nviews = \"crops:0\"\n", "scorer.views"),
+            ("[qc]\nblack_luma_max = 2.0\n", "qc.black_luma_max"),
+            ("[model]\nexecution = [\"gpu\"]\n", "model.execution"),
+            ("[server]\nlisten = \"nowhere\"\n", "server.listen"),
+            ("[adapt]\ndevice = \"tpu\"\n", "adapt.device"),
+        ] {
+            let e = err(&format!("{text}{}", base()));
+            assert!(e.starts_with(key), "{key}: {e}");
+        }
+        let e = err("[[streams]]\nid = \"Bad Id\"\npipeline = \"x\"\n");
+        assert!(e.starts_with("streams[0].id"), "{e}");
+        let e = err("[[streams]]\nid = \"a\"\n");
+        assert!(e.contains("needs a uri or a pipeline"), "{e}");
+        let e = err("[[streams]]\nid = \"a\"\nuri = \"/tmp/x.mp4\"\n");
+        assert!(e.starts_with("streams[0].uri"), "{e}");
+    }
+
+    #[test]
+    fn views_parse() {
+        assert_eq!(parse_views("global").unwrap(), Views::Global);
+        assert_eq!(
+            parse_views("crops:5").unwrap(),
+            Views::Crops(NonZeroUsize::new(5).unwrap())
+        );
+    }
+}

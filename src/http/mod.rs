@@ -1,0 +1,280 @@
+//! HTTP (axum): `/metrics`, `/healthz`, `/readyz` and the read-only `/api/v1` routes.
+//! Unknown streams and frames get a 404 with a JSON error.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::frame::ScoredFrame;
+use crate::metrics::{DropReason, Metrics};
+use crate::score::ActivePrompts;
+use crate::score::preprocess::Normaliser;
+use crate::state::{StreamState, unix_seconds};
+
+/// Everything the routes read.
+#[derive(Clone)]
+pub struct AppState {
+    /// Streams in config order.
+    pub streams: Arc<Vec<Arc<StreamState>>>,
+    /// Metrics registry.
+    pub metrics: Arc<Metrics>,
+    /// Active prompt set.
+    pub prompts: ActivePrompts,
+    /// Set once the model is loaded.
+    pub model_loaded: Arc<AtomicBool>,
+    /// The model's crop rule (for thumbnails of what was scored).
+    pub normaliser: Arc<Normaliser>,
+}
+
+/// A JSON error response.
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+    field: Option<&'static str>,
+}
+
+impl ApiError {
+    /// 404 naming what was not found.
+    pub fn not_found(message: impl Into<String>, field: &'static str) -> Self {
+        Self {
+            status: StatusCode::NOT_FOUND,
+            message: message.into(),
+            field: Some(field),
+        }
+    }
+
+    /// 400 naming the bad field.
+    pub fn bad_request(message: impl Into<String>, field: &'static str) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+            field: Some(field),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = json!({ "error": self.message });
+        if let Some(f) = self.field {
+            body["field"] = json!(f);
+        }
+        (self.status, Json(body)).into_response()
+    }
+}
+
+/// The router.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/api/v1/streams", get(streams))
+        .route("/api/v1/streams/{id}/frames", get(frames))
+        .route("/api/v1/frames/{frame_id}/thumbnail.jpg", get(thumbnail))
+        .route("/api/v1/prompts", get(prompts))
+        .fallback(|| async { ApiError::not_found("no such route", "path") })
+        .with_state(state)
+}
+
+async fn metrics(State(s): State<AppState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        s.metrics.encode(),
+    )
+        .into_response()
+}
+
+async fn readyz(State(s): State<AppState>) -> Response {
+    let model = s.model_loaded.load(Ordering::Relaxed);
+    let frames = s.streams.iter().any(|st| st.metrics.decoded.get() > 0);
+    let body = json!({ "model_loaded": model, "frames_seen": frames });
+    let code = if model && frames {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(body)).into_response()
+}
+
+#[derive(Serialize)]
+struct StreamView {
+    id: String,
+    source: String,
+    phase: crate::state::Phase,
+    up: bool,
+    quality: Option<f64>,
+    fps: f64,
+    black_active: bool,
+    freeze_active: bool,
+    restarts: u64,
+    last_error: Option<String>,
+    frames_decoded: u64,
+    frames_scored: u64,
+    frames_dropped: BTreeMap<&'static str, u64>,
+}
+
+async fn streams(State(s): State<AppState>) -> Json<Vec<StreamView>> {
+    let views = s
+        .streams
+        .iter()
+        .map(|st| {
+            let status = st.status();
+            let (black_active, freeze_active) = st.alarms();
+            let m = &st.metrics;
+            StreamView {
+                id: st.id.clone(),
+                source: st.source.clone(),
+                phase: status.phase,
+                up: m.up.get() == 1,
+                quality: st.quality(),
+                fps: (st.fps() * 100.0).round() / 100.0,
+                black_active,
+                freeze_active,
+                restarts: status.restarts,
+                last_error: status.last_error,
+                frames_decoded: m.decoded.get(),
+                frames_scored: m.scored.get(),
+                frames_dropped: [DropReason::QueueFull, DropReason::Stale, DropReason::Error]
+                    .into_iter()
+                    .map(|r| (r.as_str(), m.dropped_count(r)))
+                    .collect(),
+            }
+        })
+        .collect();
+    Json(views)
+}
+
+#[derive(Deserialize)]
+struct FramesQuery {
+    limit: Option<usize>,
+}
+
+#[derive(Serialize)]
+struct FrameView {
+    id: u64,
+    time: f64,
+    pts: Option<f64>,
+    score: f32,
+    attributes: BTreeMap<String, f32>,
+    prompt_version: u64,
+    thumbnail: String,
+}
+
+fn frame_view(sf: &ScoredFrame, names: &[String]) -> FrameView {
+    FrameView {
+        id: sf.frame.id,
+        time: unix_seconds(sf.frame.captured),
+        pts: sf.frame.pts,
+        score: sf.score,
+        attributes: names
+            .iter()
+            .cloned()
+            .zip(sf.attributes.iter().copied())
+            .collect(),
+        prompt_version: sf.prompt_version,
+        thumbnail: format!("/api/v1/frames/{}/thumbnail.jpg", sf.frame.id),
+    }
+}
+
+async fn frames(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<FramesQuery>,
+) -> Result<Json<Vec<FrameView>>, ApiError> {
+    let st = s
+        .streams
+        .iter()
+        .find(|st| st.id == id)
+        .ok_or_else(|| ApiError::not_found(format!("no stream {id:?}"), "id"))?;
+    let prompts = s.prompts.load();
+    let names: Vec<String> = prompts.attributes.iter().map(|(n, _)| n.clone()).collect();
+    let limit = q.limit.unwrap_or(usize::MAX);
+    let views = st
+        .recent()
+        .iter()
+        .rev()
+        .take(limit)
+        .map(|sf| {
+            let names: &[String] = if sf.prompt_version == prompts.version {
+                &names
+            } else {
+                &[]
+            };
+            frame_view(sf, names)
+        })
+        .collect();
+    Ok(Json(views))
+}
+
+/// Finds a recent frame in any stream's ring.
+pub fn find_frame(
+    streams: &[Arc<StreamState>],
+    frame_id: u64,
+) -> Option<(Arc<StreamState>, Arc<ScoredFrame>)> {
+    streams
+        .iter()
+        .find_map(|st| st.find(frame_id).map(|f| (st.clone(), f)))
+}
+
+async fn thumbnail(
+    State(s): State<AppState>,
+    Path(frame_id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id: u64 = frame_id.parse().map_err(|_| {
+        ApiError::bad_request(format!("frame_id {frame_id:?} is not a number"), "frame_id")
+    })?;
+    let (_, sf) = find_frame(&s.streams, id)
+        .ok_or_else(|| ApiError::not_found(format!("no recent frame {id}"), "frame_id"))?;
+    let normaliser = s.normaliser.clone();
+    let jpeg = tokio::task::spawn_blocking(move || encode_jpeg(&sf, &normaliser))
+        .await
+        .map_err(|_| ApiError::not_found("encoding failed", "frame_id"))?;
+    Ok((
+        [
+            (header::CONTENT_TYPE, "image/jpeg"),
+            (header::CACHE_CONTROL, "max-age=3600, immutable"),
+        ],
+        jpeg,
+    )
+        .into_response())
+}
+
+/// The region of the frame the model saw, as JPEG.
+pub fn encode_jpeg(sf: &ScoredFrame, normaliser: &Normaliser) -> Vec<u8> {
+    let img = &sf.frame.image;
+    let s = normaliser.size();
+    let (x0, y0) = normaliser.crop_origin(img);
+    let (w, h) = (s.min(img.width), s.min(img.height));
+    let mut rgb = Vec::with_capacity(w * h * 3);
+    for y in y0..y0 + h {
+        rgb.extend_from_slice(&img.row(y)[3 * x0..3 * (x0 + w)]);
+    }
+    let mut out = Vec::new();
+    jpeg_encoder::Encoder::new(&mut out, 85)
+        .encode(&rgb, w as u16, h as u16, jpeg_encoder::ColorType::Rgb)
+        .expect("encoding into memory does not fail");
+    out
+}
+
+async fn prompts(State(s): State<AppState>) -> Json<serde_json::Value> {
+    let p = s.prompts.load();
+    Json(json!({
+        "active": p.version,
+        "path": p.path,
+        "attributes": p.attributes.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+        "metadata": p.metadata,
+    }))
+}

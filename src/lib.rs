@@ -1,0 +1,46 @@
+//! # streamiq
+//!
+//! Watches live video streams, scores sampled frames with a CLIP-style blind
+//! image-quality model, and exports per-stream quality to Prometheus.
+//!
+//! # Layout
+//!
+//! Frames flow left to right; each stage is a module:
+//!
+//! ```text
+//! ingest ──Frame──▶ ingest::handoff ──▶ batch ──Vec<Frame>──▶ score (model thread)
+//!   (GStreamer,       (bounded queue,      (flush rules)        (ort: pixels -> embeds,
+//!    supervisor)       drop policy)                              prompt pair -> score)
+//!      │                                                              │
+//!      └── qc (black / freeze, on arrival) ──▶ state ◀── ScoredFrame ──┘
+//!                                                │
+//!                                  metrics ◀─────┴────▶ http (/metrics, /api/v1)
+//! ```
+//!
+//! - [`config`]: `Config` as read (TOML + environment) -> validated `Settings`.
+//! - [`ingest`]: one GStreamer pipeline per stream, the appsink handoff, the supervisor.
+//! - [`frame`]: the `Frame` that flows through, holding the GStreamer buffer (no copy).
+//! - [`batch`]: pure batching rules and the batcher loop.
+//! - [`score`]: model bundle, preprocessing, the ONNX Runtime encoder, prompt sets,
+//!   and the engine (batcher + model threads).
+//! - [`qc`]: windowed quality, black / freeze segment detection.
+//! - [`state`]: per-stream runtime state shared by ingest, scoring and HTTP.
+//! - [`metrics`]: every Prometheus metric, declared once.
+//! - [`http`]: axum routes.
+//! - [`scan`]: file scan mode (CDN / VOD).
+//! - [`app`]: the daemon's wiring and ordered shutdown; [`shutdown`]: signals.
+
+pub mod app;
+pub mod batch;
+pub mod config;
+pub mod frame;
+pub mod http;
+pub mod ingest;
+pub mod metrics;
+pub mod qc;
+pub mod scan;
+pub mod score;
+pub mod shutdown;
+pub mod state;
+
+pub use app::run;

@@ -1,0 +1,343 @@
+//! Every Prometheus metric streamiq exports, declared once (names as in DESIGN.md).
+//! Per-stream children are resolved once per stream into [`StreamMetrics`] so the hot
+//! path does no label lookups.
+
+use prometheus::{
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Reasons a frame is dropped before it is scored (`streamiq_frames_dropped_total{reason}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// The handoff queue was full.
+    QueueFull,
+    /// The frame waited too long (e.g. at shutdown).
+    Stale,
+    /// Inference failed for its batch.
+    Error,
+}
+
+impl DropReason {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::QueueFull => "queue_full",
+            Self::Stale => "stale",
+            Self::Error => "error",
+        }
+    }
+}
+
+/// The registry and every metric family.
+pub struct Metrics {
+    /// The registry `/metrics` encodes.
+    pub registry: Registry,
+    build_info: IntGaugeVec,
+    stream_up: IntGaugeVec,
+    restarts: IntCounterVec,
+    decoded: IntCounterVec,
+    scored: IntCounterVec,
+    dropped: IntCounterVec,
+    quality: GaugeVec,
+    attribute: GaugeVec,
+    black_active: IntGaugeVec,
+    freeze_active: IntGaugeVec,
+    black_events: IntCounterVec,
+    freeze_events: IntCounterVec,
+    last_frame: GaugeVec,
+    /// Frames per model call.
+    pub batch_size: Histogram,
+    /// Seconds per model call.
+    pub inference_duration: Histogram,
+    /// Appsink arrival to score published.
+    pub frame_latency: Histogram,
+    /// Frames waiting in the handoff queue.
+    pub queue_depth: IntGauge,
+    /// Active prompt-set version.
+    pub prompt_version: IntGauge,
+    /// Labels stored.
+    pub labels_total: IntCounter,
+    /// Execution providers that failed to load, by provider.
+    pub provider_failures: IntCounterVec,
+    /// Prompt sets refused at load or reload, by reason.
+    pub prompt_rejects: IntCounterVec,
+    /// Model calls that failed, by error kind.
+    pub inference_errors: IntCounterVec,
+}
+
+fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> T {
+    r.register(Box::new(m.clone()))
+        .expect("metric names are unique and valid");
+    m
+}
+
+fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    reg(
+        r,
+        IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"),
+    )
+}
+
+fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    reg(
+        r,
+        IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"),
+    )
+}
+
+fn fgauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+    reg(
+        r,
+        GaugeVec::new(Opts::new(name, help), labels).expect("valid metric"),
+    )
+}
+
+fn histogram(r: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
+    reg(
+        r,
+        Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+            .expect("valid metric"),
+    )
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let s = &["stream"];
+        let latency_buckets = vec![
+            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ];
+        Self {
+            build_info: gauge(
+                &r,
+                "streamiq_build_info",
+                "Build and active execution provider (always 1).",
+                &["version", "execution"],
+            ),
+            stream_up: gauge(
+                &r,
+                "streamiq_stream_up",
+                "1 while the stream delivers frames.",
+                s,
+            ),
+            restarts: counter(
+                &r,
+                "streamiq_stream_restarts_total",
+                "Pipeline rebuilds after an error, EOS or stall.",
+                s,
+            ),
+            decoded: counter(
+                &r,
+                "streamiq_frames_decoded_total",
+                "Sampled frames that reached the appsink.",
+                s,
+            ),
+            scored: counter(
+                &r,
+                "streamiq_frames_scored_total",
+                "Frames the model scored.",
+                s,
+            ),
+            dropped: counter(
+                &r,
+                "streamiq_frames_dropped_total",
+                "Frames dropped before scoring, by reason.",
+                &["stream", "reason"],
+            ),
+            quality: fgauge(
+                &r,
+                "streamiq_quality_score",
+                "Mean quality score over qc.window, in [0,1].",
+                s,
+            ),
+            attribute: fgauge(
+                &r,
+                "streamiq_quality_attribute",
+                "Mean attribute score over qc.window, in [0,1].",
+                &["stream", "attribute"],
+            ),
+            black_active: gauge(&r, "streamiq_black_active", "1 during a black segment.", s),
+            freeze_active: gauge(
+                &r,
+                "streamiq_freeze_active",
+                "1 during a frozen segment.",
+                s,
+            ),
+            black_events: counter(&r, "streamiq_black_events_total", "Black segments seen.", s),
+            freeze_events: counter(
+                &r,
+                "streamiq_freeze_events_total",
+                "Frozen segments seen.",
+                s,
+            ),
+            last_frame: fgauge(
+                &r,
+                "streamiq_last_frame_timestamp_seconds",
+                "Unix time of the last scored frame.",
+                s,
+            ),
+            batch_size: histogram(
+                &r,
+                "streamiq_batch_size",
+                "Frames per model call.",
+                vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0],
+            ),
+            inference_duration: histogram(
+                &r,
+                "streamiq_inference_duration_seconds",
+                "Duration of one model call.",
+                latency_buckets.clone(),
+            ),
+            frame_latency: histogram(
+                &r,
+                "streamiq_frame_latency_seconds",
+                "Appsink arrival to score published.",
+                latency_buckets.clone(),
+            ),
+            queue_depth: reg(
+                &r,
+                IntGauge::new(
+                    "streamiq_queue_depth",
+                    "Frames waiting in the handoff queue.",
+                )
+                .expect("valid metric"),
+            ),
+            prompt_version: reg(
+                &r,
+                IntGauge::new(
+                    "streamiq_prompt_version",
+                    "Version number of the active prompt set.",
+                )
+                .expect("valid metric"),
+            ),
+            labels_total: reg(
+                &r,
+                IntCounter::new("streamiq_labels_total", "Labels stored.").expect("valid metric"),
+            ),
+            provider_failures: counter(
+                &r,
+                "streamiq_execution_provider_failures_total",
+                "Execution providers that failed to load.",
+                &["provider"],
+            ),
+            prompt_rejects: counter(
+                &r,
+                "streamiq_prompt_rejects_total",
+                "Prompt sets refused at load or reload.",
+                &["reason"],
+            ),
+            inference_errors: counter(
+                &r,
+                "streamiq_inference_errors_total",
+                "Model calls that failed, by error kind.",
+                &["kind"],
+            ),
+            registry: r,
+        }
+    }
+
+    /// Sets `streamiq_build_info{version, execution} = 1` (only one provider is active).
+    pub fn set_build_info(&self, execution: &str) {
+        self.build_info.reset();
+        self.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), execution])
+            .set(1);
+    }
+
+    /// Resolves the per-stream children for `stream`, creating every series at 0.
+    pub fn stream(&self, stream: &str) -> StreamMetrics {
+        let dropped = |r: DropReason| self.dropped.with_label_values(&[stream, r.as_str()]);
+        StreamMetrics {
+            up: self.stream_up.with_label_values(&[stream]),
+            restarts: self.restarts.with_label_values(&[stream]),
+            decoded: self.decoded.with_label_values(&[stream]),
+            scored: self.scored.with_label_values(&[stream]),
+            dropped_queue_full: dropped(DropReason::QueueFull),
+            dropped_stale: dropped(DropReason::Stale),
+            dropped_error: dropped(DropReason::Error),
+            quality: self.quality.with_label_values(&[stream]),
+            black_active: self.black_active.with_label_values(&[stream]),
+            freeze_active: self.freeze_active.with_label_values(&[stream]),
+            black_events: self.black_events.with_label_values(&[stream]),
+            freeze_events: self.freeze_events.with_label_values(&[stream]),
+            last_frame: self.last_frame.with_label_values(&[stream]),
+            attribute_family: self.attribute.clone(),
+            stream: stream.to_string(),
+        }
+    }
+
+    /// The text exposition.
+    pub fn encode(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding never fails");
+        String::from_utf8(buf).expect("exposition is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// One stream's metric children.
+#[derive(Clone)]
+pub struct StreamMetrics {
+    /// `streamiq_stream_up`.
+    pub up: IntGauge,
+    /// `streamiq_stream_restarts_total`.
+    pub restarts: IntCounter,
+    /// `streamiq_frames_decoded_total`.
+    pub decoded: IntCounter,
+    /// `streamiq_frames_scored_total`.
+    pub scored: IntCounter,
+    dropped_queue_full: IntCounter,
+    dropped_stale: IntCounter,
+    dropped_error: IntCounter,
+    /// `streamiq_quality_score`.
+    pub quality: Gauge,
+    /// `streamiq_black_active`.
+    pub black_active: IntGauge,
+    /// `streamiq_freeze_active`.
+    pub freeze_active: IntGauge,
+    /// `streamiq_black_events_total`.
+    pub black_events: IntCounter,
+    /// `streamiq_freeze_events_total`.
+    pub freeze_events: IntCounter,
+    /// `streamiq_last_frame_timestamp_seconds`.
+    pub last_frame: Gauge,
+    attribute_family: GaugeVec,
+    stream: String,
+}
+
+impl StreamMetrics {
+    /// Counts `n` dropped frames.
+    pub fn dropped(&self, reason: DropReason, n: u64) {
+        match reason {
+            DropReason::QueueFull => &self.dropped_queue_full,
+            DropReason::Stale => &self.dropped_stale,
+            DropReason::Error => &self.dropped_error,
+        }
+        .inc_by(n);
+    }
+
+    /// Frames dropped for `reason` so far.
+    pub fn dropped_count(&self, reason: DropReason) -> u64 {
+        match reason {
+            DropReason::QueueFull => &self.dropped_queue_full,
+            DropReason::Stale => &self.dropped_stale,
+            DropReason::Error => &self.dropped_error,
+        }
+        .get()
+    }
+
+    /// `streamiq_quality_attribute{stream, attribute}`.
+    pub fn attribute(&self, attribute: &str) -> Gauge {
+        self.attribute_family
+            .with_label_values(&[self.stream.as_str(), attribute])
+    }
+}

@@ -1,0 +1,291 @@
+//! File scan mode for CDN / VOD pipelines: decode files as fast as scoring allows
+//! (backpressure, no drops, no pacing), score every frame (or `--sample-fps`), and
+//! report per file: frames scored, mean / min / p5 score, black and freeze segments.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use gstreamer as gst;
+use gstreamer::prelude::*;
+use serde::Serialize;
+
+use crate::app::{LoadedModel, StartupError, load_model};
+use crate::config::{Settings, Source, WhenFull};
+use crate::frame::{Frame, ScoredFrame};
+use crate::ingest::{Handoff, PipelineSpec, pipeline};
+use crate::metrics::{DropReason, Metrics};
+use crate::qc::Segment;
+use crate::score::preprocess::Normaliser;
+use crate::score::prompts::PromptSet;
+use crate::score::{EngineParts, ScoreSink, ScoringEngine};
+use crate::state::StreamState;
+
+/// Options of `streamiq scan`.
+#[derive(Debug, Clone)]
+pub struct ScanOptions {
+    /// Files to scan.
+    pub files: Vec<PathBuf>,
+    /// Frames per second to sample; `None` = every frame.
+    pub sample_fps: Option<f64>,
+    /// Exit 1 when a file's mean score is below this.
+    pub fail_below: Option<f64>,
+}
+
+/// The report for one file.
+#[derive(Debug, Clone, Serialize)]
+pub struct FileReport {
+    /// The file as given.
+    pub path: String,
+    /// Frames scored.
+    pub frames_scored: usize,
+    /// Mean score (null when nothing was scored).
+    pub mean_score: Option<f64>,
+    /// Lowest score.
+    pub min_score: Option<f64>,
+    /// 5th percentile score.
+    pub p5_score: Option<f64>,
+    /// Mean score of each attribute pair, if the prompt set has them.
+    pub attributes: BTreeMap<String, f64>,
+    /// Black segments, seconds.
+    pub black_segments: Vec<Segment>,
+    /// Frozen segments, seconds.
+    pub freeze_segments: Vec<Segment>,
+    /// Why the file could not be read, if it could not.
+    pub error: Option<String>,
+    /// Below `--fail-below`.
+    pub failed: bool,
+}
+
+/// Scores per file, and attribute sums per file.
+#[derive(Default, Clone)]
+struct FileScores {
+    scores: Vec<f32>,
+    attributes: BTreeMap<String, f64>,
+}
+
+struct ScanSink {
+    files: Mutex<Vec<FileScores>>,
+}
+
+impl ScoreSink for ScanSink {
+    fn publish(&self, frames: Vec<ScoredFrame>, prompts: &PromptSet) {
+        let mut files = self.files.lock().unwrap_or_else(|e| e.into_inner());
+        for sf in frames {
+            let file = &mut files[sf.frame.stream];
+            file.scores.push(sf.score);
+            for ((name, _), v) in prompts.attributes.iter().zip(&sf.attributes) {
+                *file.attributes.entry(name.clone()).or_default() += *v as f64;
+            }
+        }
+    }
+
+    fn dropped(&self, frames: Vec<Frame>, reason: DropReason) {
+        tracing::error!(
+            frames = frames.len(),
+            reason = reason.as_str(),
+            "Frames not scored"
+        );
+    }
+}
+
+/// Scans the files and returns one report per file, in order.
+pub fn scan(settings: &Settings, opts: &ScanOptions) -> Result<Vec<FileReport>, StartupError> {
+    pipeline::init().map_err(|e| StartupError(e.to_string()))?;
+    let LoadedModel {
+        bundle,
+        model,
+        prompts,
+    } = load_model(settings)?;
+    let metrics = Metrics::new();
+    let states: Vec<Arc<StreamState>> = opts
+        .files
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            Arc::new(StreamState::new(
+                i,
+                &format!("file{i}"),
+                &p.display().to_string(),
+                metrics.stream(&format!("file{i}")),
+                &settings.qc,
+                1,
+            ))
+        })
+        .collect();
+    let sink = Arc::new(ScanSink {
+        files: Mutex::new(vec![FileScores::default(); opts.files.len()]),
+    });
+    let (handoff, rx) = Handoff::new(
+        settings.scorer.queue_capacity.get(),
+        WhenFull::DropOldest,
+        Arc::new(|_: &Frame| {}),
+    );
+    let engine = ScoringEngine::start(
+        rx,
+        EngineParts {
+            model,
+            normaliser: Normaliser::new(&bundle.manifest.input),
+            prompts: Arc::new(ArcSwap::from_pointee(prompts)),
+            logit_scale: bundle.manifest.logit_scale,
+            scorer: settings.scorer.clone(),
+            sink: sink.clone(),
+            metrics: None,
+        },
+    );
+    let mut errors: Vec<Option<String>> = Vec::with_capacity(opts.files.len());
+    for (path, state) in opts.files.iter().zip(&states) {
+        let spec = PipelineSpec {
+            source: Source::Uri(String::new()),
+            sample_fps: opts.sample_fps,
+            realtime: false,
+            input_size: bundle.manifest.input.size,
+            resize: bundle.manifest.input.resize,
+        };
+        let err = scan_file(path, spec, state.clone(), handoff.clone()).err();
+        if let Some(e) = &err {
+            tracing::error!(path = %path.display(), error = %e, "Cannot read file");
+        }
+        errors.push(err);
+    }
+    drop(handoff);
+    engine.join();
+    let scores = std::mem::take(&mut *sink.files.lock().unwrap_or_else(|e| e.into_inner()));
+    Ok(opts
+        .files
+        .iter()
+        .zip(states)
+        .zip(scores)
+        .zip(errors)
+        .map(|(((path, state), scores), error)| {
+            let (black, freeze) = state.segments();
+            report(path, scores, black, freeze, error, opts.fail_below)
+        })
+        .collect())
+}
+
+fn report(
+    path: &Path,
+    file: FileScores,
+    black_segments: Vec<Segment>,
+    freeze_segments: Vec<Segment>,
+    error: Option<String>,
+    fail_below: Option<f64>,
+) -> FileReport {
+    let FileScores {
+        mut scores,
+        mut attributes,
+    } = file;
+    scores.sort_by(f32::total_cmp);
+    let n = scores.len();
+    attributes.values_mut().for_each(|v| *v /= n.max(1) as f64);
+    let mean = (n > 0).then(|| scores.iter().map(|s| *s as f64).sum::<f64>() / n as f64);
+    let p5 = (n > 0).then(|| scores[((n - 1) as f64 * 0.05).round() as usize] as f64);
+    let failed = matches!((mean, fail_below), (Some(m), Some(t)) if m < t);
+    FileReport {
+        path: path.display().to_string(),
+        frames_scored: n,
+        mean_score: mean,
+        min_score: scores.first().map(|s| *s as f64),
+        p5_score: p5,
+        attributes,
+        black_segments,
+        freeze_segments,
+        error,
+        failed,
+    }
+}
+
+/// Decodes one file to its end, feeding frames to `handoff` with backpressure.
+fn scan_file(
+    path: &Path,
+    mut spec: PipelineSpec,
+    state: Arc<StreamState>,
+    handoff: Handoff,
+) -> Result<(), String> {
+    let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    let abs = std::fs::canonicalize(path).map_err(|e| e.to_string())?;
+    let uri = gst::glib::filename_to_uri(&abs, None).map_err(|e| e.to_string())?;
+    spec.source = Source::Uri(uri.to_string());
+    let st = state.clone();
+    let deliver = move |mut frame: Frame| {
+        frame.stream = st.index;
+        st.on_arrival(&frame);
+        handoff.send(frame)
+    };
+    let pipe = pipeline::build(&state.id, &spec, deliver).map_err(|e| e.to_string())?;
+    let result = run_to_end(&pipe);
+    let _ = pipe.set_state(gst::State::Null);
+    state.finish_segments();
+    result?;
+    if state.metrics.decoded.get() == 0 {
+        return Err("no video frames decoded".into());
+    }
+    Ok(())
+}
+
+fn run_to_end(pipe: &gst::Pipeline) -> Result<(), String> {
+    pipe.set_state(gst::State::Playing)
+        .map_err(|_| "pipeline refused to start".to_string())?;
+    let bus = pipe.bus().expect("a pipeline has a bus");
+    for msg in bus.iter_timed(gst::ClockTime::NONE) {
+        match msg.view() {
+            gst::MessageView::Eos(_) => return Ok(()),
+            gst::MessageView::Error(e) => {
+                let detail = e.debug().map(|d| format!(" ({d})")).unwrap_or_default();
+                let short = detail
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .chars()
+                    .take(200)
+                    .collect::<String>();
+                return Err(format!("{}{}", e.error(), short));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// One human-readable block per file.
+pub fn format_text(r: &FileReport) -> String {
+    use std::fmt::Write;
+    let f = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.4}"));
+    let mut s = String::new();
+    let _ = writeln!(s, "{}", r.path);
+    if let Some(e) = &r.error {
+        let _ = writeln!(s, "  error: {e}");
+    }
+    let _ = writeln!(
+        s,
+        "  frames {}  mean {}  min {}  p5 {}{}",
+        r.frames_scored,
+        f(r.mean_score),
+        f(r.min_score),
+        f(r.p5_score),
+        if r.failed { "  BELOW THRESHOLD" } else { "" }
+    );
+    for (kind, segs) in [("black", &r.black_segments), ("freeze", &r.freeze_segments)] {
+        for seg in segs {
+            let _ = writeln!(s, "  {kind} {:.2}s - {:.2}s", seg.start, seg.end);
+        }
+    }
+    s
+}
+
+/// Exit code for a set of reports: 2 if any file was unreadable, else 1 if any fell
+/// below the threshold, else 0.
+pub fn exit_code(reports: &[FileReport]) -> i32 {
+    if reports.iter().any(|r| r.error.is_some()) {
+        2
+    } else if reports.iter().any(|r| r.failed) {
+        1
+    } else {
+        0
+    }
+}

@@ -1,0 +1,217 @@
+//! The visual encoder in ONNX Runtime: environment set-up (ONNX Runtime is loaded
+//! dynamically from the path recorded at build time, `ORT_DYLIB_PATH` or the config),
+//! execution-provider selection in the configured order, and `pixels -> embeds`.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use ort::session::Session;
+use ort::value::TensorRef;
+
+use crate::config::ExecutionProvider;
+use crate::score::prompts::normalise_in_place;
+
+/// The visual encoder could not be loaded or run.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// ONNX Runtime itself could not be loaded.
+    #[error("ONNX Runtime library {path}: {message}")]
+    Runtime {
+        /// The shared library tried.
+        path: PathBuf,
+        /// What failed.
+        message: String,
+    },
+    /// The model file could not be loaded or has the wrong interface.
+    #[error("{path}: {message}")]
+    Load {
+        /// `visual.onnx`.
+        path: PathBuf,
+        /// What failed.
+        message: String,
+    },
+    /// A batch failed to run.
+    #[error("inference failed: {0}")]
+    Run(String),
+}
+
+impl ModelError {
+    /// Short static name, usable as a metric label.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Runtime { .. } => "runtime",
+            Self::Load { .. } => "load",
+            Self::Run(_) => "run",
+        }
+    }
+}
+
+/// Where ONNX Runtime is looked for: the explicit path, else `ORT_DYLIB_PATH`, else
+/// the library found in the Python environment at build time.
+pub fn onnxruntime_path(explicit: Option<&Path>) -> Option<PathBuf> {
+    explicit
+        .map(Path::to_owned)
+        .or_else(|| std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from))
+        .or_else(|| {
+            option_env!("STREAMIQ_ORT_LIB")
+                .filter(|s| !s.is_empty())
+                .map(PathBuf::from)
+        })
+}
+
+static ENVIRONMENT: OnceLock<Result<ort::environment::Environment, String>> = OnceLock::new();
+
+fn environment(lib: Option<&Path>) -> Result<&'static ort::environment::Environment, ModelError> {
+    let path = onnxruntime_path(lib);
+    ENVIRONMENT
+        .get_or_init(|| {
+            let path = path.clone().ok_or_else(|| {
+                "not found: set model.onnxruntime_lib or ORT_DYLIB_PATH, or build with \
+                 `make build` so that the venv's library is recorded"
+                    .to_string()
+            })?;
+            let builder = ort::init_from(&path).map_err(|e| e.to_string())?;
+            builder
+                .with_name("streamiq")
+                .build()
+                .map_err(|e| e.to_string())
+        })
+        .as_ref()
+        .map_err(|message| ModelError::Runtime {
+            path: path.unwrap_or_default(),
+            message: message.clone(),
+        })
+}
+
+/// A provider that could not be used, with the reason (logged and counted by callers).
+#[derive(Debug, Clone)]
+pub struct ProviderFailure {
+    /// The provider.
+    pub provider: ExecutionProvider,
+    /// Why it was skipped.
+    pub reason: String,
+}
+
+/// A loaded visual encoder.
+pub struct VisualModel {
+    session: Session,
+    embed_dim: usize,
+    /// The provider actually running the model.
+    pub provider: ExecutionProvider,
+    /// Providers tried before it and why they failed.
+    pub failures: Vec<ProviderFailure>,
+}
+
+/// How to load the encoder.
+#[derive(Debug, Clone)]
+pub struct ModelOptions {
+    /// Providers in order of preference.
+    pub execution: Vec<ExecutionProvider>,
+    /// Intra-op threads (0 = ONNX Runtime's default).
+    pub intra_threads: usize,
+    /// Explicit ONNX Runtime library.
+    pub onnxruntime_lib: Option<PathBuf>,
+}
+
+impl VisualModel {
+    /// Loads `path`, trying each provider in order; the first that loads wins.
+    pub fn load(path: &Path, embed_dim: usize, opts: &ModelOptions) -> Result<Self, ModelError> {
+        let env = environment(opts.onnxruntime_lib.as_deref())?;
+        let mut failures = Vec::new();
+        for &provider in &opts.execution {
+            match build_session(env, path, provider, opts.intra_threads) {
+                Ok(session) => {
+                    check_interface(&session, path)?;
+                    return Ok(Self {
+                        session,
+                        embed_dim,
+                        provider,
+                        failures,
+                    });
+                }
+                Err(reason) if provider != ExecutionProvider::Cpu => {
+                    failures.push(ProviderFailure { provider, reason });
+                }
+                Err(message) => {
+                    return Err(ModelError::Load {
+                        path: path.to_owned(),
+                        message,
+                    });
+                }
+            }
+        }
+        let tried: Vec<String> = failures
+            .iter()
+            .map(|f| format!("{}: {}", f.provider.name(), f.reason))
+            .collect();
+        Err(ModelError::Load {
+            path: path.to_owned(),
+            message: format!("no execution provider could load it ({})", tried.join("; ")),
+        })
+    }
+
+    /// Embedding size D.
+    pub fn embed_dim(&self) -> usize {
+        self.embed_dim
+    }
+
+    /// Runs `n` images (`pixels` = `[n, 3, size, size]` floats) and returns `n * D`
+    /// L2-normalised embeddings.
+    pub fn embed(&mut self, pixels: &[f32], n: usize, size: usize) -> Result<Vec<f32>, ModelError> {
+        let run = |e: ort::Error| ModelError::Run(e.to_string());
+        let input = TensorRef::from_array_view(([n, 3, size, size], pixels)).map_err(run)?;
+        let outputs = self
+            .session
+            .run(ort::inputs!["pixels" => input])
+            .map_err(run)?;
+        let (shape, data) = outputs["embeds"].try_extract_tensor::<f32>().map_err(run)?;
+        if shape.len() != 2 || shape[0] as usize != n || shape[1] as usize != self.embed_dim {
+            return Err(ModelError::Run(format!(
+                "embeds has shape {:?}, expected [{n}, {}]",
+                &shape[..],
+                self.embed_dim
+            )));
+        }
+        let mut out = data.to_vec();
+        for e in out.chunks_exact_mut(self.embed_dim) {
+            if !normalise_in_place(e) {
+                e.fill(f32::NAN);
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn build_session(
+    env: &ort::environment::Environment,
+    path: &Path,
+    provider: ExecutionProvider,
+    intra_threads: usize,
+) -> Result<Session, String> {
+    let err = |e: ort::Error<ort::session::builder::SessionBuilder>| e.to_string();
+    let mut b = Session::builder(env).map_err(|e| e.to_string())?;
+    if intra_threads > 0 {
+        b = b.with_intra_threads(intra_threads).map_err(err)?;
+    }
+    b = match provider {
+        ExecutionProvider::Cpu => b,
+        ExecutionProvider::Cuda => b
+            .with_execution_providers([ort::ep::CUDA::default().build().error_on_failure()])
+            .map_err(err)?,
+        ExecutionProvider::TensorRt => b
+            .with_execution_providers([ort::ep::TensorRT::default().build().error_on_failure()])
+            .map_err(err)?,
+    };
+    b.commit_from_file(path).map_err(|e| e.to_string())
+}
+
+fn check_interface(session: &Session, path: &Path) -> Result<(), ModelError> {
+    let has = |outlets: &[ort::value::Outlet], name: &str| outlets.iter().any(|o| o.name() == name);
+    if !has(session.inputs(), "pixels") || !has(session.outputs(), "embeds") {
+        return Err(ModelError::Load {
+            path: path.to_owned(),
+            message: "expected input \"pixels\" and output \"embeds\"".into(),
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,366 @@
+//! Per-stream runtime state, shared by ingest (frame arrivals, QC), the model thread
+//! (scores) and HTTP (reads): quality windows, black/freeze detectors and segment
+//! history, the recent-frame ring, supervisor status, and the stream's metrics.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+use crate::config::QcSettings;
+use crate::frame::{Frame, RgbImage, ScoredFrame};
+use crate::metrics::StreamMetrics;
+use crate::qc::{PictureDetectors, QcEvents, QualityWindow, Segment, Transition};
+
+/// Closed segments kept per kind for the API.
+const SEGMENT_HISTORY: usize = 1000;
+
+/// What the supervisor is doing with a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Pipeline being built.
+    Starting,
+    /// Playing and delivering frames.
+    Playing,
+    /// Waiting before a rebuild.
+    Backoff,
+    /// A finite source ended.
+    Finished,
+    /// Shut down.
+    Stopped,
+}
+
+/// Supervisor status, for the API.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    /// Current phase.
+    pub phase: Phase,
+    /// The last error or restart reason, if any.
+    pub last_error: Option<String>,
+    /// Pipeline rebuilds so far.
+    pub restarts: u64,
+}
+
+/// QC state guarded by one lock.
+pub struct Qc {
+    /// Mean quality over the window.
+    pub window: QualityWindow,
+    /// Per-attribute windows, by name.
+    pub attributes: Vec<(String, QualityWindow)>,
+    /// Black / freeze detectors.
+    pub detectors: PictureDetectors<Arc<RgbImage>>,
+    /// Closed black segments (most recent last).
+    pub black_segments: VecDeque<Segment>,
+    /// Closed freeze segments (most recent last).
+    pub freeze_segments: VecDeque<Segment>,
+}
+
+/// One stream's shared state.
+pub struct StreamState {
+    /// Index in the config.
+    pub index: usize,
+    /// Stream id (metric label).
+    pub id: String,
+    /// Source, with any password removed, for the API.
+    pub source: String,
+    /// Metric children.
+    pub metrics: StreamMetrics,
+    qc_settings: QcSettings,
+    qc: Mutex<Qc>,
+    ring: Mutex<VecDeque<Arc<ScoredFrame>>>,
+    ring_capacity: usize,
+    status: Mutex<Status>,
+    /// Milliseconds since `epoch` of the last frame that reached the appsink (0 = none).
+    last_arrival_ms: AtomicU64,
+    epoch: Instant,
+    /// Scored frames per second, smoothed (f64 bits).
+    fps_bits: AtomicU64,
+    last_scored: Mutex<Option<Instant>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Removes `user:password@` from a URI.
+pub fn redact(source: &str) -> String {
+    match source.split_once("://") {
+        Some((scheme, rest)) => match rest.split_once('@') {
+            Some((_, host))
+                if !rest.split('/').next().unwrap_or("").is_empty()
+                    && rest.split('/').next().unwrap_or("").contains('@') =>
+            {
+                format!("{scheme}://***@{host}")
+            }
+            _ => source.to_string(),
+        },
+        None => source.to_string(),
+    }
+}
+
+impl StreamState {
+    /// Fresh state for a stream.
+    pub fn new(
+        index: usize,
+        id: &str,
+        source: &str,
+        metrics: StreamMetrics,
+        qc: &QcSettings,
+        ring_capacity: usize,
+    ) -> Self {
+        Self {
+            index,
+            id: id.to_string(),
+            source: redact(source),
+            metrics,
+            qc_settings: qc.clone(),
+            qc: Mutex::new(Self::fresh_qc(qc)),
+            ring: Mutex::new(VecDeque::with_capacity(ring_capacity.min(1024))),
+            ring_capacity,
+            status: Mutex::new(Status {
+                phase: Phase::Starting,
+                last_error: None,
+                restarts: 0,
+            }),
+            last_arrival_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+            fps_bits: AtomicU64::new(0f64.to_bits()),
+            last_scored: Mutex::new(None),
+        }
+    }
+
+    fn fresh_qc(qc: &QcSettings) -> Qc {
+        Qc {
+            window: QualityWindow::new(qc.window),
+            attributes: Vec::new(),
+            detectors: PictureDetectors::new(qc),
+            black_segments: VecDeque::new(),
+            freeze_segments: VecDeque::new(),
+        }
+    }
+
+    /// Called by ingest for every sampled frame, before it is queued: counts it,
+    /// marks the stream up and runs the black / freeze detectors.
+    pub fn on_arrival(&self, frame: &Frame) {
+        self.metrics.decoded.inc();
+        self.metrics.up.set(1);
+        let ms = frame.arrived.duration_since(self.epoch).as_millis() as u64;
+        self.last_arrival_ms.store(ms.max(1), Ordering::Relaxed);
+        let t = frame.pts.unwrap_or_else(|| ms as f64 / 1000.0);
+        let mut qc = lock(&self.qc);
+        let ev = qc.detectors.update(t, frame.duration, frame.image.clone());
+        self.apply(&mut qc, ev);
+    }
+
+    fn apply(&self, qc: &mut Qc, ev: QcEvents) {
+        let m = &self.metrics;
+        for (tr, active, events, history) in [
+            (
+                ev.black,
+                &m.black_active,
+                &m.black_events,
+                &mut qc.black_segments,
+            ),
+            (
+                ev.freeze,
+                &m.freeze_active,
+                &m.freeze_events,
+                &mut qc.freeze_segments,
+            ),
+        ] {
+            match tr {
+                Transition::None => {}
+                Transition::Started { start } => {
+                    active.set(1);
+                    events.inc();
+                    tracing::info!(stream = %self.id, start, kind = if std::ptr::eq(active, &m.black_active) { "black" } else { "freeze" }, "Segment started");
+                }
+                Transition::Ended(seg) => {
+                    active.set(0);
+                    if history.len() == SEGMENT_HISTORY {
+                        history.pop_front();
+                    }
+                    history.push_back(seg);
+                }
+            }
+        }
+    }
+
+    /// Closes open segments (end of input or pipeline restart) and forgets the anchor.
+    pub fn finish_segments(&self) {
+        let mut qc = lock(&self.qc);
+        let ev = qc.detectors.finish();
+        self.apply(&mut qc, ev);
+        qc.detectors = PictureDetectors::new(&self.qc_settings);
+    }
+
+    /// Time since the last frame arrived, or since `since` if none has.
+    pub fn idle_for(&self, since: Instant) -> Duration {
+        let ms = self.last_arrival_ms.load(Ordering::Relaxed);
+        let last = if ms == 0 {
+            since
+        } else {
+            (self.epoch + Duration::from_millis(ms)).max(since)
+        };
+        Instant::now().saturating_duration_since(last)
+    }
+
+    /// Whether any frame arrived after `since`.
+    pub fn had_frame_since(&self, since: Instant) -> bool {
+        let ms = self.last_arrival_ms.load(Ordering::Relaxed);
+        ms != 0 && self.epoch + Duration::from_millis(ms) >= since
+    }
+
+    /// Publishes one scored frame: window means, metrics and the recent-frame ring.
+    pub fn publish(&self, sf: ScoredFrame, attribute_names: &[String]) -> Arc<ScoredFrame> {
+        let now = Instant::now();
+        let m = &self.metrics;
+        m.scored.inc();
+        {
+            let mut qc = lock(&self.qc);
+            qc.window.push(now, sf.score);
+            if let Some(mean) = qc.window.mean() {
+                m.quality.set(mean);
+            }
+            if qc.attributes.len() != attribute_names.len()
+                || qc
+                    .attributes
+                    .iter()
+                    .zip(attribute_names)
+                    .any(|(a, n)| &a.0 != n)
+            {
+                qc.attributes = attribute_names
+                    .iter()
+                    .map(|n| (n.clone(), QualityWindow::new(self.qc_settings.window)))
+                    .collect();
+            }
+            for ((name, w), s) in qc.attributes.iter_mut().zip(&sf.attributes) {
+                w.push(now, *s);
+                if let Some(mean) = w.mean() {
+                    m.attribute(name).set(mean);
+                }
+            }
+        }
+        let unix = sf
+            .frame
+            .captured
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64();
+        m.last_frame.set(unix);
+        self.update_fps(now);
+        let sf = Arc::new(sf);
+        let mut ring = lock(&self.ring);
+        if ring.len() == self.ring_capacity {
+            ring.pop_front();
+        }
+        ring.push_back(sf.clone());
+        sf
+    }
+
+    fn update_fps(&self, now: Instant) {
+        let mut last = lock(&self.last_scored);
+        if let Some(prev) = last.replace(now) {
+            let dt = now.duration_since(prev).as_secs_f64().max(1e-4);
+            let old = f64::from_bits(self.fps_bits.load(Ordering::Relaxed));
+            let inst = 1.0 / dt;
+            let new = if old == 0.0 {
+                inst
+            } else {
+                0.9 * old + 0.1 * inst
+            };
+            self.fps_bits.store(new.to_bits(), Ordering::Relaxed);
+        }
+    }
+
+    /// Smoothed scored frames per second.
+    pub fn fps(&self) -> f64 {
+        let stale = lock(&self.last_scored).is_none_or(|t| t.elapsed() > Duration::from_secs(5));
+        if stale {
+            0.0
+        } else {
+            f64::from_bits(self.fps_bits.load(Ordering::Relaxed))
+        }
+    }
+
+    /// Sets the supervisor phase (and error, if given).
+    pub fn set_phase(&self, phase: Phase, error: Option<String>) {
+        let mut s = lock(&self.status);
+        s.phase = phase;
+        if error.is_some() {
+            s.last_error = error;
+        }
+        if phase != Phase::Playing {
+            self.metrics.up.set(0);
+        }
+    }
+
+    /// Counts a pipeline rebuild.
+    pub fn count_restart(&self) {
+        lock(&self.status).restarts += 1;
+        self.metrics.restarts.inc();
+    }
+
+    /// The supervisor status.
+    pub fn status(&self) -> Status {
+        lock(&self.status).clone()
+    }
+
+    /// Window mean quality, if any frame was scored within the window.
+    pub fn quality(&self) -> Option<f64> {
+        lock(&self.qc).window.mean()
+    }
+
+    /// Whether black / freeze segments are active now.
+    pub fn alarms(&self) -> (bool, bool) {
+        let qc = lock(&self.qc);
+        (
+            qc.detectors.black.is_active(),
+            qc.detectors.freeze.is_active(),
+        )
+    }
+
+    /// Closed segments (black, freeze).
+    pub fn segments(&self) -> (Vec<Segment>, Vec<Segment>) {
+        let qc = lock(&self.qc);
+        (
+            qc.black_segments.iter().copied().collect(),
+            qc.freeze_segments.iter().copied().collect(),
+        )
+    }
+
+    /// Recent scored frames, oldest first.
+    pub fn recent(&self) -> Vec<Arc<ScoredFrame>> {
+        lock(&self.ring).iter().cloned().collect()
+    }
+
+    /// A recent frame by id.
+    pub fn find(&self, frame_id: u64) -> Option<Arc<ScoredFrame>> {
+        let ring = lock(&self.ring);
+        ring.binary_search_by_key(&frame_id, |f| f.frame.id)
+            .ok()
+            .map(|i| ring[i].clone())
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_seconds(t: SystemTime) -> f64 {
+    t.duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(redact("rtsp://u:p@cam/s1"), "rtsp://***@cam/s1");
+        assert_eq!(redact("file:///a@b.mp4"), "file:///a@b.mp4");
+        assert_eq!(redact("videotestsrc ! x"), "videotestsrc ! x");
+    }
+}

@@ -1,0 +1,585 @@
+//! Integration tests: the daemon end to end on 127.0.0.1:0, stream restarts, file
+//! scan with black / freeze segments, and the command line's error handling.
+//!
+//! They need the test bundle (`make bundle`) and GStreamer; `make test` provides both.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use streamiq::config::{Config, Settings};
+use tokio_util::sync::CancellationToken;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn bundle() -> PathBuf {
+    let b = repo().join("models/streamiq-test");
+    assert!(
+        b.join("manifest.toml").is_file(),
+        "{} is missing: run `make bundle` (or `make test`) first",
+        b.display()
+    );
+    b
+}
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_streamiq")
+}
+
+/// A config with the test bundle, fast QC timings and the given streams.
+fn config_text(streams: &str, extra: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+[model]
+bundle = "{}"
+intra_threads = 1
+[qc]
+stall_timeout = "2s"
+window = "5s"
+{extra}
+{streams}
+"#,
+        bundle().display()
+    )
+}
+
+fn settings(text: &str) -> Settings {
+    Config::from_toml(text).unwrap().validate().unwrap()
+}
+
+/// A minimal HTTP/1.0 GET returning (status, body).
+fn get(addr: SocketAddr, path: &str) -> (u16, Vec<u8>) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).unwrap();
+    let split = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8_lossy(&buf[..split]).to_string();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, buf[split + 4..].to_vec())
+}
+
+fn text(addr: SocketAddr, path: &str) -> String {
+    let (code, body) = get(addr, path);
+    assert_eq!(code, 200, "GET {path}");
+    String::from_utf8(body).unwrap()
+}
+
+/// The value of a sample line `name{labels} value` in an exposition.
+fn sample(exposition: &str, series: &str) -> Option<f64> {
+    exposition
+        .lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+struct Daemon {
+    addr: SocketAddr,
+    token: CancellationToken,
+    handle: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+async fn start(settings: Settings) -> Daemon {
+    let token = CancellationToken::new();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let handle = tokio::spawn(streamiq::run(settings, token.clone(), Some(tx)));
+    let addr = tokio::time::timeout(Duration::from_secs(60), rx)
+        .await
+        .expect("daemon bound in time")
+        .expect("daemon started");
+    Daemon {
+        addr,
+        token,
+        handle,
+    }
+}
+
+impl Daemon {
+    async fn metrics(&self) -> String {
+        let addr = self.addr;
+        tokio::task::spawn_blocking(move || text(addr, "/metrics"))
+            .await
+            .unwrap()
+    }
+
+    /// Polls /metrics until `ok` holds or `timeout` passes; returns the last exposition.
+    async fn wait_for(&self, timeout: Duration, ok: impl Fn(&str) -> bool) -> String {
+        let t0 = Instant::now();
+        loop {
+            let m = self.metrics().await;
+            if ok(&m) || t0.elapsed() > timeout {
+                return m;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn stop(self) -> Duration {
+        let t0 = Instant::now();
+        self.token.cancel();
+        tokio::time::timeout(Duration::from_secs(20), self.handle)
+            .await
+            .expect("ordered shutdown finished in time")
+            .unwrap()
+            .unwrap();
+        t0.elapsed()
+    }
+}
+
+fn promtool_check(exposition: &str) {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool is installed (scripts/setup.sh installs Debian's prometheus)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(exposition.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_end_to_end_scrape() {
+    let streams = r#"
+[[streams]]
+id = "bars"
+pipeline = "videotestsrc is-live=true pattern=zone-plate kx2=20 ky2=20 kt=1 ! video/x-raw,width=320,height=180,framerate=10/1"
+sample_fps = 5.0
+[[streams]]
+id = "soft"
+pipeline = "videotestsrc is-live=true pattern=zone-plate kx2=20 ky2=20 kt=1 ! video/x-raw,width=320,height=180,framerate=10/1 ! videoscale ! video/x-raw,width=40,height=24 ! videoscale ! video/x-raw,width=320,height=180"
+sample_fps = 5.0
+"#;
+    let d = start(settings(&config_text(streams, ""))).await;
+    let m = d
+        .wait_for(Duration::from_secs(30), |m| {
+            ["bars", "soft"].iter().all(|s| {
+                sample(
+                    m,
+                    &format!("streamiq_frames_scored_total{{stream=\"{s}\"}}"),
+                )
+                .is_some_and(|v| v >= 5.0)
+            })
+        })
+        .await;
+    for s in ["bars", "soft"] {
+        let scored = sample(
+            &m,
+            &format!("streamiq_frames_scored_total{{stream=\"{s}\"}}"),
+        );
+        assert!(scored.is_some_and(|v| v >= 5.0), "{s} scored: {m}");
+        assert_eq!(
+            sample(&m, &format!("streamiq_stream_up{{stream=\"{s}\"}}")),
+            Some(1.0)
+        );
+        let q = sample(&m, &format!("streamiq_quality_score{{stream=\"{s}\"}}")).unwrap();
+        assert!((0.0..=1.0).contains(&q), "{s} quality {q}");
+    }
+    assert!(m.contains("streamiq_build_info{execution=\"cpu\""), "{m}");
+    assert!(sample(&m, "streamiq_batch_size_count").unwrap() >= 1.0);
+    let clean = sample(&m, "streamiq_quality_score{stream=\"bars\"}").unwrap();
+    let soft = sample(&m, "streamiq_quality_score{stream=\"soft\"}").unwrap();
+    assert!(
+        soft < clean,
+        "blurred stream {soft} should score below clean {clean}"
+    );
+    promtool_check(&m);
+
+    let addr = d.addr;
+    tokio::task::spawn_blocking(move || {
+        assert_eq!(get(addr, "/healthz").0, 200);
+        assert_eq!(get(addr, "/readyz").0, 200);
+        let streams: serde_json::Value =
+            serde_json::from_str(&text(addr, "/api/v1/streams")).unwrap();
+        assert_eq!(streams.as_array().unwrap().len(), 2);
+        assert_eq!(streams[0]["phase"], "playing");
+        let frames: serde_json::Value =
+            serde_json::from_str(&text(addr, "/api/v1/streams/bars/frames?limit=3")).unwrap();
+        let frames = frames.as_array().unwrap();
+        assert_eq!(frames.len(), 3);
+        let score = frames[0]["score"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&score));
+        let thumb = frames[0]["thumbnail"].as_str().unwrap();
+        let (code, jpeg) = get(addr, thumb);
+        assert_eq!(code, 200);
+        assert_eq!(&jpeg[..3], &[0xff, 0xd8, 0xff], "a JPEG");
+        let (code, body) = get(addr, "/api/v1/streams/nope/frames");
+        assert_eq!(code, 404);
+        let err: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(err["field"], "id");
+        assert_eq!(get(addr, "/api/v1/frames/999999999/thumbnail.jpg").0, 404);
+        assert_eq!(get(addr, "/api/v1/frames/abc/thumbnail.jpg").0, 400);
+    })
+    .await
+    .unwrap();
+    let took = d.stop().await;
+    assert!(took < Duration::from_secs(10), "shutdown took {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_streams_restart_and_never_affect_the_others() {
+    let streams = r#"
+[[streams]]
+id = "good"
+pipeline = "videotestsrc is-live=true pattern=zone-plate kx2=20 ky2=20 kt=1 ! video/x-raw,width=160,height=120,framerate=10/1"
+sample_fps = 5.0
+[[streams]]
+id = "errors"
+pipeline = "videotestsrc is-live=true pattern=zone-plate kt=1 ! video/x-raw,width=160,height=120,framerate=10/1 ! identity error-after=5"
+sample_fps = 0
+[[streams]]
+id = "stalls"
+pipeline = "videotestsrc is-live=true ! video/x-raw,width=160,height=120,framerate=10/1 ! identity drop-probability=1.0"
+[[streams]]
+id = "unreachable"
+uri = "rtsp://127.0.0.1:9/nothing-here"
+"#;
+    let d = start(settings(&config_text(streams, ""))).await;
+    let restarts = |m: &str, s: &str| {
+        sample(
+            m,
+            &format!("streamiq_stream_restarts_total{{stream=\"{s}\"}}"),
+        )
+        .unwrap_or(0.0)
+    };
+    let m = d
+        .wait_for(Duration::from_secs(40), |m| {
+            restarts(m, "errors") >= 2.0
+                && restarts(m, "stalls") >= 1.0
+                && restarts(m, "unreachable") >= 1.0
+        })
+        .await;
+    assert!(restarts(&m, "errors") >= 2.0, "{m}");
+    assert!(restarts(&m, "stalls") >= 1.0, "{m}");
+    assert!(restarts(&m, "unreachable") >= 1.0, "{m}");
+    assert_eq!(
+        sample(&m, "streamiq_stream_up{stream=\"stalls\"}"),
+        Some(0.0)
+    );
+    assert_eq!(
+        sample(&m, "streamiq_stream_up{stream=\"unreachable\"}"),
+        Some(0.0)
+    );
+    // The erroring stream delivered frames between its failures.
+    assert!(sample(&m, "streamiq_frames_decoded_total{stream=\"errors\"}").unwrap() >= 5.0);
+    // The good stream kept going the whole time.
+    assert_eq!(sample(&m, "streamiq_stream_up{stream=\"good\"}"), Some(1.0));
+    assert_eq!(restarts(&m, "good"), 0.0);
+    let before = sample(&m, "streamiq_frames_scored_total{stream=\"good\"}").unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = sample(
+        &d.metrics().await,
+        "streamiq_frames_scored_total{stream=\"good\"}",
+    )
+    .unwrap();
+    assert!(
+        after > before,
+        "good stream still scoring: {before} -> {after}"
+    );
+    let addr = d.addr;
+    let streams: serde_json::Value = tokio::task::spawn_blocking(move || {
+        serde_json::from_str(&text(addr, "/api/v1/streams")).unwrap()
+    })
+    .await
+    .unwrap();
+    let errors = streams
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == "errors")
+        .unwrap();
+    assert!(errors["last_error"].as_str().is_some(), "{errors}");
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_queue_drops_are_counted_per_stream() {
+    // A one-frame queue and every frame of a 1000 fps source: the model cannot keep up.
+    let streams = r#"
+[[streams]]
+id = "flood"
+pipeline = "videotestsrc is-live=true pattern=smpte ! video/x-raw,width=64,height=48,framerate=1000/1"
+sample_fps = 0
+"#;
+    let extra = "[scorer]\nqueue_capacity = 1\nmax_batch = 1\nmax_wait = \"1ms\"\n";
+    let d = start(settings(&config_text(streams, extra))).await;
+    let m = d
+        .wait_for(Duration::from_secs(30), |m| {
+            sample(
+                m,
+                "streamiq_frames_dropped_total{reason=\"queue_full\",stream=\"flood\"}",
+            )
+            .is_some_and(|v| v >= 10.0)
+        })
+        .await;
+    let dropped = sample(
+        &m,
+        "streamiq_frames_dropped_total{reason=\"queue_full\",stream=\"flood\"}",
+    )
+    .unwrap();
+    let decoded = sample(&m, "streamiq_frames_decoded_total{stream=\"flood\"}").unwrap();
+    let scored = sample(&m, "streamiq_frames_scored_total{stream=\"flood\"}").unwrap();
+    assert!(dropped >= 10.0, "{m}");
+    // Every decoded frame is scored, dropped or still in flight (queue 1 + batch 1 + model 1).
+    assert!(
+        decoded - scored - dropped <= 4.0,
+        "decoded {decoded} scored {scored} dropped {dropped}"
+    );
+    d.stop().await;
+}
+
+/// Makes a clip with ffmpeg's synthetic source: 12 s at 25 fps, black from 2 s to
+/// 4 s, frozen from 7 s to 10 s, moving everywhere else.
+fn make_clip(dir: &Path) -> PathBuf {
+    let out = dir.join("segments.mp4");
+    let status = Command::new("ffmpeg")
+        .args(["-loglevel", "error", "-y", "-f", "lavfi", "-i"])
+        .arg("testsrc2=size=640x360:rate=25:duration=12")
+        .args(["-filter_complex"])
+        .arg("[0]split[a][b];[a][b]freezeframes=first=175:last=249:replace=175,drawbox=x=0:y=0:w=iw:h=ih:color=black:t=fill:enable='between(t,2,3.99)'")
+        .args(["-c:v", "libx264", "-preset", "veryfast", "-crf", "23", "-pix_fmt", "yuv420p"])
+        .arg(&out)
+        .status()
+        .expect("ffmpeg is installed (scripts/setup.sh)");
+    assert!(status.success());
+    out
+}
+
+fn write_config(dir: &Path, text: &str) -> PathBuf {
+    let p = dir.join("streamiq.toml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+#[test]
+fn scan_finds_black_and_freeze_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let clip = make_clip(dir.path());
+    let cfg = write_config(dir.path(), &config_text("", ""));
+    let out = Command::new(bin())
+        .args(["scan", "--json", "--config"])
+        .arg(&cfg)
+        .arg(&clip)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["frames_scored"], 300, "{r}");
+    let segs = |k: &str| -> Vec<(f64, f64)> {
+        r[k].as_array()
+            .unwrap()
+            .iter()
+            .map(|s| (s["start"].as_f64().unwrap(), s["end"].as_f64().unwrap()))
+            .collect()
+    };
+    let black = segs("black_segments");
+    let freeze = segs("freeze_segments");
+    assert_eq!(black.len(), 1, "{r}");
+    assert!(
+        (black[0].0 - 2.0).abs() <= 0.1 && (black[0].1 - 4.0).abs() <= 0.1,
+        "{black:?}"
+    );
+    assert_eq!(freeze.len(), 1, "{r}");
+    assert!(
+        (freeze[0].0 - 7.0).abs() <= 0.1 && (freeze[0].1 - 10.0).abs() <= 0.1,
+        "{freeze:?}"
+    );
+    let mean = r["mean_score"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&mean));
+
+    // Sampling at 5 fps finds the same segments, within a sample period.
+    let out = Command::new(bin())
+        .args(["scan", "--json", "--sample-fps", "5", "--config"])
+        .arg(&cfg)
+        .arg(&clip)
+        .output()
+        .unwrap();
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let n = r["frames_scored"].as_u64().unwrap();
+    assert!((59..=61).contains(&n), "{r}");
+    assert_eq!(r["black_segments"].as_array().unwrap().len(), 1, "{r}");
+    assert_eq!(r["freeze_segments"].as_array().unwrap().len(), 1, "{r}");
+}
+
+#[test]
+fn scan_exit_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), &config_text("", ""));
+    let clip = dir.path().join("short.mp4");
+    let ok = Command::new("ffmpeg")
+        .args([
+            "-loglevel",
+            "error",
+            "-y",
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc2=size=320x180:rate=10:duration=1",
+        ])
+        .args(["-pix_fmt", "yuv420p"])
+        .arg(&clip)
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let junk = dir.path().join("junk.mp4");
+    std::fs::write(&junk, b"this is not a video").unwrap();
+    let missing = dir.path().join("missing.mp4");
+
+    let out = Command::new(bin())
+        .args(["scan", "--config"])
+        .arg(&cfg)
+        .arg(&clip)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("frames 10"));
+
+    let out = Command::new(bin())
+        .args(["scan", "--fail-below", "1.01", "--config"])
+        .arg(&cfg)
+        .arg(&clip)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+
+    for bad in [&junk, &missing] {
+        let out = Command::new(bin())
+            .args(["scan", "--json", "--config"])
+            .arg(&cfg)
+            .arg(&clip)
+            .arg(bad)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{}", bad.display());
+        let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2);
+        assert!(
+            lines[0]["error"].is_null(),
+            "the good file is still reported"
+        );
+        let reason = lines[1]["error"].as_str().unwrap();
+        assert!(!reason.is_empty());
+    }
+}
+
+fn check_config(dir: &Path, text: &str) -> (i32, String) {
+    let cfg = write_config(dir, text);
+    let out = Command::new(bin())
+        .args(["check-config", "--config"])
+        .arg(cfg)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+#[test]
+fn bad_configs_exit_2_naming_the_culprit() {
+    let dir = tempfile::tempdir().unwrap();
+    let stream = "[[streams]]\nid = \"a\"\npipeline = \"videotestsrc\"\n";
+    let (code, err) = check_config(dir.path(), &config_text(stream, ""));
+    assert_eq!(code, 0, "{err}");
+
+    for (extra, streams, needle) in [
+        ("[scorer]\nmax_bach = 4", stream.to_string(), "max_bach"),
+        (
+            "[scorer]\nmax_batch = \"lots\"",
+            stream.to_string(),
+            "max_batch",
+        ),
+        ("", format!("{stream}{stream}"), "duplicate"),
+        // Inside the [qc] table the helper opens.
+        (
+            "freeze_min_duration = \"2 fortnights\"",
+            stream.to_string(),
+            "qc.freeze_min_duration",
+        ),
+    ] {
+        let text = config_text(&streams, extra);
+        let (code, err) = check_config(dir.path(), &text);
+        assert_eq!(code, 2, "{needle}: {err}");
+        assert!(err.contains(needle), "{needle} not named in: {err}");
+    }
+
+    // A missing bundle and a bundle whose file does not match its checksum.
+    let text =
+        config_text(stream, "").replace(&bundle().display().to_string(), "/nonexistent/bundle");
+    let (code, err) = check_config(dir.path(), &text);
+    assert_eq!(code, 2);
+    assert!(err.contains("/nonexistent/bundle/manifest.toml"), "{err}");
+
+    let copy = dir.path().join("bundle");
+    std::fs::create_dir(&copy).unwrap();
+    for f in ["manifest.toml", "visual.onnx", "prompts.safetensors"] {
+        std::fs::copy(bundle().join(f), copy.join(f)).unwrap();
+    }
+    let mut onnx = std::fs::read(copy.join("visual.onnx")).unwrap();
+    onnx.truncate(onnx.len() / 2);
+    std::fs::write(copy.join("visual.onnx"), onnx).unwrap();
+    let text = config_text(stream, "")
+        .replace(&bundle().display().to_string(), &copy.display().to_string());
+    let (code, err) = check_config(dir.path(), &text);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("visual.onnx") && err.contains("sha256"),
+        "{err}"
+    );
+
+    // The daemon refuses the same at start, with exit code 2.
+    let cfg = write_config(dir.path(), &text);
+    let out = Command::new(bin())
+        .args(["run", "--config"])
+        .arg(cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("visual.onnx"));
+}
+
+#[test]
+fn every_shipped_config_is_valid() {
+    for entry in std::fs::read_dir(repo().join("config")).unwrap() {
+        let p = entry.unwrap().path();
+        if p.extension().is_some_and(|e| e == "toml") {
+            let c = Config::load(&p).unwrap_or_else(|e| panic!("{e}"));
+            c.validate()
+                .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        }
+    }
+    let dash =
+        std::fs::read_to_string(repo().join("config/grafana/streamiq-dashboard.json")).unwrap();
+    let _: serde_json::Value = serde_json::from_str(&dash).expect("dashboard is JSON");
+}
