@@ -104,6 +104,8 @@ pub fn build(
         None => None,
     };
     let convert = make("videoconvertscale")?;
+    // 8-bit YUV to 8-bit RGB needs no dithering; it only costs time.
+    convert.set_property_from_str("dither", "none");
     let filter = make("capsfilter")?;
     filter.set_property("caps", base_caps(spec.sample_fps, None));
     let sink = gst_app::AppSink::builder()

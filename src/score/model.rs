@@ -189,7 +189,14 @@ fn build_session(
     intra_threads: usize,
 ) -> Result<Session, String> {
     let err = |e: ort::Error<ort::session::builder::SessionBuilder>| e.to_string();
-    let mut b = Session::builder(env).map_err(|e| e.to_string())?;
+    // Decoding runs beside inference on the same cores: idle ONNX Runtime threads
+    // must sleep, not spin, or they take the CPU the decoders need.
+    let mut b = Session::builder(env)
+        .map_err(|e| e.to_string())?
+        .with_intra_op_spinning(false)
+        .map_err(err)?
+        .with_inter_op_spinning(false)
+        .map_err(err)?;
     if intra_threads > 0 {
         b = b.with_intra_threads(intra_threads).map_err(err)?;
     }
