@@ -33,9 +33,10 @@ lint: setup
 	RUSTDOCFLAGS="-D warnings" cargo doc --locked --no-deps --quiet
 
 test: bundle lint
-	cargo test --locked -- --test-threads=2
 	promtool check rules config/alerts/streamiq.rules.yml
 	promtool test rules config/alerts/streamiq.rules.test.yml
+	set -o pipefail; cargo test --locked --lib --bins --tests -- --test-threads=2 2>&1 | tee target/test.log
+	@awk '/^test result:/ {p += $$4; f += $$6} END {printf "tests: %d passed, %d failed\n", p, f}' target/test.log
 
 bench: build
 	scripts/bench.sh

@@ -11,7 +11,7 @@ APT_PACKAGES=(pkg-config libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev
   gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad
   gstreamer1.0-libav gstreamer1.0-tools ffmpeg prometheus sqlite3 chromium curl)
 PY_PACKAGES=(torch==2.11.0 onnxruntime==1.31.1 onnx==1.23.2 numpy safetensors
-  opencv-python-headless prometheus_client pillow)
+  opencv-python-headless prometheus_client pillow scikit-image)
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 

@@ -63,12 +63,15 @@ impl SegmentDetector {
 
     /// Feeds the frame shown from `t` to `end`; `run_start` is when the current
     /// matching run began (for a freeze, the anchor frame's time), or `None` if the
-    /// frame does not match. A run has lasted until the end of its latest frame.
+    /// frame does not match. A run has lasted until the end of its latest frame; since
+    /// it may have begun up to one frame before its first matching sample, half a frame
+    /// period is granted (at 25 fps 20 ms; at `sample_fps = 2`, 250 ms).
     pub fn update(&mut self, t: f64, end: f64, run_start: Option<f64>) -> Transition {
         match run_start {
             Some(start) => {
                 let start = *self.run_start.get_or_insert(start);
-                if !self.active && end - start >= self.min - 1e-6 {
+                let slack = (end - t) / 2.0;
+                if !self.active && end - start + slack >= self.min - 1e-6 {
                     self.active = true;
                     return Transition::Started { start };
                 }

@@ -583,3 +583,140 @@ fn every_shipped_config_is_valid() {
         std::fs::read_to_string(repo().join("config/grafana/streamiq-dashboard.json")).unwrap();
     let _: serde_json::Value = serde_json::from_str(&dash).expect("dashboard is JSON");
 }
+
+fn venv_python() -> PathBuf {
+    let venv = std::env::var_os("STREAMIQ_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/opt/streamiq/venv"));
+    let py = venv.join("bin/python");
+    assert!(
+        py.is_file(),
+        "{} is missing: run scripts/setup.sh",
+        py.display()
+    );
+    py
+}
+
+#[test]
+fn scan_on_photo_pans_matches_truth_without_false_segments() {
+    // Slow pans and zooms over real photographs, H.264 at CRF 30 (visible compression
+    // noise), with a black and two frozen segments inserted.
+    let dir = tempfile::tempdir().unwrap();
+    let clip = dir.path().join("pans.mp4");
+    let out = Command::new(venv_python())
+        .arg(repo().join("scripts/make_pan_clip.py"))
+        .arg(&clip)
+        .args([
+            "--seconds",
+            "16",
+            "--size",
+            "640x360",
+            "--shot",
+            "4",
+            "--crf",
+            "30",
+        ])
+        .args([
+            "--black",
+            "2.5:4.6",
+            "--freeze",
+            "7:9.5",
+            "--freeze",
+            "12.2:14.4",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let truth: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let cfg = write_config(dir.path(), &config_text("", ""));
+    for sample_fps in [None, Some("2")] {
+        let mut cmd = Command::new(bin());
+        cmd.args(["scan", "--json", "--config"])
+            .arg(&cfg)
+            .arg(&clip);
+        if let Some(f) = sample_fps {
+            cmd.args(["--sample-fps", f]);
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        for kind in ["black_segments", "freeze_segments"] {
+            let want = truth[kind].as_array().unwrap();
+            let have = got[kind].as_array().unwrap();
+            assert_eq!(want.len(), have.len(), "{kind} at {sample_fps:?}: {got}");
+            for (w, h) in want.iter().zip(have) {
+                for edge in ["start", "end"] {
+                    let (w, h) = (w[edge].as_f64().unwrap(), h[edge].as_f64().unwrap());
+                    assert!((w - h).abs() <= 0.5, "{kind} {edge}: truth {w}, got {h}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn sigterm_stops_the_daemon_in_order() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let streams = r#"
+[[streams]]
+id = "live"
+pipeline = "videotestsrc is-live=true pattern=zone-plate kt=1 ! video/x-raw,width=160,height=120,framerate=10/1"
+"#;
+    let cfg = write_config(dir.path(), &config_text(streams, ""));
+    let mut child = Command::new(bin())
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .env("NO_COLOR", "1")
+        .env("STREAMIQ_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr: SocketAddr = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find_map(|l| {
+            l.contains("HTTP listening")
+                .then(|| {
+                    l.split("addr=")
+                        .nth(1)?
+                        .split_whitespace()
+                        .next()?
+                        .parse()
+                        .ok()
+                })
+                .flatten()
+        })
+        .expect("the daemon logs its address");
+    let t0 = Instant::now();
+    while get(addr, "/readyz").0 != 200 {
+        assert!(t0.elapsed() < Duration::from_secs(30), "never ready");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let t0 = Instant::now();
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let code = child.wait().unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    assert_eq!(code.code(), Some(0), "{rest:?}");
+    let pos = |needle: &str| {
+        rest.iter()
+            .position(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("{needle:?} not logged: {rest:?}"))
+    };
+    assert!(pos("Shutting down") < pos("queue drained"));
+    assert!(pos("queue drained") < pos("Stopped"));
+}

@@ -76,6 +76,24 @@ pub struct InputSpec {
     pub resize: ResizeRule,
 }
 
+/// `[text]` of the manifest: the text tower the sidecar loads from `text/`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TextSpec {
+    /// Transformer width W (token-embedding size).
+    pub width: usize,
+    /// Transformer blocks.
+    pub layers: usize,
+    /// Attention heads.
+    pub heads: usize,
+    /// Token positions (77 for CLIP).
+    pub context_length: usize,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Learnable context vectors in the quality prompt (4).
+    pub n_ctx: usize,
+}
+
 /// `manifest.toml`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -92,6 +110,9 @@ pub struct Manifest {
     pub logit_scale: f32,
     /// Preprocessing.
     pub input: InputSpec,
+    /// The text tower, for bundles that carry `text/` (needed by the sidecar only).
+    #[serde(default)]
+    pub text: Option<TextSpec>,
     /// sha256 (hex) of every file, keyed by path relative to the bundle.
     pub files: BTreeMap<String, String>,
     /// Anything else the producer recorded (training command, seed, provenance).
