@@ -27,12 +27,13 @@
 //! - [`state`]: per-stream runtime state shared by ingest, scoring and HTTP.
 //! - [`metrics`]: every Prometheus metric, declared once.
 //! - [`http`]: axum routes.
-//! - [`scan`]: file scan mode (CDN / VOD).
+//! - [`scan`]: file scan mode (CDN / VOD); [`eval`]: SRCC / PLCC against labels.
 //! - [`app`]: the daemon's wiring and ordered shutdown; [`shutdown`]: signals.
 
 pub mod app;
 pub mod batch;
 pub mod config;
+pub mod eval;
 pub mod frame;
 pub mod http;
 pub mod ingest;

@@ -69,6 +69,21 @@ enum Command {
         #[arg(required = true)]
         images: Vec<PathBuf>,
     },
+    /// SRCC / PLCC of the model against labels (CSV with columns path, mos[, type]).
+    Eval {
+        /// Model bundle directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// Label CSV; relative image paths are resolved against its directory.
+        #[arg(long)]
+        labels: PathBuf,
+        /// Random 80/20 splits to summarise.
+        #[arg(long, default_value_t = 10)]
+        splits: usize,
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn init_tracing() {
@@ -123,7 +138,52 @@ fn main() -> ExitCode {
             };
             score_cmd(&s, images, json)
         }
+        Command::Eval {
+            model,
+            labels,
+            splits,
+            json,
+        } => {
+            let mut c = Config::default();
+            c.model.bundle = model;
+            let s = match c.validate() {
+                Ok(s) => s,
+                Err(e) => return fail(2, e),
+            };
+            eval_cmd(&s, &labels, splits.max(1), json)
+        }
     }
+}
+
+fn eval_cmd(s: &Settings, labels: &std::path::Path, splits: usize, json: bool) -> ExitCode {
+    let labelled = match streamiq::eval::read_labels(labels) {
+        Ok(l) => l,
+        Err(e) => return fail(2, e),
+    };
+    let opts = ScanOptions {
+        files: labelled.iter().map(|l| l.path.clone()).collect(),
+        sample_fps: None,
+        fail_below: None,
+    };
+    let reports = match scan::scan(s, &opts) {
+        Ok(r) => r,
+        Err(e) => return fail(2, e),
+    };
+    let scores: Vec<Option<f64>> = reports.iter().map(|r| r.mean_score).collect();
+    let errors = reports
+        .iter()
+        .filter_map(|r| r.error.clone().map(|e| (r.path.clone(), e)))
+        .collect();
+    let rep = streamiq::eval::report(&labelled, &scores, errors, splits);
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string(&rep).expect("report serialises")
+        );
+    } else {
+        print!("{}", streamiq::eval::format_text(&rep));
+    }
+    ExitCode::SUCCESS
 }
 
 fn run(config: PathBuf) -> ExitCode {
