@@ -9,9 +9,12 @@ set -euo pipefail
 VENV=${STREAMIQ_VENV:-/opt/streamiq/venv}
 APT_PACKAGES=(pkg-config libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev
   gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad
-  gstreamer1.0-libav gstreamer1.0-tools ffmpeg prometheus sqlite3 chromium curl)
-PY_PACKAGES=(torch==2.11.0 onnxruntime==1.31.1 onnx==1.23.2 numpy safetensors
-  opencv-python-headless prometheus_client pillow scikit-image)
+  gstreamer1.0-plugins-ugly gstreamer1.0-libav gstreamer1.0-tools ffmpeg prometheus sqlite3 chromium curl)
+# torchvision is pinned because open_clip_torch would otherwise pull a newer one that
+# upgrades torch past the 2.11.0 that tch (libtorch) is built against.
+PY_PACKAGES=(torch==2.11.0 torchvision==0.26.0 onnxruntime==1.31.1 onnx==1.23.2 numpy safetensors
+  opencv-python-headless prometheus_client pillow scikit-image==0.26.0
+  open_clip_torch==3.3.0 ftfy==6.3.1 regex==2026.11.19 transformers==5.24.0)
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 
@@ -35,7 +38,7 @@ setup_venv() {
   if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$VENV/bin/python" ]; then
     log "python venv present at $VENV"; return
   fi
-  log "creating python venv at $VENV (torch is a large download; this happens once)"
+  log "installing python packages into $VENV (torch is a large download; this happens once)"
   mkdir -p "$(dirname "$VENV")"
   if ! python3 -m venv "$VENV" 2>/dev/null; then
     need_sudo apt-get install -y -qq python3-venv >/dev/null

@@ -27,12 +27,14 @@
 //! - [`state`]: per-stream runtime state shared by ingest, scoring and HTTP.
 //! - [`metrics`]: every Prometheus metric, declared once.
 //! - [`http`]: axum routes.
+//! - [`distort`]: synthetic distortions (13 kinds x 5 levels) for training and evaluation sets.
 //! - [`scan`]: file scan mode (CDN / VOD); [`eval`]: SRCC / PLCC against labels.
 //! - [`app`]: the daemon's wiring and ordered shutdown; [`shutdown`]: signals.
 
 pub mod app;
 pub mod batch;
 pub mod config;
+pub mod distort;
 pub mod eval;
 pub mod frame;
 pub mod http;

@@ -720,3 +720,70 @@ pipeline = "videotestsrc is-live=true pattern=zone-plate kt=1 ! video/x-raw,widt
     assert!(pos("Shutting down") < pos("queue drained"));
     assert!(pos("queue drained") < pos("Stopped"));
 }
+
+#[test]
+fn distort_writes_a_deterministic_labelled_set_that_eval_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.png");
+    let out = Command::new("ffmpeg")
+        .args([
+            "-loglevel",
+            "error",
+            "-y",
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc2=size=200x150:rate=1",
+            "-frames:v",
+            "1",
+        ])
+        .arg(&src)
+        .status()
+        .unwrap();
+    assert!(out.success());
+    let run = |out: &Path| {
+        let o = Command::new(bin())
+            .args(["distort", "--size", "96", "--seed", "3", "--out"])
+            .arg(out)
+            .arg(&src)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        std::fs::read_to_string(out.join("labels.csv")).unwrap()
+    };
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    let csv = run(&a);
+    assert_eq!(csv, run(&b));
+    let rows: Vec<&str> = csv.lines().skip(1).collect();
+    assert_eq!(rows.len(), 1 + 13 * 5, "reference + 13 kinds x 5 levels");
+    for row in &rows {
+        let path = row.split(',').next().unwrap();
+        let (x, y) = (
+            std::fs::read(a.join(path)).unwrap(),
+            std::fs::read(b.join(path)).unwrap(),
+        );
+        assert!(x == y, "{path} differs between runs with the same seed");
+    }
+    let levels: Vec<f64> = rows
+        .iter()
+        .filter(|r| r.contains(",h264,"))
+        .map(|r| r.split(',').nth(1).unwrap().parse().unwrap())
+        .collect();
+    assert!(
+        levels.windows(2).all(|w| w[1] < w[0]),
+        "targets decrease with level: {levels:?}"
+    );
+
+    let o = Command::new(bin())
+        .args(["eval", "--json", "--splits", "3", "--model"])
+        .arg(bundle())
+        .arg("--labels")
+        .arg(a.join("labels.csv"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["all"]["n"], 66);
+    assert_eq!(r["per_type"].as_object().unwrap().len(), 13, "{r}");
+    assert!(r["all"]["srcc"].as_f64().unwrap().abs() <= 1.0);
+}

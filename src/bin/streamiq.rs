@@ -69,6 +69,24 @@ enum Command {
         #[arg(required = true)]
         images: Vec<PathBuf>,
     },
+    /// Write a labelled set of synthetically distorted images (13 kinds x 5 levels).
+    Distort {
+        /// Output directory (images/ and labels.csv).
+        #[arg(long)]
+        out: PathBuf,
+        /// Seed (the same seed gives the same images).
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Shorter side of the working size in pixels.
+        #[arg(long, default_value_t = 384)]
+        size: u32,
+        /// Comma-separated kinds (default: all).
+        #[arg(long, value_delimiter = ',')]
+        kinds: Vec<String>,
+        /// Source images.
+        #[arg(required = true)]
+        sources: Vec<PathBuf>,
+    },
     /// SRCC / PLCC of the model against labels (CSV with columns path, mos[, type]).
     Eval {
         /// Model bundle directory.
@@ -138,6 +156,13 @@ fn main() -> ExitCode {
             };
             score_cmd(&s, images, json)
         }
+        Command::Distort {
+            out,
+            seed,
+            size,
+            kinds,
+            sources,
+        } => distort_cmd(out, seed, size, kinds, sources),
         Command::Eval {
             model,
             labels,
@@ -152,6 +177,57 @@ fn main() -> ExitCode {
             };
             eval_cmd(&s, &labels, splits.max(1), json)
         }
+    }
+}
+
+fn distort_cmd(
+    out: PathBuf,
+    seed: u64,
+    size: u32,
+    kinds: Vec<String>,
+    sources: Vec<PathBuf>,
+) -> ExitCode {
+    use streamiq::distort::{DistortOptions, Kind, write_set};
+    let kinds = if kinds.is_empty() {
+        Kind::ALL.to_vec()
+    } else {
+        let mut v = Vec::new();
+        for k in &kinds {
+            match Kind::from_name(k) {
+                Some(k) => v.push(k),
+                None => {
+                    let all: Vec<&str> = Kind::ALL.iter().map(|k| k.name()).collect();
+                    return fail(
+                        2,
+                        format!("--kinds {k:?}: unknown; expected one of {}", all.join(", ")),
+                    );
+                }
+            }
+        }
+        v
+    };
+    if !(16..=4096).contains(&size) {
+        return fail(2, format!("--size {size}: must be within 16..=4096"));
+    }
+    let opts = DistortOptions {
+        sources,
+        out,
+        seed,
+        size,
+        kinds,
+    };
+    match write_set(&opts, |done, total| {
+        eprintln!("distort: {done}/{total} sources")
+    }) {
+        Ok(rows) => {
+            eprintln!(
+                "distort: wrote {} images and {}",
+                rows.len(),
+                opts.out.join("labels.csv").display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(2, e),
     }
 }
 

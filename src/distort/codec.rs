@@ -1,0 +1,99 @@
+//! Codec round trips: JPEG (jpeg-encoder, decoded with `image`) and H.264 intra coding
+//! through GStreamer (`x264enc` at a fixed quantiser, decoded by `avdec_h264`).
+
+use gstreamer as gst;
+use gstreamer::prelude::*;
+use gstreamer_app as gst_app;
+
+use super::Image;
+
+/// Encodes at `quality` (1..=100) and decodes again.
+pub fn jpeg_roundtrip(img: &Image, quality: u8) -> Result<Image, String> {
+    let mut buf = Vec::new();
+    jpeg_encoder::Encoder::new(&mut buf, quality)
+        .encode(
+            &img.to_rgb8(),
+            img.w as u16,
+            img.h as u16,
+            jpeg_encoder::ColorType::Rgb,
+        )
+        .map_err(|e| format!("JPEG encode: {e}"))?;
+    let dec = image::load_from_memory_with_format(&buf, image::ImageFormat::Jpeg)
+        .map_err(|e| format!("JPEG decode: {e}"))?
+        .to_rgb8();
+    Ok(Image::from_rgb8(img.w, img.h, dec.as_raw()))
+}
+
+/// Encodes one frame with H.264 at quantiser `qp` (0..=51) and decodes it again.
+/// Odd sizes are padded by edge replication for 4:2:0 and cropped back.
+pub fn h264_roundtrip(img: &Image, qp: u32) -> Result<Image, String> {
+    gst::init().map_err(|e| e.to_string())?;
+    let (w, h) = (img.w + img.w % 2, img.h + img.h % 2);
+    let mut rgb = Vec::with_capacity(w * h * 3);
+    for y in 0..h {
+        for x in 0..w {
+            let (sx, sy) = (x.min(img.w - 1), y.min(img.h - 1));
+            rgb.extend(
+                img.px[(sy * img.w + sx) * 3..][..3]
+                    .iter()
+                    .map(|v| (v.clamp(0.0, 1.0) * 255.0).round() as u8),
+            );
+        }
+    }
+    let launch = format!(
+        "appsrc name=src format=time caps=video/x-raw,format=RGB,width={w},height={h},framerate=25/1 \
+         ! videoconvert ! video/x-raw,format=I420 \
+         ! x264enc pass=quant quantizer={qp} speed-preset=medium key-int-max=1 \
+         ! avdec_h264 ! videoconvert ! video/x-raw,format=RGB ! appsink name=sink sync=false"
+    );
+    let pipeline = gst::parse::launch(&launch)
+        .map_err(|e| format!("H.264 round trip needs x264enc (gstreamer1.0-plugins-ugly) and avdec_h264 (gstreamer1.0-libav): {e}"))?
+        .downcast::<gst::Pipeline>()
+        .map_err(|_| "not a pipeline".to_string())?;
+    let src = pipeline
+        .by_name("src")
+        .and_then(|e| e.downcast::<gst_app::AppSrc>().ok())
+        .ok_or("no appsrc")?;
+    let sink = pipeline
+        .by_name("sink")
+        .and_then(|e| e.downcast::<gst_app::AppSink>().ok())
+        .ok_or("no appsink")?;
+    pipeline
+        .set_state(gst::State::Playing)
+        .map_err(|e| format!("H.264 pipeline: {e}"))?;
+    let mut buffer = gst::Buffer::from_mut_slice(rgb);
+    buffer
+        .get_mut()
+        .expect("a new buffer is writable")
+        .set_pts(gst::ClockTime::ZERO);
+    let result = (|| {
+        src.push_buffer(buffer)
+            .map_err(|e| format!("H.264 push: {e}"))?;
+        src.end_of_stream().map_err(|e| format!("H.264 EOS: {e}"))?;
+        let sample = sink
+            .try_pull_sample(gst::ClockTime::from_seconds(30))
+            .ok_or("H.264 round trip produced no frame")?;
+        let buf = sample.buffer().ok_or("no buffer")?;
+        let info = sample
+            .caps()
+            .and_then(|c| gstreamer_video::VideoInfo::from_caps(c).ok())
+            .ok_or("no caps")?;
+        let map = buf.map_readable().map_err(|e| e.to_string())?;
+        let stride = info.stride()[0] as usize;
+        let mut px = Vec::with_capacity(img.w * img.h * 3);
+        for y in 0..img.h {
+            px.extend(
+                map[y * stride..][..img.w * 3]
+                    .iter()
+                    .map(|v| *v as f32 / 255.0),
+            );
+        }
+        Ok(Image {
+            w: img.w,
+            h: img.h,
+            px,
+        })
+    })();
+    let _ = pipeline.set_state(gst::State::Null);
+    result
+}

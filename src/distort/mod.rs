@@ -1,0 +1,536 @@
+//! Synthetic distortions in the spirit of KADID-10k: 13 types at 5 levels each,
+//! deterministic for a given seed, for meta-prompt pre-training tasks and for
+//! evaluation sets (`streamiq distort`).
+//!
+//! Images are RGB, `f32` in 0..=1, row-major `[h][w][3]`. Level 1 is mild, level 5
+//! severe; the quality target written to the CSV decreases with the level.
+
+pub mod codec;
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+/// An RGB image in 0..=1.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Image {
+    /// Width.
+    pub w: usize,
+    /// Height.
+    pub h: usize,
+    /// `h * w * 3` values, row-major, RGB.
+    pub px: Vec<f32>,
+}
+
+impl Image {
+    /// From 8-bit RGB.
+    pub fn from_rgb8(w: usize, h: usize, data: &[u8]) -> Self {
+        Self {
+            w,
+            h,
+            px: data.iter().map(|v| *v as f32 / 255.0).collect(),
+        }
+    }
+
+    /// To 8-bit RGB (rounded, clamped).
+    pub fn to_rgb8(&self) -> Vec<u8> {
+        self.px
+            .iter()
+            .map(|v| (v.clamp(0.0, 1.0) * 255.0).round() as u8)
+            .collect()
+    }
+
+    fn map(&self, f: impl Fn(f32) -> f32) -> Self {
+        Self {
+            w: self.w,
+            h: self.h,
+            px: self.px.iter().map(|v| f(*v).clamp(0.0, 1.0)).collect(),
+        }
+    }
+
+    fn at(&self, x: isize, y: isize, c: usize) -> f32 {
+        let x = x.clamp(0, self.w as isize - 1) as usize;
+        let y = y.clamp(0, self.h as isize - 1) as usize;
+        self.px[(y * self.w + x) * 3 + c]
+    }
+}
+
+/// A distortion family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// Gaussian blur.
+    GaussianBlur,
+    /// Linear motion blur at a seeded angle.
+    MotionBlur,
+    /// Additive white Gaussian noise.
+    GaussianNoise,
+    /// Salt-and-pepper noise.
+    ImpulseNoise,
+    /// JPEG compression (blockiness, ringing).
+    Jpeg,
+    /// H.264 intra coding at a high quantiser (video-codec blockiness), via GStreamer.
+    H264,
+    /// Down-scaling then up-scaling.
+    Rescale,
+    /// Contrast reduction.
+    Contrast,
+    /// Brightness shift (over- or under-exposure, alternating by source).
+    Brightness,
+    /// Colour saturation loss.
+    Desaturate,
+    /// Quantisation to few levels (banding).
+    Quantize,
+    /// Over-sharpening (halos, ringing).
+    Oversharpen,
+    /// Pixelation (nearest-neighbour blocks).
+    Pixelate,
+}
+
+impl Kind {
+    /// Every kind, in a stable order.
+    pub const ALL: [Kind; 13] = [
+        Kind::GaussianBlur,
+        Kind::MotionBlur,
+        Kind::GaussianNoise,
+        Kind::ImpulseNoise,
+        Kind::Jpeg,
+        Kind::H264,
+        Kind::Rescale,
+        Kind::Contrast,
+        Kind::Brightness,
+        Kind::Desaturate,
+        Kind::Quantize,
+        Kind::Oversharpen,
+        Kind::Pixelate,
+    ];
+
+    /// The name used in file names and the CSV.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::GaussianBlur => "gaussian_blur",
+            Kind::MotionBlur => "motion_blur",
+            Kind::GaussianNoise => "gaussian_noise",
+            Kind::ImpulseNoise => "impulse_noise",
+            Kind::Jpeg => "jpeg",
+            Kind::H264 => "h264",
+            Kind::Rescale => "rescale",
+            Kind::Contrast => "contrast",
+            Kind::Brightness => "brightness",
+            Kind::Desaturate => "desaturate",
+            Kind::Quantize => "quantize",
+            Kind::Oversharpen => "oversharpen",
+            Kind::Pixelate => "pixelate",
+        }
+    }
+
+    /// Parses a name.
+    pub fn from_name(s: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.name() == s)
+    }
+}
+
+/// Levels per kind.
+pub const LEVELS: u8 = 5;
+
+/// Quality target for a level: 1.0 for the pristine image (level 0) down to 1/6 at 5.
+pub fn quality_target(level: u8) -> f64 {
+    1.0 - level as f64 / (LEVELS as f64 + 1.0)
+}
+
+/// Applies `kind` at `level` (1..=5). `rng` drives noise and angles.
+pub fn apply(img: &Image, kind: Kind, level: u8, rng: &mut fastrand::Rng) -> Result<Image, String> {
+    assert!((1..=LEVELS).contains(&level), "level 1..=5");
+    let l = (level - 1) as usize;
+    Ok(match kind {
+        Kind::GaussianBlur => gaussian_blur(img, [0.8, 1.5, 2.5, 4.0, 6.0][l]),
+        Kind::MotionBlur => {
+            let angle = rng.f32() * std::f32::consts::PI;
+            motion_blur(img, [3, 7, 11, 17, 25][l], angle)
+        }
+        Kind::GaussianNoise => {
+            let sigma = [0.015, 0.03, 0.05, 0.08, 0.12][l];
+            Image {
+                w: img.w,
+                h: img.h,
+                px: img
+                    .px
+                    .iter()
+                    .map(|v| (v + sigma * gauss(rng)).clamp(0.0, 1.0))
+                    .collect(),
+            }
+        }
+        Kind::ImpulseNoise => {
+            let p = [0.005, 0.015, 0.03, 0.06, 0.1][l];
+            let mut out = img.clone();
+            for px in out.px.chunks_exact_mut(3) {
+                if rng.f32() < p {
+                    let v = if rng.bool() { 1.0 } else { 0.0 };
+                    px.fill(v);
+                }
+            }
+            out
+        }
+        Kind::Jpeg => codec::jpeg_roundtrip(img, [40, 20, 10, 5, 2][l])?,
+        Kind::H264 => codec::h264_roundtrip(img, [30, 36, 41, 46, 51][l])?,
+        Kind::Rescale => rescale(img, [2.0, 3.0, 4.0, 6.0, 8.0][l]),
+        Kind::Contrast => {
+            let k = [0.75, 0.55, 0.4, 0.28, 0.18][l];
+            let mean = img.px.iter().sum::<f32>() / img.px.len().max(1) as f32;
+            img.map(|v| mean + k * (v - mean))
+        }
+        Kind::Brightness => {
+            let d = [0.12, 0.22, 0.32, 0.42, 0.52][l];
+            // Alternate over- and under-exposure by image so both appear in a set.
+            let up = img.px.len().is_multiple_of(2) || rng.bool();
+            let g: f32 = if up { 1.0 - d } else { 1.0 + 2.0 * d };
+            img.map(|v| v.powf(g) + if up { d * 0.5 } else { 0.0 })
+        }
+        Kind::Desaturate => {
+            let k = [0.7, 0.5, 0.3, 0.15, 0.0][l];
+            let mut out = img.clone();
+            for px in out.px.chunks_exact_mut(3) {
+                let y = 0.299 * px[0] + 0.587 * px[1] + 0.114 * px[2];
+                for c in px.iter_mut() {
+                    *c = y + k * (*c - y);
+                }
+            }
+            out
+        }
+        Kind::Quantize => {
+            let n = [24.0, 12.0, 7.0, 4.0, 3.0][l];
+            img.map(|v| (v * (n - 1.0)).round() / (n - 1.0))
+        }
+        Kind::Oversharpen => {
+            let amount = [1.0, 2.0, 3.5, 5.5, 8.0][l];
+            let soft = gaussian_blur(img, 1.5);
+            Image {
+                w: img.w,
+                h: img.h,
+                px: img
+                    .px
+                    .iter()
+                    .zip(&soft.px)
+                    .map(|(v, s)| (v + amount * (v - s)).clamp(0.0, 1.0))
+                    .collect(),
+            }
+        }
+        Kind::Pixelate => pixelate(img, [3, 5, 8, 12, 18][l]),
+    })
+}
+
+fn gauss(rng: &mut fastrand::Rng) -> f32 {
+    // Box-Muller.
+    let u = rng.f32().max(1e-7);
+    let v = rng.f32();
+    (-2.0 * u.ln()).sqrt() * (2.0 * std::f32::consts::PI * v).cos()
+}
+
+fn convolve_1d(img: &Image, kernel: &[f32], horizontal: bool) -> Image {
+    let r = (kernel.len() / 2) as isize;
+    let mut out = vec![0.0; img.px.len()];
+    for y in 0..img.h {
+        for x in 0..img.w {
+            for c in 0..3 {
+                let mut acc = 0.0;
+                for (i, k) in kernel.iter().enumerate() {
+                    let d = i as isize - r;
+                    acc += k * if horizontal {
+                        img.at(x as isize + d, y as isize, c)
+                    } else {
+                        img.at(x as isize, y as isize + d, c)
+                    };
+                }
+                out[(y * img.w + x) * 3 + c] = acc;
+            }
+        }
+    }
+    Image {
+        w: img.w,
+        h: img.h,
+        px: out,
+    }
+}
+
+/// Separable Gaussian blur.
+pub fn gaussian_blur(img: &Image, sigma: f32) -> Image {
+    let r = (3.0 * sigma).ceil() as isize;
+    let mut k: Vec<f32> = (-r..=r)
+        .map(|i| (-(i * i) as f32 / (2.0 * sigma * sigma)).exp())
+        .collect();
+    let s: f32 = k.iter().sum();
+    k.iter_mut().for_each(|v| *v /= s);
+    convolve_1d(&convolve_1d(img, &k, true), &k, false)
+}
+
+fn motion_blur(img: &Image, len: usize, angle: f32) -> Image {
+    let (dx, dy) = (angle.cos(), angle.sin());
+    let half = (len as f32 - 1.0) / 2.0;
+    let mut out = vec![0.0; img.px.len()];
+    for y in 0..img.h {
+        for x in 0..img.w {
+            for c in 0..3 {
+                let mut acc = 0.0;
+                for i in 0..len {
+                    let t = i as f32 - half;
+                    acc += img.at(
+                        (x as f32 + t * dx).round() as isize,
+                        (y as f32 + t * dy).round() as isize,
+                        c,
+                    );
+                }
+                out[(y * img.w + x) * 3 + c] = acc / len as f32;
+            }
+        }
+    }
+    Image {
+        w: img.w,
+        h: img.h,
+        px: out,
+    }
+}
+
+/// Bilinear resize.
+pub fn resize(img: &Image, w: usize, h: usize) -> Image {
+    let mut px = Vec::with_capacity(w * h * 3);
+    let sx = img.w as f32 / w as f32;
+    let sy = img.h as f32 / h as f32;
+    for y in 0..h {
+        let fy = ((y as f32 + 0.5) * sy - 0.5).max(0.0);
+        let (y0, ty) = (fy.floor() as isize, fy.fract());
+        for x in 0..w {
+            let fx = ((x as f32 + 0.5) * sx - 0.5).max(0.0);
+            let (x0, tx) = (fx.floor() as isize, fx.fract());
+            for c in 0..3 {
+                let a = img.at(x0, y0, c) * (1.0 - tx) + img.at(x0 + 1, y0, c) * tx;
+                let b = img.at(x0, y0 + 1, c) * (1.0 - tx) + img.at(x0 + 1, y0 + 1, c) * tx;
+                px.push(a * (1.0 - ty) + b * ty);
+            }
+        }
+    }
+    Image { w, h, px }
+}
+
+/// Area-averaging downscale by an integer-ish factor, then bilinear back up.
+fn rescale(img: &Image, factor: f32) -> Image {
+    let (w, h) = (
+        ((img.w as f32 / factor).round() as usize).max(1),
+        ((img.h as f32 / factor).round() as usize).max(1),
+    );
+    let small = resize(&gaussian_blur(img, factor * 0.5), w, h);
+    resize(&small, img.w, img.h)
+}
+
+fn pixelate(img: &Image, block: usize) -> Image {
+    let mut out = img.clone();
+    for by in (0..img.h).step_by(block) {
+        for bx in (0..img.w).step_by(block) {
+            let (ey, ex) = ((by + block).min(img.h), (bx + block).min(img.w));
+            let n = ((ey - by) * (ex - bx)) as f32;
+            let mut mean = [0.0f32; 3];
+            for y in by..ey {
+                for x in bx..ex {
+                    for (c, m) in mean.iter_mut().enumerate() {
+                        *m += img.px[(y * img.w + x) * 3 + c] / n;
+                    }
+                }
+            }
+            for y in by..ey {
+                for x in bx..ex {
+                    out.px[(y * img.w + x) * 3..][..3].copy_from_slice(&mean);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// One row of the distortion CSV.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    /// Image path relative to the output directory.
+    pub path: String,
+    /// Quality target (decreasing with level).
+    pub mos: f64,
+    /// Distortion kind (`reference` for the pristine image).
+    pub kind: String,
+    /// Level 0..=5.
+    pub level: u8,
+    /// Source image stem.
+    pub source: String,
+}
+
+/// Options of `streamiq distort`.
+#[derive(Debug, Clone)]
+pub struct DistortOptions {
+    /// Source images.
+    pub sources: Vec<PathBuf>,
+    /// Output directory (images/ and labels.csv).
+    pub out: PathBuf,
+    /// Seed.
+    pub seed: u64,
+    /// Shorter side of the working size.
+    pub size: u32,
+    /// Kinds to produce.
+    pub kinds: Vec<Kind>,
+}
+
+/// Loads an image, resized so that its shorter side is `size`.
+pub fn load(path: &Path, size: u32) -> Result<Image, String> {
+    let img = image::open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .to_rgb8();
+    let (w, h) = img.dimensions();
+    let s = size as f32 / w.min(h) as f32;
+    // Even sizes keep 4:2:0 codecs (H.264) exact.
+    let (nw, nh) = (
+        ((w as f32 * s).round() as u32 / 2 * 2).max(2),
+        ((h as f32 * s).round() as u32 / 2 * 2).max(2),
+    );
+    let img = image::imageops::resize(&img, nw, nh, image::imageops::FilterType::Triangle);
+    Ok(Image::from_rgb8(nw as usize, nh as usize, img.as_raw()))
+}
+
+fn save(img: &Image, path: &Path) -> Result<(), String> {
+    image::save_buffer(
+        path,
+        &img.to_rgb8(),
+        img.w as u32,
+        img.h as u32,
+        image::ColorType::Rgb8,
+    )
+    .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn stable_hash(s: &str) -> u64 {
+    s.bytes().fold(0xcbf29ce484222325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100000001b3)
+    })
+}
+
+/// Writes `out/images/*.png` and `out/labels.csv` (columns path, mos, type, level,
+/// source); `progress` is told each finished source. Returns the rows.
+pub fn write_set(
+    opts: &DistortOptions,
+    progress: impl Fn(usize, usize),
+) -> Result<Vec<Row>, String> {
+    let dir = opts.out.join("images");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let mut rows = Vec::new();
+    for (i, src) in opts.sources.iter().enumerate() {
+        let stem = src
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("image")
+            .to_string();
+        let img = load(src, opts.size)?;
+        let name = format!("{stem}_reference_0.png");
+        save(&img, &dir.join(&name))?;
+        rows.push(Row {
+            path: format!("images/{name}"),
+            mos: quality_target(0),
+            kind: "reference".into(),
+            level: 0,
+            source: stem.clone(),
+        });
+        for &kind in &opts.kinds {
+            for level in 1..=LEVELS {
+                let key = format!("{stem}/{}/{level}", kind.name());
+                let mut rng = fastrand::Rng::with_seed(opts.seed ^ stable_hash(&key));
+                let out = apply(&img, kind, level, &mut rng).map_err(|e| format!("{key}: {e}"))?;
+                let name = format!("{stem}_{}_{level}.png", kind.name());
+                save(&out, &dir.join(&name))?;
+                rows.push(Row {
+                    path: format!("images/{name}"),
+                    mos: quality_target(level),
+                    kind: kind.name().into(),
+                    level,
+                    source: stem.clone(),
+                });
+            }
+        }
+        progress(i + 1, opts.sources.len());
+    }
+    let mut csv = String::from("path,mos,type,level,source\n");
+    for r in &rows {
+        let _ = writeln!(
+            csv,
+            "{},{:.6},{},{},{}",
+            r.path, r.mos, r.kind, r.level, r.source
+        );
+    }
+    let p = opts.out.join("labels.csv");
+    std::fs::write(&p, csv).map_err(|e| format!("{}: {e}", p.display()))?;
+    Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn test_image() -> Image {
+        let (w, h) = (48, 32);
+        let px = (0..w * h * 3)
+            .map(|i| {
+                let (x, y) = ((i / 3) % w, (i / 3) / w);
+                (((x / 6 + y / 6) % 2) as f32 * 0.6 + 0.2 + (i % 3) as f32 * 0.05).min(1.0)
+            })
+            .collect();
+        Image { w, h, px }
+    }
+
+    fn energy(img: &Image) -> f32 {
+        // Mean absolute horizontal gradient.
+        let mut s = 0.0;
+        for y in 0..img.h {
+            for x in 1..img.w {
+                s += (img.px[(y * img.w + x) * 3] - img.px[(y * img.w + x - 1) * 3]).abs();
+            }
+        }
+        s / (img.w * img.h) as f32
+    }
+
+    #[test]
+    fn deterministic_for_a_seed() {
+        let img = test_image();
+        for kind in Kind::ALL {
+            if kind == Kind::H264 {
+                continue; // needs GStreamer; covered by the integration test
+            }
+            let a = apply(&img, kind, 3, &mut fastrand::Rng::with_seed(7)).unwrap();
+            let b = apply(&img, kind, 3, &mut fastrand::Rng::with_seed(7)).unwrap();
+            assert_eq!(a, b, "{kind:?}");
+            assert_eq!((a.w, a.h), (img.w, img.h));
+            assert_ne!(a, img, "{kind:?} changed nothing at level 3");
+        }
+    }
+
+    #[test]
+    fn blur_strength_grows_with_level() {
+        let img = test_image();
+        let e: Vec<f32> = (1..=5)
+            .map(|l| {
+                energy(
+                    &apply(
+                        &img,
+                        Kind::GaussianBlur,
+                        l,
+                        &mut fastrand::Rng::with_seed(1),
+                    )
+                    .unwrap(),
+                )
+            })
+            .collect();
+        assert!(e.windows(2).all(|w| w[1] < w[0]), "{e:?}");
+        assert!(e[0] < energy(&img));
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for k in Kind::ALL {
+            assert_eq!(Kind::from_name(k.name()), Some(k));
+        }
+        assert!(quality_target(1) > quality_target(5));
+    }
+}
