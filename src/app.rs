@@ -10,7 +10,7 @@ use anyhow::Context;
 use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Settings, StreamSettings};
+use crate::config::{Settings, StreamSettings, Views};
 use crate::frame::{Frame, ScoredFrame};
 use crate::http::{AppState, router};
 use crate::ingest::supervisor::{Backoff, Supervision, supervise};
@@ -96,13 +96,14 @@ pub fn load_model(settings: &Settings) -> Result<LoadedModel, StartupError> {
 }
 
 /// The pipeline description for a configured stream.
-pub fn pipeline_spec(s: &StreamSettings, bundle: &Bundle) -> PipelineSpec {
+pub fn pipeline_spec(s: &StreamSettings, bundle: &Bundle, views: Views) -> PipelineSpec {
     PipelineSpec {
         source: s.source.clone(),
         sample_fps: s.sample_fps,
         realtime: s.realtime,
         input_size: bundle.manifest.input.size,
         resize: bundle.manifest.input.resize,
+        views,
     }
 }
 
@@ -167,7 +168,7 @@ pub async fn run(
         settings.scorer.when_full,
         on_drop,
     );
-    let normaliser = Normaliser::new(&bundle.manifest.input);
+    let normaliser = Normaliser::new(&bundle.manifest.input, settings.scorer.views);
     let engine = ScoringEngine::start(
         rx,
         EngineParts {
@@ -215,7 +216,7 @@ pub async fn run(
         .zip(streams.iter())
         .map(|(s, st)| {
             let sup = Supervision {
-                spec: pipeline_spec(s, &bundle),
+                spec: pipeline_spec(s, &bundle, settings.scorer.views),
                 stall_timeout: settings.qc.stall_timeout,
                 backoff: Backoff::new(Duration::from_millis(500), Duration::from_secs(30)),
                 handoff: handoff.clone(),

@@ -521,13 +521,6 @@ impl Config {
             }
         };
         let views = parse_views(&s.views)?;
-        if views != Views::Global {
-            return Err(ConfigError::invalid(
-                "scorer.views",
-                format!("{:?}", s.views),
-                "only \"global\" is supported by this version",
-            ));
-        }
         Ok(ScorerSettings {
             max_batch: nz("scorer.max_batch", s.max_batch)?,
             max_wait: duration("scorer.max_wait", &s.max_wait)?,

@@ -126,7 +126,7 @@ pub fn scan(settings: &Settings, opts: &ScanOptions) -> Result<Vec<FileReport>, 
         rx,
         EngineParts {
             model,
-            normaliser: Normaliser::new(&bundle.manifest.input),
+            normaliser: Normaliser::new(&bundle.manifest.input, settings.scorer.views),
             prompts: Arc::new(ArcSwap::from_pointee(prompts)),
             logit_scale: bundle.manifest.logit_scale,
             scorer: settings.scorer.clone(),
@@ -142,6 +142,7 @@ pub fn scan(settings: &Settings, opts: &ScanOptions) -> Result<Vec<FileReport>, 
             realtime: false,
             input_size: bundle.manifest.input.size,
             resize: bundle.manifest.input.resize,
+            views: settings.scorer.views,
         };
         let err = scan_file(path, spec, state.clone(), handoff.clone()).err();
         if let Some(e) = &err {

@@ -787,3 +787,52 @@ fn distort_writes_a_deterministic_labelled_set_that_eval_reads() {
     assert_eq!(r["per_type"].as_object().unwrap().len(), 13, "{r}");
     assert!(r["all"]["srcc"].as_f64().unwrap().abs() <= 1.0);
 }
+
+#[test]
+fn crops_view_scores_every_frame_at_native_scale() {
+    let dir = tempfile::tempdir().unwrap();
+    let clip = dir.path().join("c.mp4");
+    let ok = Command::new("ffmpeg")
+        .args([
+            "-loglevel",
+            "error",
+            "-y",
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc2=size=1280x720:rate=10:duration=2",
+        ])
+        .args(["-pix_fmt", "yuv420p"])
+        .arg(&clip)
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let cfg = write_config(dir.path(), &config_text("", ""));
+    let scan = |views: &str| -> serde_json::Value {
+        let out = Command::new(bin())
+            .args(["scan", "--json", "--config"])
+            .arg(&cfg)
+            .arg(&clip)
+            .env("STREAMIQ__SCORER__VIEWS", views)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{views}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let (global, crops) = (scan("global"), scan("crops:4"));
+    assert_eq!(global["frames_scored"], 20);
+    assert_eq!(crops["frames_scored"], 20);
+    let (g, c) = (
+        global["mean_score"].as_f64().unwrap(),
+        crops["mean_score"].as_f64().unwrap(),
+    );
+    assert!((0.0..=1.0).contains(&c));
+    assert!(
+        (g - c).abs() > 1e-6,
+        "crops see other pixels than the global view"
+    );
+}

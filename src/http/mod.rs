@@ -252,12 +252,17 @@ async fn thumbnail(
         .into_response())
 }
 
-/// The region of the frame the model saw, as JPEG.
+/// The frame as scored, as JPEG: the centre region the model saw for `global`
+/// views, the whole working frame for `crops:N`.
 pub fn encode_jpeg(sf: &ScoredFrame, normaliser: &Normaliser) -> Vec<u8> {
     let img = &sf.frame.image;
-    let s = normaliser.size();
-    let (x0, y0) = normaliser.crop_origin(img);
-    let (w, h) = (s.min(img.width), s.min(img.height));
+    let (x0, y0, w, h) = if normaliser.views_per_frame() == 1 {
+        let s = normaliser.size();
+        let (x0, y0) = normaliser.crop_origin(img);
+        (x0, y0, s.min(img.width), s.min(img.height))
+    } else {
+        (0, 0, img.width, img.height)
+    };
     let mut rgb = Vec::with_capacity(w * h * 3);
     for y in y0..y0 + h {
         rgb.extend_from_slice(&img.row(y)[3 * x0..3 * (x0 + w)]);

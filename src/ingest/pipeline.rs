@@ -19,7 +19,7 @@ use gstreamer::prelude::*;
 use gstreamer_app as gst_app;
 use gstreamer_video as gst_video;
 
-use crate::config::Source;
+use crate::config::{Source, Views};
 use crate::frame::{Frame, Pixels, RgbImage, next_frame_id};
 use crate::score::bundle::ResizeRule;
 use crate::score::preprocess::working_size;
@@ -56,6 +56,8 @@ pub struct PipelineSpec {
     pub input_size: u32,
     /// How frames are brought to the input size.
     pub resize: ResizeRule,
+    /// How the model looks at each frame (decides the working size).
+    pub views: Views,
 }
 
 /// Name of the appsink in every pipeline.
@@ -161,7 +163,7 @@ fn size_on_caps(convert: &gst::Element, filter: &gst::Element, spec: &PipelineSp
         return;
     };
     let filter = filter.downgrade();
-    let (size, rule, fps) = (spec.input_size, spec.resize, spec.sample_fps);
+    let (size, rule, views, fps) = (spec.input_size, spec.resize, spec.views, spec.sample_fps);
     pad.add_probe(gst::PadProbeType::EVENT_DOWNSTREAM, move |_, info| {
         if let Some(gst::PadProbeData::Event(ev)) = &info.data
             && let gst::EventView::Caps(c) = ev.view()
@@ -171,6 +173,7 @@ fn size_on_caps(convert: &gst::Element, filter: &gst::Element, spec: &PipelineSp
             let par = vi.par();
             let wh = working_size(
                 rule,
+                views,
                 size,
                 vi.width(),
                 vi.height(),

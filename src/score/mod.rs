@@ -81,16 +81,17 @@ impl ScoringEngine {
             metrics,
         } = parts;
         let size = normaliser.size();
+        let views = normaliser.views_per_frame();
         let m = metrics.clone();
         let batcher = std::thread::Builder::new()
             .name("streamiq-batcher".into())
             .spawn(move || {
-                let plane = normaliser.plane_len();
+                let per_frame = normaliser.plane_len() * normaliser.views_per_frame();
                 let flush = |frames: Vec<Frame>| {
                     let mut pixels = pool_rx.try_recv().unwrap_or_default();
-                    pixels.resize(frames.len() * plane, 0.0);
-                    for (f, out) in frames.iter().zip(pixels.chunks_exact_mut(plane)) {
-                        normaliser.write(&f.image, out);
+                    pixels.resize(frames.len() * per_frame, 0.0);
+                    for (f, out) in frames.iter().zip(pixels.chunks_exact_mut(per_frame)) {
+                        normaliser.write_views(&f.image, out);
                     }
                     btx.send(Batch { frames, pixels }).is_ok()
                 };
@@ -109,7 +110,7 @@ impl ScoringEngine {
                     model,
                     brx,
                     pool_tx,
-                    size,
+                    Geometry { size, views },
                     prompts,
                     logit_scale,
                     sink,
@@ -127,12 +128,31 @@ impl ScoringEngine {
     }
 }
 
+/// Input side and model inputs per frame.
+#[derive(Clone, Copy)]
+struct Geometry {
+    size: usize,
+    views: usize,
+}
+
+/// Mean of `views` normalised embeddings, normalised again (the frame's embedding).
+fn mean_embedding(views: &[f32], dim: usize) -> Vec<f32> {
+    let mut m = vec![0.0; dim];
+    for v in views.chunks_exact(dim) {
+        m.iter_mut().zip(v).for_each(|(a, b)| *a += b);
+    }
+    if !prompts::normalise_in_place(&mut m) {
+        m.fill(f32::NAN);
+    }
+    m
+}
+
 #[allow(clippy::too_many_arguments)]
 fn model_task(
     mut model: VisualModel,
     rx: Receiver<Batch>,
     pool: crossbeam_channel::Sender<Vec<f32>>,
-    size: usize,
+    geometry: Geometry,
     prompts: ActivePrompts,
     logit_scale: f32,
     sink: Arc<dyn ScoreSink>,
@@ -141,9 +161,9 @@ fn model_task(
     let dim = model.embed_dim();
     let mut last_error_log: Option<Instant> = None;
     for Batch { frames, pixels } in rx {
-        let n = frames.len();
+        let n = frames.len() * geometry.views;
         let t0 = Instant::now();
-        let result = model.embed(&pixels, n, size);
+        let result = model.embed(&pixels, n, geometry.size);
         if let Some(m) = &metrics {
             m.batch_size.observe(n as f64);
             m.inference_duration.observe(t0.elapsed().as_secs_f64());
@@ -164,17 +184,28 @@ fn model_task(
             }
         };
         let active = prompts.load();
+        let mean_score = |pair: &prompts::PromptPair, views: &[f32]| {
+            let s: f32 = views
+                .chunks_exact(dim)
+                .map(|e| pair.score(e, logit_scale))
+                .sum();
+            s / geometry.views as f32
+        };
         let scored = frames
             .into_iter()
-            .zip(embeds.chunks_exact(dim))
-            .map(|(frame, e)| ScoredFrame {
-                score: active.quality.score(e, logit_scale),
+            .zip(embeds.chunks_exact(dim * geometry.views))
+            .map(|(frame, views)| ScoredFrame {
+                score: mean_score(&active.quality, views),
                 attributes: active
                     .attributes
                     .iter()
-                    .map(|(_, p)| p.score(e, logit_scale))
+                    .map(|(_, p)| mean_score(p, views))
                     .collect(),
-                embedding: e.to_vec(),
+                embedding: if geometry.views == 1 {
+                    views.to_vec()
+                } else {
+                    mean_embedding(views, dim)
+                },
                 prompt_version: active.version,
                 frame,
             })
