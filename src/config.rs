@@ -262,9 +262,10 @@ pub enum Source {
 }
 
 impl Source {
-    /// Whether the source is a plain file (it ends; others are restarted after EOS).
-    pub fn is_file(&self) -> bool {
-        matches!(self, Source::Uri(u) if u.starts_with("file:"))
+    /// Whether the source is a network URI (restarted after EOS even when not live:
+    /// an HLS playlist or a server that closed the connection will come back).
+    pub fn is_network(&self) -> bool {
+        matches!(self, Source::Uri(u) if !u.starts_with("file:"))
     }
 }
 

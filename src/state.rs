@@ -85,20 +85,15 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Removes `user:password@` from a URI.
+/// Removes `user:password@` from a URI (only from its authority part).
 pub fn redact(source: &str) -> String {
-    match source.split_once("://") {
-        Some((scheme, rest)) => match rest.split_once('@') {
-            Some((_, host))
-                if !rest.split('/').next().unwrap_or("").is_empty()
-                    && rest.split('/').next().unwrap_or("").contains('@') =>
-            {
-                format!("{scheme}://***@{host}")
-            }
-            _ => source.to_string(),
-        },
-        None => source.to_string(),
+    if let Some((scheme, rest)) = source.split_once("://") {
+        let authority = rest.split('/').next().unwrap_or("");
+        if let Some((_, host)) = rest.split_once('@').filter(|_| authority.contains('@')) {
+            return format!("{scheme}://***@{host}");
+        }
     }
+    source.to_string()
 }
 
 impl StreamState {
@@ -157,14 +152,16 @@ impl StreamState {
 
     fn apply(&self, qc: &mut Qc, ev: QcEvents) {
         let m = &self.metrics;
-        for (tr, active, events, history) in [
+        for (kind, tr, active, events, history) in [
             (
+                "black",
                 ev.black,
                 &m.black_active,
                 &m.black_events,
                 &mut qc.black_segments,
             ),
             (
+                "freeze",
                 ev.freeze,
                 &m.freeze_active,
                 &m.freeze_events,
@@ -176,10 +173,11 @@ impl StreamState {
                 Transition::Started { start } => {
                     active.set(1);
                     events.inc();
-                    tracing::info!(stream = %self.id, start, kind = if std::ptr::eq(active, &m.black_active) { "black" } else { "freeze" }, "Segment started");
+                    tracing::info!(stream = %self.id, start, kind, "Segment started");
                 }
                 Transition::Ended(seg) => {
                     active.set(0);
+                    tracing::info!(stream = %self.id, start = seg.start, end = seg.end, kind, "Segment ended");
                     if history.len() == SEGMENT_HISTORY {
                         history.pop_front();
                     }

@@ -158,8 +158,8 @@ fn watch(
     if pipeline.set_state(gst::State::Playing).is_err() {
         return RunEnd::Restart(first_error(pipeline));
     }
-    let finite = !live
-        && !matches!(sup.spec.source, crate::config::Source::Uri(ref u) if !u.starts_with("file:"));
+    // A non-live file or launch line ends for good; live and network sources restart.
+    let finite = !live && !sup.spec.source.is_network();
     let bus = pipeline.bus().expect("a pipeline has a bus");
     let started = Instant::now();
     let mut playing = false;
