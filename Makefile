@@ -7,6 +7,8 @@ PYTHON := $(VENV)/bin/python
 TEST_BUNDLE := models/streamiq-test
 CONFIG ?= config/streamiq.toml
 export STREAMIQ_VENV := $(VENV)
+export LIBTORCH := $(VENV)/torch
+export LIBTORCH_CXX11_ABI := 1
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
 .PHONY: all setup bundle build run test lint bench clean
@@ -35,7 +37,6 @@ lint: setup
 test: bundle lint
 	promtool check rules config/alerts/streamiq.rules.yml
 	promtool test rules config/alerts/streamiq.rules.test.yml
-	$(PYTHON) scripts/tests/test_convert_clip.py
 	set -o pipefail; cargo test --locked --lib --bins --tests -- --test-threads=2 2>&1 | tee target/test.log
 	@awk '/^test result:/ {p += $$4; f += $$6} END {printf "tests: %d passed, %d failed\n", p, f}' target/test.log
 

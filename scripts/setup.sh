@@ -49,9 +49,16 @@ setup_venv() {
   printf '%s\n' "$want" >"$stamp"
 }
 
+# A version-independent path to the venv's libtorch, for tch's build (.cargo/config.toml).
+link_torch() {
+  local torch
+  torch=$("$VENV/bin/python" -c 'import os, torch; print(os.path.dirname(torch.__file__))')
+  [ "$(readlink "$VENV/torch" 2>/dev/null)" = "$torch" ] || ln -sfn "$torch" "$VENV/torch"
+}
+
 case "${1:-all}" in
   apt) setup_apt ;;
-  venv) setup_venv ;;
-  all) setup_apt; setup_venv ;;
+  venv) setup_venv; link_torch ;;
+  all) setup_apt; setup_venv; link_torch ;;
   *) echo "usage: $0 [all|apt|venv]" >&2; exit 2 ;;
 esac

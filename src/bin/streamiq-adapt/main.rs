@@ -1,0 +1,127 @@
+//! `streamiq-adapt`: the libtorch sidecar.
+//!
+//! This version carries the CLIP text tower in libtorch and `check`, which recomputes
+//! a bundle's prompt features from its text tower and context vectors and compares
+//! them with the ones the daemon uses. The adaptation round (`once`) and meta-prompt
+//! pre-training (`pretrain`) build on it and are not in this version.
+
+mod clip;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use streamiq::score::bundle::Bundle;
+use tch::{Device, Kind};
+
+#[derive(Parser)]
+#[command(
+    name = "streamiq-adapt",
+    version,
+    about = "streamiq's libtorch sidecar"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load a bundle's text tower and check that it reproduces the bundle's prompt
+    /// features from its context vectors (max abs difference at most --tolerance).
+    Check {
+        /// Model bundle directory (with text/).
+        #[arg(long)]
+        model: PathBuf,
+        /// "cpu" or "cuda:N".
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Largest accepted absolute difference.
+        #[arg(long, default_value_t = 1e-4)]
+        tolerance: f64,
+    },
+}
+
+fn device(name: &str) -> anyhow::Result<Device> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        other => {
+            let n: usize = other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .with_context(|| format!("device {other:?}: expected \"cpu\" or \"cuda:N\""))?;
+            anyhow::ensure!(
+                tch::Cuda::is_available(),
+                "device {other}: CUDA is not available"
+            );
+            Ok(Device::Cuda(n))
+        }
+    }
+}
+
+/// Max abs difference between recomputed and stored prompt features, per pair.
+fn check(model: &std::path::Path, dev: Device, tolerance: f64) -> anyhow::Result<bool> {
+    let bundle = Bundle::open(model)?;
+    let tokens = clip::load_tokens(&bundle)?;
+    let text = clip::TextEncoder::load(&bundle, dev)?;
+    let prompts = bundle.prompts_path();
+    let ctx = clip::read_tensor(&prompts, "ctx")?.to(dev);
+    let width = text.spec.width as i64;
+    anyhow::ensure!(
+        ctx.size() == [text.spec.n_ctx as i64, width],
+        "{}: ctx has shape {:?}, expected [{}, {width}]",
+        prompts.display(),
+        ctx.size(),
+        text.spec.n_ctx
+    );
+    let mut ok = true;
+    let groups = std::iter::once(("quality".to_string(), &tokens.quality)).chain(
+        tokens
+            .attributes
+            .iter()
+            .map(|(k, v)| (format!("attr.{k}"), v)),
+    );
+    let _guard = tch::no_grad_guard();
+    for (name, group) in groups {
+        let got = text.forward(&group.batch(dev), Some(&ctx)).to(Device::Cpu);
+        let want = clip::read_tensor(&prompts, &name)?;
+        let diff = (&got - &want).abs().max().double_value(&[]);
+        let scale = want.abs().max().double_value(&[]);
+        println!("{name:<16} max abs diff {diff:.3e} (values up to {scale:.3})");
+        ok &= diff <= tolerance;
+    }
+    let scenes = text.forward(&tokens.scenes.batch(dev), None);
+    let finite = scenes.isfinite().all().int64_value(&[]) == 1;
+    println!(
+        "scenes           {} prompts, features {:?}, finite {finite}",
+        tokens.scenes.names.len(),
+        scenes.size()
+    );
+    ok &= finite && scenes.kind() == Kind::Float;
+    Ok(ok)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check {
+            model,
+            device: dev,
+            tolerance,
+        } => match device(&dev).and_then(|d| check(&model, d, tolerance)) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => {
+                eprintln!(
+                    "streamiq-adapt: {}: text tower does not reproduce the prompt features",
+                    model.display()
+                );
+                ExitCode::from(1)
+            }
+            Err(e) => {
+                eprintln!("streamiq-adapt: {e:#}");
+                ExitCode::from(2)
+            }
+        },
+    }
+}
