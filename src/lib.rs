@@ -15,6 +15,9 @@
 //!      └── qc (black / freeze, on arrival) ──▶ state ◀── ScoredFrame ──┘
 //!                                                │
 //!                                  metrics ◀─────┴────▶ http (/metrics, /api/v1)
+//!                                                             │ POST /api/v1/labels
+//!                                                             ▼
+//!                                              labels (SQLite: label, embedding, thumbnail)
 //! ```
 //!
 //! - [`config`]: `Config` as read (TOML + environment) -> validated `Settings`.
@@ -26,7 +29,9 @@
 //! - [`qc`]: windowed quality, black / freeze segment detection.
 //! - [`state`]: per-stream runtime state shared by ingest, scoring and HTTP.
 //! - [`metrics`]: every Prometheus metric, declared once.
-//! - [`http`]: axum routes.
+//! - [`http`]: axum routes; the bearer token that guards write routes.
+//! - [`labels`]: operator labels (rating + the frame's embedding and thumbnail) in the
+//!   SQLite label store, read back by `streamiq-adapt`.
 //! - [`distort`]: synthetic distortions (13 kinds x 5 levels) for training and evaluation sets.
 //! - [`scan`]: file scan mode (CDN / VOD); [`eval`]: SRCC / PLCC against labels.
 //! - [`app`]: the daemon's wiring and ordered shutdown; [`shutdown`]: signals.
@@ -39,6 +44,7 @@ pub mod eval;
 pub mod frame;
 pub mod http;
 pub mod ingest;
+pub mod labels;
 pub mod metrics;
 pub mod qc;
 pub mod scan;

@@ -1,0 +1,357 @@
+//! Operator labels for scored frames: what a label request may hold ([`LabelRequest`],
+//! validated into [`ValidRequest`] with errors that name the field), and the SQLite
+//! label store ([`store`]) that keeps each label with the frame's embedding, its
+//! thumbnail and the model that produced them, for `streamiq-adapt` to train on.
+//!
+//! ```text
+//! POST /api/v1/labels ─▶ LabelRequest::validate ─▶ recent-frame ring (state) ─▶ NewLabel
+//!   ─▶ LabelStore::insert (one transaction, synchronous=FULL) ─▶ labels.sqlite
+//!   ─▶ load_training_set (read-only; the sidecar) ─▶ (embedding, target) pairs
+//! ```
+
+pub mod store;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+pub use store::{ExportFormat, Inserted, LabelError, LabelStore, load_training_set};
+
+/// Longest `labeller` name, in characters.
+pub const MAX_LABELLER_CHARS: usize = 64;
+
+/// The labeller recorded when a request names none.
+pub const DEFAULT_LABELLER: &str = "operator";
+
+/// An operator's rating, as given.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Rating {
+    /// Mean opinion score in [1, 5].
+    Mos(f64),
+    /// Quality in [0, 1].
+    Score(f64),
+}
+
+impl Rating {
+    /// The rating on the model's scale, [0, 1]: MOS maps linearly, `(mos - 1) / 4`.
+    pub fn target(self) -> f64 {
+        match self {
+            Self::Mos(m) => (m - 1.0) / 4.0,
+            Self::Score(s) => s,
+        }
+    }
+
+    /// The MOS, if the rating was given as one.
+    pub fn mos(self) -> Option<f64> {
+        match self {
+            Self::Mos(m) => Some(m),
+            Self::Score(_) => None,
+        }
+    }
+
+    /// The [0, 1] score, if the rating was given as one.
+    pub fn score(self) -> Option<f64> {
+        match self {
+            Self::Mos(_) => None,
+            Self::Score(s) => Some(s),
+        }
+    }
+}
+
+/// A label request field that is missing, of the wrong type or out of range.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct FieldError {
+    /// The JSON field, e.g. `mos`.
+    pub field: &'static str,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl FieldError {
+    fn new(field: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            field,
+            message: message.into(),
+        }
+    }
+}
+
+/// The body of `POST /api/v1/labels`, as read. Fields are kept as JSON values so that
+/// [`LabelRequest::validate`] can name the field whose type is wrong.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LabelRequest {
+    /// The frame: a number, or a string holding one.
+    pub frame_id: Option<Value>,
+    /// Mean opinion score in [1, 5] (exactly one of `mos` and `score`).
+    pub mos: Option<Value>,
+    /// Quality in [0, 1] (exactly one of `mos` and `score`).
+    pub score: Option<Value>,
+    /// Who labelled it (default [`DEFAULT_LABELLER`]).
+    pub labeller: Option<Value>,
+}
+
+/// A label request whose fields are all valid.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidRequest {
+    /// The frame.
+    pub frame_id: u64,
+    /// The rating.
+    pub rating: Rating,
+    /// Who labelled it.
+    pub labeller: String,
+}
+
+impl LabelRequest {
+    /// Checks every field; the error names the first bad one.
+    pub fn validate(self) -> Result<ValidRequest, FieldError> {
+        let frame_id = match self.frame_id {
+            None => return Err(FieldError::new("frame_id", "missing")),
+            Some(v) => parse_frame_id(&v)?,
+        };
+        let rating = match (self.mos, self.score) {
+            (Some(m), None) => Rating::Mos(number_in("mos", &m, 1.0, 5.0)?),
+            (None, Some(s)) => Rating::Score(number_in("score", &s, 0.0, 1.0)?),
+            (Some(_), Some(_)) => {
+                return Err(FieldError::new("mos", "give either mos or score, not both"));
+            }
+            (None, None) => {
+                return Err(FieldError::new(
+                    "mos",
+                    "missing: give mos (1..5) or score (0..1)",
+                ));
+            }
+        };
+        let labeller = match self.labeller {
+            None => DEFAULT_LABELLER.to_string(),
+            Some(v) => parse_labeller(&v)?,
+        };
+        Ok(ValidRequest {
+            frame_id,
+            rating,
+            labeller,
+        })
+    }
+}
+
+fn parse_frame_id(v: &Value) -> Result<u64, FieldError> {
+    let id = match v {
+        Value::Number(n) => n.as_u64(),
+        Value::String(s) => s.trim().parse::<u64>().ok(),
+        _ => None,
+    };
+    id.filter(|id| i64::try_from(*id).is_ok()).ok_or_else(|| {
+        FieldError::new(
+            "frame_id",
+            format!("{v}: expected a non-negative integer (or a string holding one)"),
+        )
+    })
+}
+
+fn number_in(field: &'static str, v: &Value, lo: f64, hi: f64) -> Result<f64, FieldError> {
+    match v.as_f64() {
+        Some(x) if (lo..=hi).contains(&x) => Ok(x),
+        Some(x) => Err(FieldError::new(
+            field,
+            format!("{x}: must be within {lo}..={hi}"),
+        )),
+        None => Err(FieldError::new(
+            field,
+            format!("{v}: expected a number within {lo}..={hi}"),
+        )),
+    }
+}
+
+fn parse_labeller(v: &Value) -> Result<String, FieldError> {
+    let Value::String(s) = v else {
+        return Err(FieldError::new(
+            "labeller",
+            format!("{v}: expected a string"),
+        ));
+    };
+    let n = s.chars().count();
+    if n == 0 || n > MAX_LABELLER_CHARS || s.trim().is_empty() {
+        return Err(FieldError::new(
+            "labeller",
+            format!("must be 1..={MAX_LABELLER_CHARS} characters, not blank"),
+        ));
+    }
+    if s.chars().any(char::is_control) {
+        return Err(FieldError::new(
+            "labeller",
+            "must be printable (no control characters)",
+        ));
+    }
+    Ok(s.clone())
+}
+
+/// Which model an embedding came from: labels are only comparable within one encoder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Provenance {
+    /// Bundle name from its manifest, e.g. `streamiq-test`.
+    pub bundle: String,
+    /// sha256 (hex) of the bundle's `visual.onnx`, the encoder that computed the embedding.
+    pub model_sha256: String,
+}
+
+/// A label to store: the rating plus everything the model knew about the frame.
+#[derive(Debug, Clone)]
+pub struct NewLabel {
+    /// Stream id.
+    pub stream: String,
+    /// The frame's id in this daemon run.
+    pub frame_id: u64,
+    /// Wall-clock capture time, unix seconds.
+    pub captured: f64,
+    /// Stream time in seconds, if known.
+    pub pts: Option<f64>,
+    /// The operator's rating.
+    pub rating: Rating,
+    /// Who labelled it.
+    pub labeller: String,
+    /// The frame's L2-normalised image embedding.
+    pub embedding: Vec<f32>,
+    /// The model that computed the embedding.
+    pub provenance: Provenance,
+    /// Version of the prompt set that scored the frame.
+    pub prompt_version: u64,
+    /// The model's score for the frame, in [0, 1].
+    pub model_score: f32,
+    /// The frame as scored, JPEG.
+    pub thumbnail: Vec<u8>,
+}
+
+/// A stored label, without its blobs (embedding, thumbnail).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Label {
+    /// Row id, increasing; a relabelled frame gets a new id.
+    pub id: i64,
+    /// The daemon run that saw the frame (frame ids restart with every process).
+    pub run_id: String,
+    /// Stream id.
+    pub stream: String,
+    /// The frame's id within its run.
+    pub frame_id: u64,
+    /// Capture time, unix seconds.
+    pub captured: f64,
+    /// Stream time in seconds, if known.
+    pub pts: Option<f64>,
+    /// MOS as given, if given as one.
+    pub mos: Option<f64>,
+    /// [0, 1] score as given, if given as one.
+    pub score: Option<f64>,
+    /// The rating normalised to [0, 1].
+    pub target: f64,
+    /// Who labelled it.
+    pub labeller: String,
+    /// Embedding size.
+    pub embed_dim: usize,
+    /// Bundle name.
+    pub bundle: String,
+    /// sha256 of the bundle's `visual.onnx`.
+    pub model_sha256: String,
+    /// Version of the prompt set that scored the frame.
+    pub prompt_version: u64,
+    /// The model's score for the frame.
+    pub model_score: f64,
+    /// When the label was stored, unix seconds.
+    pub created: f64,
+}
+
+/// Little-endian f32 bytes of an embedding, as stored.
+pub fn encode_embedding(e: &[f32]) -> Vec<u8> {
+    e.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// The embedding stored as little-endian f32 bytes; `None` if the length is not a
+/// multiple of 4.
+pub fn decode_embedding(bytes: &[u8]) -> Option<Vec<f32>> {
+    if !bytes.len().is_multiple_of(4) {
+        return None;
+    }
+    Some(
+        bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn req(v: Value) -> Result<ValidRequest, FieldError> {
+        serde_json::from_value::<LabelRequest>(v)
+            .unwrap()
+            .validate()
+    }
+
+    #[test]
+    fn mos_and_score_normalise_to_unit_range() {
+        let r = req(json!({"frame_id": 7, "mos": 5})).unwrap();
+        assert_eq!(r.frame_id, 7);
+        assert_eq!(r.rating.target(), 1.0);
+        assert_eq!(r.labeller, DEFAULT_LABELLER);
+        assert_eq!(Rating::Mos(1.0).target(), 0.0);
+        assert_eq!(Rating::Mos(3.0).target(), 0.5);
+        let r = req(json!({"frame_id": "12", "score": 0.25, "labeller": "ana"})).unwrap();
+        assert_eq!(r.frame_id, 12);
+        assert_eq!(r.rating, Rating::Score(0.25));
+        assert_eq!(r.rating.target(), 0.25);
+        assert_eq!(r.labeller, "ana");
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        for (body, field) in [
+            (json!({"mos": 3}), "frame_id"),
+            (json!({"frame_id": -1, "mos": 3}), "frame_id"),
+            (json!({"frame_id": 1.5, "mos": 3}), "frame_id"),
+            (json!({"frame_id": "x", "mos": 3}), "frame_id"),
+            (json!({"frame_id": u64::MAX, "mos": 3}), "frame_id"),
+            (json!({"frame_id": 1, "mos": 7}), "mos"),
+            (json!({"frame_id": 1, "mos": 0.99}), "mos"),
+            (json!({"frame_id": 1, "mos": "high"}), "mos"),
+            (json!({"frame_id": 1, "score": -0.1}), "score"),
+            (json!({"frame_id": 1, "score": 1.01}), "score"),
+            (json!({"frame_id": 1, "mos": 3, "score": 0.5}), "mos"),
+            (json!({"frame_id": 1}), "mos"),
+            (json!({"frame_id": 1, "mos": 3, "labeller": ""}), "labeller"),
+            (
+                json!({"frame_id": 1, "mos": 3, "labeller": "   "}),
+                "labeller",
+            ),
+            (
+                json!({"frame_id": 1, "mos": 3, "labeller": "a\nb"}),
+                "labeller",
+            ),
+            (json!({"frame_id": 1, "mos": 3, "labeller": 5}), "labeller"),
+            (
+                json!({"frame_id": 1, "mos": 3, "labeller": "x".repeat(65)}),
+                "labeller",
+            ),
+        ] {
+            let e = req(body.clone()).unwrap_err();
+            assert_eq!(e.field, field, "{body}: {e}");
+        }
+        let ok = req(json!({"frame_id": 1, "mos": 3, "labeller": "é".repeat(64)}));
+        assert!(ok.is_ok(), "64 characters, more bytes: {ok:?}");
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        assert!(serde_json::from_value::<LabelRequest>(json!({"frame": 1})).is_err());
+    }
+
+    #[test]
+    fn embeddings_round_trip_as_little_endian() {
+        let e = vec![1.0f32, -0.5, 0.25];
+        let b = encode_embedding(&e);
+        assert_eq!(b.len(), 12);
+        assert_eq!(&b[..4], &1.0f32.to_le_bytes());
+        assert_eq!(decode_embedding(&b).unwrap(), e);
+        assert!(decode_embedding(&b[..5]).is_none());
+    }
+}

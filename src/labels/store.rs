@@ -1,0 +1,714 @@
+//! The SQLite label store (`labels.db`): WAL journal, `synchronous = FULL`, one
+//! transaction per write, so a stored label survives SIGTERM, a crash or a power cut.
+//! The schema is versioned (`schema_version`) and migrated forward on open.
+//!
+//! Every method blocks: the daemon calls them from `spawn_blocking`, never from a tokio
+//! worker. The connection sits behind a mutex, so a [`LabelStore`] can be cloned freely.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior, params};
+
+use super::{Label, NewLabel, decode_embedding, encode_embedding};
+
+/// Schema migrations, in order; `schema_version` holds how many have been applied.
+const MIGRATIONS: &[&str] = &[
+    // 1: one row per (run, frame, labeller).
+    "CREATE TABLE labels (
+        id             INTEGER PRIMARY KEY AUTOINCREMENT,
+        run_id         TEXT    NOT NULL,
+        stream         TEXT    NOT NULL,
+        frame_id       INTEGER NOT NULL,
+        captured       REAL    NOT NULL,
+        pts            REAL,
+        mos            REAL,
+        score          REAL,
+        target         REAL    NOT NULL CHECK (target BETWEEN 0 AND 1),
+        labeller       TEXT    NOT NULL,
+        embedding      BLOB    NOT NULL,
+        embed_dim      INTEGER NOT NULL CHECK (length(embedding) = 4 * embed_dim),
+        bundle         TEXT    NOT NULL,
+        model_sha256   TEXT    NOT NULL,
+        prompt_version INTEGER NOT NULL,
+        model_score    REAL    NOT NULL,
+        thumbnail      BLOB    NOT NULL,
+        created        REAL    NOT NULL,
+        UNIQUE (run_id, frame_id, labeller)
+    );
+    CREATE INDEX labels_by_model ON labels (model_sha256);",
+];
+
+/// The schema version this build writes.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// The columns of a [`Label`], in [`label_from_row`]'s order.
+const LABEL_COLUMNS: &str = "id, run_id, stream, frame_id, captured, pts, mos, score, target, \
+     labeller, embed_dim, bundle, model_sha256, prompt_version, model_score, created";
+
+/// The label store cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum LabelError {
+    /// The database's directory cannot be created.
+    #[error("{path}: {source}")]
+    Io {
+        /// The directory.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// SQLite refused an operation.
+    #[error("{path}: {source}")]
+    Sqlite {
+        /// The database file.
+        path: PathBuf,
+        /// SQLite's error.
+        source: rusqlite::Error,
+    },
+    /// The database was written by a newer streamiq, or is not a label store.
+    #[error("{path}: schema version {found}: {reason}")]
+    Schema {
+        /// The database file.
+        path: PathBuf,
+        /// The version found (0: none).
+        found: i64,
+        /// Why it cannot be used.
+        reason: String,
+    },
+    /// A stored row or a label to store is inconsistent.
+    #[error("{path}: label {id}: {message}")]
+    Invalid {
+        /// The database file.
+        path: PathBuf,
+        /// The row id (0 for a label not yet stored).
+        id: i64,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl LabelError {
+    /// Short static name, usable as a metric label.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Io { .. } => "io",
+            Self::Sqlite { .. } => "sqlite",
+            Self::Schema { .. } => "schema",
+            Self::Invalid { .. } => "invalid",
+        }
+    }
+}
+
+/// How `GET /api/v1/labels` exports labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExportFormat {
+    /// A JSON array of [`Label`] objects.
+    Json,
+    /// CSV with a header row: [`CSV_COLUMNS`].
+    Csv,
+}
+
+/// The CSV export's columns.
+pub const CSV_COLUMNS: &[&str] = &[
+    "id",
+    "stream",
+    "frame_id",
+    "captured",
+    "mos",
+    "target",
+    "labeller",
+    "model_score",
+    "prompt_version",
+    "bundle",
+    "created",
+];
+
+/// The result of [`LabelStore::insert`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Inserted {
+    /// The label as stored.
+    pub label: Label,
+    /// Whether it replaced an earlier label of the same frame by the same labeller.
+    pub replaced: bool,
+}
+
+/// The label store: one SQLite connection, used from blocking threads only.
+#[derive(Clone)]
+pub struct LabelStore {
+    path: PathBuf,
+    run_id: String,
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl std::fmt::Debug for LabelStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LabelStore")
+            .field("path", &self.path)
+            .field("run_id", &self.run_id)
+            .finish_non_exhaustive()
+    }
+}
+
+fn unix_now() -> f64 {
+    crate::state::unix_seconds(std::time::SystemTime::now())
+}
+
+impl LabelStore {
+    /// Opens (or creates, with its parent directories) the database at `path`, switches it
+    /// to WAL with `synchronous = FULL`, and migrates the schema. Frame ids restart with
+    /// every process, so each store handle gets a fresh random run id that is recorded
+    /// with every label it writes.
+    pub fn open(path: &Path) -> Result<Self, LabelError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| LabelError::Io {
+                path: dir.to_owned(),
+                source,
+            })?;
+        }
+        let sql = |source| LabelError::Sqlite {
+            path: path.to_owned(),
+            source,
+        };
+        let mut conn = Connection::open(path).map_err(sql)?;
+        conn.busy_timeout(Duration::from_secs(5)).map_err(sql)?;
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+            .map_err(sql)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            tracing::warn!(path = %path.display(), mode, "Label store is not in WAL mode");
+        }
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(sql)?;
+        migrate(&mut conn, path)?;
+        let run_id = format!("{:016x}", fastrand::u64(..));
+        Ok(Self {
+            path: path.to_owned(),
+            run_id,
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The run id recorded with every label this handle writes.
+    pub fn run_id(&self) -> &str {
+        &self.run_id
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn sql(&self) -> impl Fn(rusqlite::Error) -> LabelError + '_ {
+        |source| LabelError::Sqlite {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    fn invalid(&self, id: i64, message: impl Into<String>) -> LabelError {
+        LabelError::Invalid {
+            path: self.path.clone(),
+            id,
+            message: message.into(),
+        }
+    }
+
+    /// Stores a label in one durable transaction. An earlier label of the same frame (in
+    /// this run) by the same labeller is replaced; the new row gets a new id.
+    pub fn insert(&self, l: &NewLabel) -> Result<Inserted, LabelError> {
+        let target = l.rating.target();
+        if !(0.0..=1.0).contains(&target) {
+            return Err(self.invalid(0, format!("target {target} outside 0..1")));
+        }
+        if l.embedding.is_empty() {
+            return Err(self.invalid(0, "empty embedding"));
+        }
+        let frame_id = i64::try_from(l.frame_id)
+            .map_err(|_| self.invalid(0, format!("frame_id {} too large", l.frame_id)))?;
+        let prompt_version = i64::try_from(l.prompt_version).map_err(|_| {
+            self.invalid(0, format!("prompt_version {} too large", l.prompt_version))
+        })?;
+        let sql = self.sql();
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(&sql)?;
+        let replaced = tx
+            .execute(
+                "DELETE FROM labels WHERE run_id = ?1 AND frame_id = ?2 AND labeller = ?3",
+                params![self.run_id, frame_id, l.labeller],
+            )
+            .map_err(&sql)?
+            > 0;
+        tx.execute(
+            "INSERT INTO labels (run_id, stream, frame_id, captured, pts, mos, score, target,
+                 labeller, embedding, embed_dim, bundle, model_sha256, prompt_version,
+                 model_score, thumbnail, created)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+            params![
+                self.run_id,
+                l.stream,
+                frame_id,
+                l.captured,
+                l.pts,
+                l.rating.mos(),
+                l.rating.score(),
+                target,
+                l.labeller,
+                encode_embedding(&l.embedding),
+                l.embedding.len() as i64,
+                l.provenance.bundle,
+                l.provenance.model_sha256,
+                prompt_version,
+                shortest_f64(l.model_score),
+                l.thumbnail,
+                unix_now(),
+            ],
+        )
+        .map_err(&sql)?;
+        let id = tx.last_insert_rowid();
+        let label = tx
+            .query_row(
+                &format!("SELECT {LABEL_COLUMNS} FROM labels WHERE id = ?1"),
+                [id],
+                label_from_row,
+            )
+            .map_err(&sql)?;
+        tx.commit().map_err(&sql)?;
+        Ok(Inserted { label, replaced })
+    }
+
+    /// Labels with an id above `since`, oldest first, at most `limit` (all if `None`).
+    pub fn list(&self, since: i64, limit: Option<usize>) -> Result<Vec<Label>, LabelError> {
+        let limit = limit.map_or(-1, |n| i64::try_from(n).unwrap_or(i64::MAX));
+        let sql = self.sql();
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(&format!(
+                "SELECT {LABEL_COLUMNS} FROM labels WHERE id > ?1 ORDER BY id LIMIT ?2"
+            ))
+            .map_err(&sql)?;
+        let rows = stmt
+            .query_map(params![since, limit], label_from_row)
+            .map_err(&sql)?;
+        rows.collect::<Result<_, _>>().map_err(&sql)
+    }
+
+    /// How many labels are stored.
+    pub fn count(&self) -> Result<u64, LabelError> {
+        self.conn()
+            .query_row("SELECT count(*) FROM labels", [], |r| r.get::<_, i64>(0))
+            .map(|n| n as u64)
+            .map_err(self.sql())
+    }
+
+    /// The stored JPEG thumbnail of label `id`.
+    pub fn thumbnail(&self, id: i64) -> Result<Option<Vec<u8>>, LabelError> {
+        self.conn()
+            .query_row("SELECT thumbnail FROM labels WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(self.sql())
+    }
+
+    /// The stored embedding of label `id`.
+    pub fn embedding(&self, id: i64) -> Result<Option<Vec<f32>>, LabelError> {
+        let blob: Option<Vec<u8>> = self
+            .conn()
+            .query_row("SELECT embedding FROM labels WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(self.sql())?;
+        blob.map(|b| decode_embedding(&b).ok_or_else(|| self.invalid(id, "embedding blob")))
+            .transpose()
+    }
+
+    /// [`list`](Self::list), written as JSON or CSV (without the blobs).
+    pub fn export(
+        &self,
+        since: i64,
+        limit: Option<usize>,
+        format: ExportFormat,
+    ) -> Result<String, LabelError> {
+        let labels = self.list(since, limit)?;
+        Ok(match format {
+            ExportFormat::Json => serde_json::to_string(&labels).expect("labels serialise to JSON"),
+            ExportFormat::Csv => to_csv(&labels),
+        })
+    }
+}
+
+/// Creates `schema_version` if needed and applies the migrations it has not seen, in one
+/// transaction; refuses a database written by a newer build.
+fn migrate(conn: &mut Connection, path: &Path) -> Result<(), LabelError> {
+    let sql = |source| LabelError::Sqlite {
+        path: path.to_owned(),
+        source,
+    };
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(sql)?;
+    tx.execute_batch("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        .map_err(sql)?;
+    let found: Option<i64> = tx
+        .query_row("SELECT max(version) FROM schema_version", [], |r| r.get(0))
+        .map_err(sql)?;
+    let found = found.unwrap_or(0);
+    if found > SCHEMA_VERSION {
+        return Err(LabelError::Schema {
+            path: path.to_owned(),
+            found,
+            reason: format!("newer than this build's {SCHEMA_VERSION}; upgrade streamiq"),
+        });
+    }
+    if found == SCHEMA_VERSION {
+        return tx.commit().map_err(sql);
+    }
+    for (i, step) in MIGRATIONS.iter().enumerate().skip(found.max(0) as usize) {
+        tx.execute_batch(step).map_err(sql)?;
+        tracing::info!(path = %path.display(), version = i + 1, "Label store migrated");
+    }
+    tx.execute("DELETE FROM schema_version", []).map_err(sql)?;
+    tx.execute(
+        "INSERT INTO schema_version (version) VALUES (?1)",
+        [SCHEMA_VERSION],
+    )
+    .map_err(sql)?;
+    tx.commit().map_err(sql)
+}
+
+/// The f64 that prints like the f32 does (0.42f32 -> 0.42, not 0.41999998688697815).
+fn shortest_f64(x: f32) -> f64 {
+    x.to_string().parse().unwrap_or(f64::from(x))
+}
+
+fn label_from_row(r: &Row<'_>) -> rusqlite::Result<Label> {
+    Ok(Label {
+        id: r.get(0)?,
+        run_id: r.get(1)?,
+        stream: r.get(2)?,
+        frame_id: r.get::<_, i64>(3)? as u64,
+        captured: r.get(4)?,
+        pts: r.get(5)?,
+        mos: r.get(6)?,
+        score: r.get(7)?,
+        target: r.get(8)?,
+        labeller: r.get(9)?,
+        embed_dim: r.get::<_, i64>(10)? as usize,
+        bundle: r.get(11)?,
+        model_sha256: r.get(12)?,
+        prompt_version: r.get::<_, i64>(13)? as u64,
+        model_score: r.get(14)?,
+        created: r.get(15)?,
+    })
+}
+
+/// Quotes a CSV field when it holds a separator, a quote or a line break (RFC 4180).
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+/// Labels as CSV with a header row ([`CSV_COLUMNS`]).
+pub fn to_csv(labels: &[Label]) -> String {
+    let mut out = CSV_COLUMNS.join(",");
+    out.push('\n');
+    for l in labels {
+        let mos = l.mos.map(|m| m.to_string()).unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "{},{},{},{},{},{},{},{},{},{},{}",
+            l.id,
+            csv_field(&l.stream),
+            l.frame_id,
+            l.captured,
+            mos,
+            l.target,
+            csv_field(&l.labeller),
+            l.model_score,
+            l.prompt_version,
+            csv_field(&l.bundle),
+            l.created,
+        );
+    }
+    out
+}
+
+/// The training pairs for one encoder: `(embedding, target)` of every label whose
+/// embedding was computed by the `visual.onnx` with sha256 `model_sha256`, oldest first.
+/// Opens `db` read-only; for `streamiq-adapt`.
+pub fn load_training_set(
+    db: &Path,
+    model_sha256: &str,
+) -> Result<Vec<(Vec<f32>, f32)>, LabelError> {
+    let sql = |source| LabelError::Sqlite {
+        path: db.to_owned(),
+        source,
+    };
+    let conn = Connection::open_with_flags(
+        db,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(sql)?;
+    conn.busy_timeout(Duration::from_secs(5)).map_err(sql)?;
+    let versioned: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(sql)?;
+    let version = if versioned == 0 {
+        0
+    } else {
+        conn.query_row("SELECT max(version) FROM schema_version", [], |r| {
+            r.get::<_, Option<i64>>(0)
+        })
+        .map_err(sql)?
+        .unwrap_or(0)
+    };
+    if !(1..=SCHEMA_VERSION).contains(&version) {
+        return Err(LabelError::Schema {
+            path: db.to_owned(),
+            found: version,
+            reason: format!("this build reads versions 1..={SCHEMA_VERSION}"),
+        });
+    }
+    let mut stmt = conn
+        .prepare(
+            "SELECT id, embedding, embed_dim, target FROM labels
+             WHERE model_sha256 = ?1 ORDER BY id",
+        )
+        .map_err(sql)?;
+    let rows = stmt
+        .query_map([model_sha256.to_ascii_lowercase()], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, Vec<u8>>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, f64>(3)?,
+            ))
+        })
+        .map_err(sql)?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (id, blob, dim, target) = row.map_err(sql)?;
+        let embedding = decode_embedding(&blob)
+            .filter(|e| e.len() as i64 == dim)
+            .ok_or_else(|| LabelError::Invalid {
+                path: db.to_owned(),
+                id,
+                message: format!("embedding blob of {} bytes, embed_dim {dim}", blob.len()),
+            })?;
+        out.push((embedding, target as f32));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::labels::{Provenance, Rating};
+
+    fn label(frame_id: u64, rating: Rating, labeller: &str, sha: &str) -> NewLabel {
+        NewLabel {
+            stream: "cam-a".into(),
+            frame_id,
+            captured: 1_700_000_000.5,
+            pts: Some(1.25),
+            rating,
+            labeller: labeller.into(),
+            embedding: vec![0.6, 0.8, 0.0, 0.0],
+            provenance: Provenance {
+                bundle: "streamiq-test".into(),
+                model_sha256: sha.into(),
+            },
+            prompt_version: 3,
+            model_score: 0.42,
+            thumbnail: vec![0xff, 0xd8, 0xff, 0xe0],
+        }
+    }
+
+    fn temp_db() -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nested/state/labels.sqlite");
+        (dir, path)
+    }
+
+    #[test]
+    fn insert_list_count_and_blobs() {
+        let (_dir, path) = temp_db();
+        let store = LabelStore::open(&path).unwrap();
+        assert_eq!(store.count().unwrap(), 0);
+        let a = store
+            .insert(&label(5, Rating::Mos(4.0), "operator", "aa"))
+            .unwrap();
+        assert!(!a.replaced);
+        assert_eq!(a.label.target, 0.75);
+        assert_eq!(a.label.mos, Some(4.0));
+        assert_eq!(a.label.score, None);
+        assert_eq!(a.label.embed_dim, 4);
+        assert_eq!(a.label.run_id, store.run_id());
+        assert_eq!(a.label.pts, Some(1.25));
+        assert_eq!(a.label.model_score, 0.42);
+        let b = store
+            .insert(&label(6, Rating::Score(0.1), "operator", "aa"))
+            .unwrap();
+        assert!(b.label.id > a.label.id);
+        assert_eq!(store.count().unwrap(), 2);
+        let all = store.list(0, None).unwrap();
+        assert_eq!(all, vec![a.label.clone(), b.label.clone()]);
+        assert_eq!(store.list(a.label.id, None).unwrap(), vec![b.label.clone()]);
+        assert_eq!(store.list(0, Some(1)).unwrap(), vec![a.label.clone()]);
+        assert_eq!(
+            store.thumbnail(a.label.id).unwrap().unwrap(),
+            vec![0xff, 0xd8, 0xff, 0xe0]
+        );
+        assert_eq!(
+            store.embedding(a.label.id).unwrap().unwrap(),
+            vec![0.6, 0.8, 0.0, 0.0]
+        );
+        assert!(store.thumbnail(999).unwrap().is_none());
+    }
+
+    #[test]
+    fn relabelling_replaces_per_labeller() {
+        let (_dir, path) = temp_db();
+        let store = LabelStore::open(&path).unwrap();
+        let first = store
+            .insert(&label(5, Rating::Mos(2.0), "ana", "aa"))
+            .unwrap();
+        let again = store
+            .insert(&label(5, Rating::Mos(5.0), "ana", "aa"))
+            .unwrap();
+        assert!(again.replaced);
+        assert!(again.label.id > first.label.id, "a relabel gets a new id");
+        let other = store
+            .insert(&label(5, Rating::Mos(1.0), "bo", "aa"))
+            .unwrap();
+        assert!(!other.replaced);
+        let all = store.list(0, None).unwrap();
+        assert_eq!(all.len(), 2);
+        assert_eq!(all[0].target, 1.0);
+        assert_eq!(all[1].labeller, "bo");
+        // Another run (a restarted daemon) reuses frame ids: never a replacement.
+        let next_run = LabelStore::open(&path).unwrap();
+        assert_ne!(next_run.run_id(), store.run_id());
+        let r = next_run
+            .insert(&label(5, Rating::Mos(3.0), "ana", "aa"))
+            .unwrap();
+        assert!(!r.replaced);
+        assert_eq!(next_run.count().unwrap(), 3);
+    }
+
+    #[test]
+    fn reopening_keeps_labels_and_the_schema() {
+        let (_dir, path) = temp_db();
+        let store = LabelStore::open(&path).unwrap();
+        store
+            .insert(&label(1, Rating::Mos(3.0), "ana", "aa"))
+            .unwrap();
+        drop(store);
+        let again = LabelStore::open(&path).unwrap();
+        assert_eq!(again.count().unwrap(), 1);
+        let conn = Connection::open(&path).unwrap();
+        let v: i64 = conn
+            .query_row("SELECT version FROM schema_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, SCHEMA_VERSION);
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+    }
+
+    #[test]
+    fn migration_from_an_unversioned_file_and_refusal_of_a_newer_one() {
+        let (_dir, path) = temp_db();
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        // An empty SQLite file with version 0 recorded: every migration runs.
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE schema_version (version INTEGER NOT NULL);
+                 INSERT INTO schema_version VALUES (0);",
+            )
+            .unwrap();
+        }
+        let store = LabelStore::open(&path).unwrap();
+        store
+            .insert(&label(1, Rating::Mos(3.0), "ana", "aa"))
+            .unwrap();
+        drop(store);
+        // A store written by a newer build is refused.
+        Connection::open(&path)
+            .unwrap()
+            .execute("UPDATE schema_version SET version = 99", [])
+            .unwrap();
+        let e = LabelStore::open(&path).unwrap_err();
+        assert_eq!(e.kind(), "schema");
+        assert!(e.to_string().contains("99"), "{e}");
+        assert!(e.to_string().contains("labels.sqlite"), "{e}");
+    }
+
+    #[test]
+    fn training_set_is_filtered_by_encoder() {
+        let (_dir, path) = temp_db();
+        let store = LabelStore::open(&path).unwrap();
+        store
+            .insert(&label(1, Rating::Mos(5.0), "ana", "aa"))
+            .unwrap();
+        store
+            .insert(&label(2, Rating::Score(0.2), "ana", "bb"))
+            .unwrap();
+        store
+            .insert(&label(3, Rating::Mos(1.0), "ana", "aa"))
+            .unwrap();
+        drop(store);
+        let set = load_training_set(&path, "AA").unwrap();
+        assert_eq!(set.len(), 2);
+        assert_eq!(set[0], (vec![0.6, 0.8, 0.0, 0.0], 1.0));
+        assert_eq!(set[1].1, 0.0);
+        assert_eq!(load_training_set(&path, "bb").unwrap().len(), 1);
+        assert!(load_training_set(&path, "cc").unwrap().is_empty());
+        let missing = path.with_file_name("missing.sqlite");
+        assert!(load_training_set(&missing, "aa").is_err());
+        assert!(!missing.exists(), "read-only: nothing created");
+    }
+
+    #[test]
+    fn csv_export_has_the_header_and_quotes_fields() {
+        let (_dir, path) = temp_db();
+        let store = LabelStore::open(&path).unwrap();
+        store
+            .insert(&label(9, Rating::Score(0.5), "o'neil, \"the\" boss", "aa"))
+            .unwrap();
+        let csv = store.export(0, None, ExportFormat::Csv).unwrap();
+        let mut lines = csv.lines();
+        assert_eq!(
+            lines.next().unwrap(),
+            "id,stream,frame_id,captured,mos,target,labeller,model_score,prompt_version,bundle,created"
+        );
+        let row = lines.next().unwrap();
+        assert!(
+            row.starts_with("1,cam-a,9,1700000000.5,,0.5,\"o'neil, \"\"the\"\" boss\","),
+            "{row}"
+        );
+        let json: serde_json::Value =
+            serde_json::from_str(&store.export(0, None, ExportFormat::Json).unwrap()).unwrap();
+        assert_eq!(json[0]["frame_id"], 9);
+        assert_eq!(json[0]["score"], 0.5);
+        assert!(json[0].get("thumbnail").is_none(), "no blobs in exports");
+    }
+}
