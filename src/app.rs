@@ -12,9 +12,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Settings, StreamSettings, Views};
 use crate::frame::{Frame, ScoredFrame};
-use crate::http::{AppState, router};
+use crate::http::{ApiToken, AppState, router};
 use crate::ingest::supervisor::{Backoff, Supervision, supervise};
 use crate::ingest::{Handoff, PipelineSpec};
+use crate::labels::{LabelStore, Provenance};
 use crate::metrics::{DropReason, Metrics};
 use crate::score::bundle::Bundle;
 use crate::score::model::{ModelOptions, VisualModel};
@@ -95,6 +96,42 @@ pub fn load_model(settings: &Settings) -> Result<LoadedModel, StartupError> {
     })
 }
 
+/// What the daemon keeps on disk besides the model: the API token and the label store.
+pub struct DaemonFiles {
+    /// Bearer token for write routes.
+    pub api_token: ApiToken,
+    /// The label store.
+    pub labels: LabelStore,
+}
+
+/// Reads (or creates) `server.api_token_file` and opens (or creates) `labels.db`.
+/// Errors name the file.
+pub fn open_files(settings: &Settings) -> Result<DaemonFiles, StartupError> {
+    let api_token = ApiToken::load_or_create(&settings.server.api_token_file)
+        .map_err(|e| StartupError(format!("server.api_token_file: {e}")))?;
+    let labels = LabelStore::open(&settings.labels_db)
+        .map_err(|e| StartupError(format!("labels.db: {e}")))?;
+    tracing::info!(
+        path = %labels.path().display(),
+        run_id = labels.run_id(),
+        "Label store open"
+    );
+    Ok(DaemonFiles { api_token, labels })
+}
+
+/// Which encoder computed the embeddings labels record (the bundle's `visual.onnx`).
+pub fn provenance(bundle: &Bundle) -> Provenance {
+    Provenance {
+        bundle: bundle.manifest.name.clone(),
+        model_sha256: bundle
+            .manifest
+            .files
+            .get("visual.onnx")
+            .map(|s| s.to_ascii_lowercase())
+            .unwrap_or_default(),
+    }
+}
+
 /// The pipeline description for a configured stream.
 pub fn pipeline_spec(s: &StreamSettings, bundle: &Bundle, views: Views) -> PipelineSpec {
     PipelineSpec {
@@ -115,6 +152,8 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     crate::ingest::pipeline::init()?;
     let metrics = Arc::new(Metrics::new());
+    let s2 = settings.clone();
+    let files = tokio::task::spawn_blocking(move || open_files(&s2)).await??;
     let s2 = settings.clone();
     let loaded = tokio::task::spawn_blocking(move || load_model(&s2)).await??;
     let LoadedModel {
@@ -191,6 +230,9 @@ pub async fn run(
         prompts: prompts.clone(),
         model_loaded,
         normaliser: Arc::new(normaliser),
+        labels: files.labels,
+        api_token: files.api_token,
+        provenance: Arc::new(provenance(&bundle)),
     });
     let listener = tokio::net::TcpListener::bind(settings.server.listen)
         .await

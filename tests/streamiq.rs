@@ -836,3 +836,284 @@ fn crops_view_scores_every_frame_at_native_scale() {
         "crops see other pixels than the global view"
     );
 }
+
+/// A minimal HTTP/1.0 request with a body and extra headers, returning (status, body).
+fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, Vec<u8>) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut req = format!(
+        "{method} {path} HTTP/1.0\r\nHost: localhost\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    let mut req = req.into_bytes();
+    req.extend_from_slice(body);
+    // The server may answer (e.g. 413) and close before it has read the whole body.
+    let _ = s.write_all(&req);
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let split = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("{method} {path}: no response head"));
+    let head = String::from_utf8_lossy(&buf[..split]).to_string();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, buf[split + 4..].to_vec())
+}
+
+/// POSTs a JSON label (with the bearer token, if given); returns (status, JSON body).
+fn post_label(addr: SocketAddr, token: Option<&str>, body: &str) -> (u16, serde_json::Value) {
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let mut headers = vec![("Content-Type", "application/json")];
+    if let Some(a) = &auth {
+        headers.push(("Authorization", a));
+    }
+    let (code, body) = request(addr, "POST", "/api/v1/labels", &headers, body.as_bytes());
+    let json = serde_json::from_slice(&body)
+        .unwrap_or_else(|_| panic!("{code}: not JSON: {}", String::from_utf8_lossy(&body)));
+    (code, json)
+}
+
+fn json(addr: SocketAddr, path: &str) -> serde_json::Value {
+    serde_json::from_str(&text(addr, path)).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn labels_are_stored_durably_behind_the_api_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let streams = r#"
+[[streams]]
+id = "cam"
+pipeline = "videotestsrc is-live=true pattern=zone-plate kx2=20 ky2=20 kt=1 ! video/x-raw,width=160,height=120,framerate=10/1"
+sample_fps = 5.0
+"#;
+    let mut s = settings(&config_text(streams, "[labels]\nrecent_frames = 20\n"));
+    let token_file = dir.path().join("state/api-token");
+    let db = dir.path().join("state/labels.sqlite");
+    s.server.api_token_file = token_file.clone();
+    s.labels_db = db.clone();
+    let d = start(s).await;
+
+    // The token file was created: 64 hex characters, readable by the owner only.
+    let token = std::fs::read_to_string(&token_file)
+        .unwrap()
+        .trim()
+        .to_string();
+    assert_eq!(token.len(), 64);
+    assert!(token.bytes().all(|b| b.is_ascii_hexdigit()));
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&token_file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    d.wait_for(Duration::from_secs(30), |m| {
+        sample(m, "streamiq_frames_scored_total{stream=\"cam\"}").is_some_and(|v| v >= 3.0)
+    })
+    .await;
+
+    let addr = d.addr;
+    let (frame_id, first_label) = tokio::task::spawn_blocking(move || {
+        let frames = json(addr, "/api/v1/streams/cam/frames?limit=1");
+        let frame = &frames[0];
+        let id = frame["id"].as_u64().unwrap();
+        let label = format!(r#"{{"frame_id": {id}, "mos": 4}}"#);
+
+        // No token, a wrong token: 401 naming the header, nothing stored.
+        let (code, err) = post_label(addr, None, &label);
+        assert_eq!((code, err["field"].as_str()), (401, Some("authorization")));
+        let (code, err) = post_label(addr, Some(&"0".repeat(64)), &label);
+        assert_eq!((code, err["field"].as_str()), (401, Some("authorization")));
+        assert_eq!(json(addr, "/api/v1/labels"), serde_json::json!([]));
+
+        let (code, stored) = post_label(addr, Some(&token), &label);
+        assert_eq!(code, 201, "{stored}");
+        assert_eq!(stored["frame_id"], id);
+        assert_eq!(stored["stream"], "cam");
+        assert_eq!(stored["mos"], 4.0);
+        assert_eq!(stored["target"], 0.75);
+        assert_eq!(stored["labeller"], "operator");
+        assert_eq!(stored["replaced"], false);
+        assert_eq!(stored["embed_dim"], 64);
+        assert_eq!(stored["bundle"], "streamiq-test");
+        assert_eq!(stored["prompt_version"], frame["prompt_version"]);
+        let model_score = stored["model_score"].as_f64().unwrap();
+        assert!((model_score - frame["score"].as_f64().unwrap()).abs() < 1e-6);
+
+        // Bad input: the right status and field, and nothing stored.
+        let big = format!(
+            r#"{{"frame_id": {id}, "mos": 3, "labeller": "{}"}}"#,
+            "x".repeat(17 * 1024)
+        );
+        for (body, status, field) in [
+            (r#"{"frame_id": 999999999, "mos": 3}"#.to_string(), 404, "frame_id"),
+            (format!(r#"{{"frame_id": {id}, "mos": 7}}"#), 422, "mos"),
+            (format!(r#"{{"frame_id": {id}, "score": -0.1}}"#), 422, "score"),
+            (format!(r#"{{"frame_id": {id}, "mos": 3, "score": 0.5}}"#), 422, "mos"),
+            (format!(r#"{{"frame_id": {id}}}"#), 422, "mos"),
+            (r#"{"mos": 3}"#.to_string(), 422, "frame_id"),
+            (format!(r#"{{"frame_id": "x{id}", "mos": 3}}"#), 422, "frame_id"),
+            (
+                format!(r#"{{"frame_id": {id}, "mos": 3, "labeller": "{}"}}"#, "y".repeat(65)),
+                422,
+                "labeller",
+            ),
+            (format!(r#"{{"frame_id": {id}, "mos": 3, "extra": 1}}"#), 422, "body"),
+            (format!(r#"{{"frame_id": {id}, "mos": "#), 400, "body"),
+            (big, 413, "body"),
+        ] {
+            let (code, err) = post_label(addr, Some(&token), &body);
+            let short = &body[..body.len().min(80)];
+            assert_eq!(code, status, "{short}: {err}");
+            assert_eq!(err["field"], field, "{short}: {err}");
+            assert!(err["error"].as_str().is_some_and(|e| !e.is_empty()), "{err}");
+        }
+        let auth = format!("Bearer {token}");
+        let (code, body) = request(
+            addr,
+            "POST",
+            "/api/v1/labels",
+            &[("Content-Type", "text/plain"), ("Authorization", &auth)],
+            label.as_bytes(),
+        );
+        assert_eq!(code, 415);
+        let err: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(err["field"], "body");
+        let all = json(addr, "/api/v1/labels");
+        assert_eq!(all.as_array().unwrap().len(), 1, "{all}");
+
+        // Relabelling the frame replaces the label; another labeller adds one.
+        let (code, again) = post_label(
+            addr,
+            Some(&token),
+            &format!(r#"{{"frame_id": {id}, "mos": 2}}"#),
+        );
+        assert_eq!(code, 201, "{again}");
+        assert_eq!(again["replaced"], true);
+        assert_eq!(again["target"], 0.25);
+        let (code, other) = post_label(
+            addr,
+            Some(&token),
+            &format!(r#"{{"frame_id": "{id}", "score": 0.9, "labeller": "ana"}}"#),
+        );
+        assert_eq!(code, 201, "{other}");
+        assert_eq!(other["score"], 0.9);
+        let all = json(addr, "/api/v1/labels");
+        let all = all.as_array().unwrap();
+        assert_eq!(all.len(), 2, "{all:?}");
+        assert_eq!(all[0]["id"], again["id"]);
+        assert_eq!(all[1]["labeller"], "ana");
+        let page = json(addr, &format!("/api/v1/labels?since={}&limit=1", again["id"]));
+        assert_eq!(page.as_array().unwrap().len(), 1);
+        assert_eq!(page[0]["id"], other["id"]);
+        let csv = text(addr, "/api/v1/labels?format=csv");
+        let rows: Vec<&str> = csv.lines().collect();
+        assert_eq!(
+            rows[0],
+            "id,stream,frame_id,captured,mos,target,labeller,model_score,prompt_version,bundle,created"
+        );
+        assert_eq!(rows.len(), 3, "{csv}");
+        assert!(rows[2].starts_with(&format!("{},cam,{id},", other["id"])), "{csv}");
+        assert!(rows[2].contains(",,0.9,ana,"), "{csv}");
+        let (code, err) = get(addr, "/api/v1/labels?format=xml");
+        assert_eq!(code, 400);
+        assert_eq!(serde_json::from_slice::<serde_json::Value>(&err).unwrap()["field"], "format");
+
+        // The stored thumbnail outlives the frame's stay in the recent ring.
+        let t0 = Instant::now();
+        while get(addr, &format!("/api/v1/frames/{id}/thumbnail.jpg")).0 != 404 {
+            assert!(t0.elapsed() < Duration::from_secs(30), "frame never left the ring");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let (code, jpeg) = get(addr, &format!("/api/v1/labels/{}/thumbnail.jpg", other["id"]));
+        assert_eq!(code, 200);
+        assert_eq!(&jpeg[..3], &[0xff, 0xd8, 0xff], "a JPEG");
+        assert_eq!(get(addr, "/api/v1/labels/999999/thumbnail.jpg").0, 404);
+        assert_eq!(get(addr, "/api/v1/labels/abc/thumbnail.jpg").0, 400);
+        let (code, err) = post_label(addr, Some(&token), &label);
+        assert_eq!((code, err["field"].as_str()), (404, Some("frame_id")));
+        (id, other)
+    })
+    .await
+    .unwrap();
+
+    let m = d.metrics().await;
+    assert_eq!(sample(&m, "streamiq_labels_total"), Some(3.0), "{m}");
+    promtool_check(&m);
+    d.stop().await;
+
+    // After shutdown the rows are on disk, with their blobs.
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let n: i64 = conn
+        .query_row("SELECT count(*) FROM labels", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 2);
+    let (frame, dim, emb_len, thumb, sha, labeller): (i64, i64, i64, Vec<u8>, String, String) =
+        conn.query_row(
+            "SELECT frame_id, embed_dim, length(embedding), thumbnail, model_sha256, labeller
+             FROM labels WHERE id = ?1",
+            [first_label["id"].as_i64().unwrap()],
+            |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                ))
+            },
+        )
+        .unwrap();
+    assert_eq!(frame as u64, frame_id);
+    assert_eq!(labeller, "ana");
+    assert_eq!(dim, 64);
+    assert_eq!(emb_len, 4 * dim);
+    assert_eq!(&thumb[..3], &[0xff, 0xd8, 0xff]);
+    let manifest = std::fs::read_to_string(bundle().join("manifest.toml")).unwrap();
+    assert!(manifest.contains(&sha), "visual.onnx sha256 {sha}");
+    drop(conn);
+    let set = streamiq::labels::load_training_set(&db, &sha).unwrap();
+    assert_eq!(set.len(), 2);
+    assert_eq!(set[0].1, 0.25);
+    assert!((set[1].1 - 0.9).abs() < 1e-6);
+    let norm: f32 = set[0].0.iter().map(|x| x * x).sum::<f32>().sqrt();
+    assert!(
+        (norm - 1.0).abs() < 1e-3,
+        "L2-normalised embedding, norm {norm}"
+    );
+}
+
+#[test]
+fn daemon_refuses_an_empty_api_token_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("api-token");
+    std::fs::write(&token_file, "\n").unwrap();
+    let streams = r#"
+[[streams]]
+id = "live"
+pipeline = "videotestsrc is-live=true ! video/x-raw,width=160,height=120,framerate=10/1"
+"#;
+    let cfg = write_config(dir.path(), &config_text(streams, ""));
+    let out = Command::new(bin())
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .env("STREAMIQ__SERVER__API_TOKEN_FILE", &token_file)
+        .env("STREAMIQ__LABELS__DB", dir.path().join("labels.sqlite"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("server.api_token_file") && stderr.contains(&*token_file.to_string_lossy()),
+        "{stderr}"
+    );
+}

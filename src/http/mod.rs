@@ -1,5 +1,9 @@
-//! HTTP (axum): `/metrics`, `/healthz`, `/readyz` and the read-only `/api/v1` routes.
-//! Unknown streams and frames get a 404 with a JSON error.
+//! HTTP (axum): `/metrics`, `/healthz`, `/readyz`, the read-only `/api/v1` routes, and
+//! the labelling API ([`label_api`]) whose write route needs the bearer token ([`auth`]).
+//! Bad input gets a 4xx with a JSON error `{"error", "field"}` naming the field.
+
+pub mod auth;
+pub mod label_api;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -7,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Json;
 use axum::Router;
-use axum::extract::{Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -15,10 +19,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::frame::ScoredFrame;
+use crate::labels::{LabelStore, Provenance};
 use crate::metrics::{DropReason, Metrics};
 use crate::score::ActivePrompts;
 use crate::score::preprocess::Normaliser;
 use crate::state::{StreamState, unix_seconds};
+
+pub use auth::ApiToken;
 
 /// Everything the routes read.
 #[derive(Clone)]
@@ -33,6 +40,12 @@ pub struct AppState {
     pub model_loaded: Arc<AtomicBool>,
     /// The model's crop rule (for thumbnails of what was scored).
     pub normaliser: Arc<Normaliser>,
+    /// The label store.
+    pub labels: LabelStore,
+    /// Bearer token for write routes.
+    pub api_token: ApiToken,
+    /// The encoder whose embeddings labels record.
+    pub provenance: Arc<Provenance>,
 }
 
 /// A JSON error response.
@@ -43,6 +56,15 @@ pub struct ApiError {
 }
 
 impl ApiError {
+    /// Any status, naming the field.
+    pub fn new(status: StatusCode, message: impl Into<String>, field: &'static str) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            field: Some(field),
+        }
+    }
+
     /// 404 naming what was not found.
     pub fn not_found(message: impl Into<String>, field: &'static str) -> Self {
         Self {
@@ -60,6 +82,20 @@ impl ApiError {
             field: Some(field),
         }
     }
+
+    /// 401 for a missing or wrong bearer token (field `authorization`).
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, message, "authorization")
+    }
+
+    /// 500; the details go to the log, not to the client.
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            message: message.into(),
+            field: None,
+        }
+    }
 }
 
 impl IntoResponse for ApiError {
@@ -68,7 +104,14 @@ impl IntoResponse for ApiError {
         if let Some(f) = self.field {
             body["field"] = json!(f);
         }
-        (self.status, Json(body)).into_response()
+        let mut resp = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+        }
+        resp
     }
 }
 
@@ -82,6 +125,16 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/streams/{id}/frames", get(frames))
         .route("/api/v1/frames/{frame_id}/thumbnail.jpg", get(thumbnail))
         .route("/api/v1/prompts", get(prompts))
+        .route(
+            "/api/v1/labels",
+            get(label_api::list)
+                .post(label_api::create)
+                .layer(DefaultBodyLimit::max(label_api::MAX_BODY)),
+        )
+        .route(
+            "/api/v1/labels/{id}/thumbnail.jpg",
+            get(label_api::thumbnail),
+        )
         .fallback(|| async { ApiError::not_found("no such route", "path") })
         .with_state(state)
 }
