@@ -88,6 +88,8 @@ fn converted_clip_bundles_load_in_the_sidecar_and_the_daemon() {
         assert_eq!(v["attributes"].as_object().unwrap().len(), 4);
     }
 
+    few_shot_round_learns_and_promotes(&dir.path().join("bundle-openai"));
+
     // A bundle whose text weights were swapped for others is refused, naming the file.
     let bad = dir.path().join("bundle-hf16");
     std::fs::copy(
@@ -102,4 +104,99 @@ fn converted_clip_bundles_load_in_the_sidecar_and_the_daemon() {
         err.contains("text/weights.safetensors") && err.contains("sha256"),
         "{err}"
     );
+}
+
+/// Labels whose targets follow a hidden direction in embedding space: an adaptation
+/// round must raise the held-out SRCC, write v0001 atomically and promote it; with
+/// fewer labels than `adapt.min_labels` it must write nothing.
+fn few_shot_round_learns_and_promotes(bundle: &Path) {
+    use streamiq::labels::{LabelStore, NewLabel, Provenance, Rating};
+    use streamiq::score::bundle::Bundle;
+    use streamiq::score::prompt_store::PromptDir;
+
+    let work = tempfile::tempdir().unwrap();
+    let b = Bundle::open(bundle).unwrap();
+    let dim = b.manifest.embed_dim;
+    let sha = b.manifest.files["visual.onnx"].clone();
+    let db = work.path().join("labels.sqlite");
+    let cfg = work.path().join("adapt.toml");
+    let prompts = work.path().join("prompts");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[model]\nbundle = \"{}\"\nprompts_dir = \"{}\"\n[labels]\ndb = \"{}\"\n\
+             [adapt]\nmin_labels = 20\nholdout = 0.3\nmax_epochs = 80\n",
+            bundle.display(),
+            prompts.display(),
+            db.display()
+        ),
+    )
+    .unwrap();
+    let once = || {
+        let o = Command::new(env!("CARGO_BIN_EXE_streamiq-adapt"))
+            .args(["once", "--config"])
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(o.status.success(), "{text}");
+        text
+    };
+
+    let store = LabelStore::open(&db).unwrap();
+    let mut rng = fastrand::Rng::with_seed(11);
+    let hidden: Vec<f32> = (0..dim).map(|_| rng.f32() - 0.5).collect();
+    let mut add = |i: u64| {
+        let mut e: Vec<f32> = (0..dim).map(|_| rng.f32() - 0.5).collect();
+        let n = e.iter().map(|v| v * v).sum::<f32>().sqrt();
+        e.iter_mut().for_each(|v| *v /= n);
+        let x: f32 = e.iter().zip(&hidden).map(|(a, b)| a * b).sum();
+        let target = 1.0 / (1.0 + (-12.0 * x).exp());
+        store
+            .insert(&NewLabel {
+                stream: "cam".into(),
+                frame_id: i,
+                captured: i as f64,
+                pts: None,
+                rating: Rating::Score(target as f64),
+                labeller: "test".into(),
+                embedding: e,
+                provenance: Provenance {
+                    bundle: b.manifest.name.clone(),
+                    model_sha256: sha.clone(),
+                },
+                prompt_version: 0,
+                model_score: 0.5,
+                thumbnail: vec![0xff, 0xd8, 0xff, 0xd9],
+            })
+            .unwrap();
+    };
+    for i in 0..10 {
+        add(i);
+    }
+    let text = once();
+    assert!(text.contains("not adapting"), "{text}");
+    assert!(PromptDir::new(&prompts).versions().is_empty());
+
+    for i in 10..60 {
+        add(i);
+    }
+    let text = once();
+    let dir = PromptDir::new(&prompts);
+    assert_eq!(dir.versions(), vec![1], "{text}");
+    assert_eq!(dir.active().unwrap(), Some(1), "{text}");
+    let set = streamiq::score::prompts::PromptSet::load(&dir.path(1), dim).unwrap();
+    let before: f64 = set.metadata["val_srcc_before"].parse().unwrap();
+    let after: f64 = set.metadata["val_srcc"].parse().unwrap();
+    assert!(
+        after > before + 0.2 && after > 0.6,
+        "held-out SRCC {before} -> {after}: {text}"
+    );
+    assert_eq!(set.metadata["parent"], "0");
+    assert_eq!(set.metadata["labels"], "60");
+    assert_eq!(set.attributes.len(), 4, "attribute pairs carried over");
 }

@@ -7,6 +7,7 @@
 pub mod bundle;
 pub mod model;
 pub mod preprocess;
+pub mod prompt_store;
 pub mod prompts;
 
 use std::sync::Arc;

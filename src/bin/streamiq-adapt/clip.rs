@@ -71,6 +71,22 @@ pub struct Block {
     proj: (Tensor, Tensor),
 }
 
+impl Block {
+    fn tensors(&self) -> [&Tensor; 12] {
+        let [a, b, c, d, e, f] = [
+            &self.ln1,
+            &self.in_proj,
+            &self.out_proj,
+            &self.ln2,
+            &self.fc,
+            &self.proj,
+        ];
+        [
+            &a.0, &a.1, &b.0, &b.1, &c.0, &c.1, &d.0, &d.1, &e.0, &e.1, &f.0, &f.1,
+        ]
+    }
+}
+
 /// The text tower.
 pub struct TextEncoder {
     /// Shape of the tower.
@@ -179,6 +195,22 @@ impl TextEncoder {
             spec,
             device,
         })
+    }
+
+    /// Makes the last `blocks` transformer blocks and `ln_final` trainable and returns
+    /// those tensors (sharing storage and autograd identity with the tower).
+    pub fn trainable_tail(&mut self, blocks: usize) -> Vec<Tensor> {
+        let first = self.blocks.len().saturating_sub(blocks);
+        let mut out: Vec<Tensor> = self.blocks[first..]
+            .iter()
+            .flat_map(|b| b.tensors())
+            .chain([&self.ln_final.0, &self.ln_final.1])
+            .map(|t| t.shallow_clone())
+            .collect();
+        for t in &mut out {
+            *t = t.set_requires_grad(true);
+        }
+        out
     }
 
     /// Token embeddings of `ids` (`[P, L, W]`); used to initialise context vectors.

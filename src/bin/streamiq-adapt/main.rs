@@ -1,11 +1,15 @@
 //! `streamiq-adapt`: the libtorch sidecar.
 //!
-//! This version carries the CLIP text tower in libtorch and `check`, which recomputes
-//! a bundle's prompt features from its text tower and context vectors and compares
-//! them with the ones the daemon uses. The adaptation round (`once`) and meta-prompt
-//! pre-training (`pretrain`) build on it and are not in this version.
+//! - `once`: one few-shot adaptation round from the label store ([`adapt`]); writes a
+//!   new prompt set atomically and promotes it only if held-out SRCC did not get worse.
+//! - `check`: recomputes a bundle's prompt features with the libtorch text tower
+//!   ([`clip`]) and compares them with the ones the daemon uses (parity).
+//!
+//! Meta-prompt pre-training (`pretrain`) is not in this version.
 
+mod adapt;
 mod clip;
+mod once;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -28,6 +32,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// One adaptation round from the label store (see the [adapt] config section).
+    Once {
+        /// Configuration file (model, labels and adapt sections are used).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Override adapt.lambda.
+        #[arg(long)]
+        lambda: Option<f64>,
+    },
     /// Load a bundle's text tower and check that it reproduces the bundle's prompt
     /// features from its context vectors (max abs difference at most --tolerance).
     Check {
@@ -43,7 +56,8 @@ enum Command {
     },
 }
 
-fn device(name: &str) -> anyhow::Result<Device> {
+/// Parses "cpu" or "cuda:N".
+pub fn device(name: &str) -> anyhow::Result<Device> {
     match name {
         "cpu" => Ok(Device::Cpu),
         other => {
@@ -105,6 +119,13 @@ fn check(model: &std::path::Path, dev: Device, tolerance: f64) -> anyhow::Result
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Once { config, lambda } => match once::run(&config, lambda) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("streamiq-adapt: {e:#}");
+                ExitCode::from(2)
+            }
+        },
         Command::Check {
             model,
             device: dev,

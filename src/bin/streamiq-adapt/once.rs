@@ -1,0 +1,203 @@
+//! `streamiq-adapt once`: reads the labels whose embeddings came from the active
+//! bundle's encoder, holds out `adapt.holdout` of them, trains, writes
+//! `prompts_dir/vNNNN.safetensors` atomically with its metadata, and promotes it
+//! (`prompts_dir/active`) only if the held-out SRCC did not get worse than the
+//! currently active prompt set's. The daemon notices the promotion and hot-swaps.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use streamiq::config::Config;
+use streamiq::score::bundle::Bundle;
+use streamiq::score::prompt_store::PromptDir;
+use streamiq::score::prompts::PromptSet;
+use tch::Tensor;
+
+use crate::adapt::{self, Sample, TrainSettings};
+use crate::clip;
+
+/// Serialises named f32 tensors with metadata as safetensors bytes.
+fn safetensors_bytes(
+    tensors: &[(String, Vec<usize>, Vec<f32>)],
+    meta: HashMap<String, String>,
+) -> anyhow::Result<Vec<u8>> {
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
+        .collect();
+    let views = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|((n, s, _), b)| {
+            Ok((
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)?,
+            ))
+        })
+        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
+    Ok(safetensors::serialize(views, Some(meta))?)
+}
+
+fn to_vec(t: &Tensor) -> anyhow::Result<Vec<f32>> {
+    Ok(Vec::<f32>::try_from(
+        t.flatten(0, -1).to_kind(tch::Kind::Float),
+    )?)
+}
+
+/// The currently active prompt set: the promoted version, or the bundle's own.
+fn active_set(dir: &PromptDir, bundle: &Bundle) -> anyhow::Result<PromptSet> {
+    let dim = bundle.manifest.embed_dim;
+    match dir.active()? {
+        Some(v) if v > 0 => Ok(PromptSet::load(&dir.path(v), dim)?),
+        _ => Ok(PromptSet::load(&bundle.prompts_path(), dim)?),
+    }
+}
+
+/// Runs one round as configured in `config`.
+pub fn run(config: &Path, lambda: Option<f64>) -> anyhow::Result<()> {
+    let settings = Config::load(config)?.validate()?;
+    let a = &settings.adapt;
+    let lambda = lambda.unwrap_or(a.lambda);
+    anyhow::ensure!(
+        lambda >= 0.0 && lambda.is_finite(),
+        "--lambda {lambda}: must be finite and >= 0"
+    );
+    let dev = crate::device(&a.device)?;
+    let bundle = Bundle::open(&settings.model.bundle)?;
+    let model_sha = bundle
+        .manifest
+        .files
+        .get("visual.onnx")
+        .context("manifest lists no visual.onnx")?
+        .to_lowercase();
+    if !settings.labels_db.exists() {
+        println!(
+            "no label store at {}: nothing to adapt",
+            settings.labels_db.display()
+        );
+        return Ok(());
+    }
+    let labels = streamiq::labels::load_training_set(&settings.labels_db, &model_sha)?;
+    if labels.len() < a.min_labels {
+        println!(
+            "{} labels for this model, adapt.min_labels = {}: not adapting (nothing written)",
+            labels.len(),
+            a.min_labels
+        );
+        return Ok(());
+    }
+    let dim = bundle.manifest.embed_dim;
+    let mut samples: Vec<Sample> = labels
+        .into_iter()
+        .filter(|(e, t)| e.len() == dim && t.is_finite())
+        .map(|(embedding, target)| Sample { embedding, target })
+        .collect();
+    // A seeded shuffle: the same labels give the same split.
+    fastrand::Rng::with_seed(samples.len() as u64).shuffle(&mut samples);
+    let n_hold = ((samples.len() as f64 * a.holdout).round() as usize).clamp(2, samples.len() - 2);
+    let (holdout, train) = samples.split_at(n_hold);
+
+    let prompt_dir = PromptDir::new(&settings.model.prompts_dir);
+    let parent = active_set(&prompt_dir, &bundle)?;
+    let (e_ho, _) = adapt::stack(holdout, tch::Device::Cpu);
+    let y_ho: Vec<f64> = holdout.iter().map(|s| s.target as f64).collect();
+    let parent_text =
+        Tensor::from_slice(&[parent.quality.good.clone(), parent.quality.bad.clone()].concat())
+            .view([2, -1]);
+    let scale = bundle.manifest.logit_scale as f64;
+    let before = adapt::srcc(&adapt::scores(&e_ho, &parent_text, scale), &y_ho);
+
+    let tokens = clip::load_tokens(&bundle)?;
+    let mut student = clip::TextEncoder::load(&bundle, dev)?;
+    let teacher = clip::TextEncoder::load(&bundle, dev)?;
+    let ctx0 = clip::read_tensor(&bundle.prompts_path(), "ctx")?;
+    println!(
+        "adapting {}: {} labels ({} train, {} held out), lambda {lambda}, device {}; active prompt set v{} held-out SRCC {before:.4}",
+        bundle.manifest.name,
+        samples.len(),
+        train.len(),
+        holdout.len(),
+        a.device,
+        parent.version
+    );
+    let ts = TrainSettings {
+        lambda,
+        max_epochs: a.max_epochs,
+        patience: 30,
+        lr: 2e-3,
+        weight_decay: 1e-4,
+        blocks: 2,
+        logit_scale: scale,
+        report_every: 10,
+    };
+    let out = adapt::train(
+        &mut student,
+        &teacher,
+        &tokens,
+        &ctx0,
+        train,
+        holdout,
+        &ts,
+        dev,
+    );
+    let after = out.best_srcc;
+    let quality = to_vec(&out.quality)?;
+    if !after.is_finite() || quality.iter().any(|v| !v.is_finite()) {
+        bail!(
+            "adaptation produced non-finite values; discarded (nothing written, v{} stays active)",
+            parent.version
+        );
+    }
+    let mut tensors = vec![("quality".to_string(), vec![2, dim], quality)];
+    for (name, pair) in &parent.attributes {
+        tensors.push((
+            format!("attr.{name}"),
+            vec![2, dim],
+            [pair.good.clone(), pair.bad.clone()].concat(),
+        ));
+    }
+    let ctx = to_vec(&out.ctx)?;
+    tensors.push((
+        "ctx".into(),
+        out.ctx.size().iter().map(|s| *s as usize).collect(),
+        ctx,
+    ));
+    let next = prompt_dir.versions().last().copied().unwrap_or(0) + 1;
+    let created = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    let meta: HashMap<String, String> = [
+        ("version", next.to_string()),
+        ("created", created),
+        ("labels", samples.len().to_string()),
+        ("holdout", holdout.len().to_string()),
+        ("val_srcc", format!("{after:.6}")),
+        ("val_srcc_before", format!("{before:.6}")),
+        ("val_srcc_initial", format!("{:.6}", out.initial_srcc)),
+        ("parent", parent.version.to_string()),
+        ("lambda", lambda.to_string()),
+        ("best_epoch", out.best_epoch.to_string()),
+        ("bundle", bundle.manifest.name.clone()),
+        ("model_sha256", model_sha),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let bytes = safetensors_bytes(&tensors, meta)?;
+    // Check what the daemon will load before anything is written.
+    PromptSet::parse(&bytes, &prompt_dir.path(next), dim)?;
+    let v = prompt_dir.write_next(&bytes)?;
+    if after + 1e-9 >= before {
+        prompt_dir.set_active(v)?;
+        println!(
+            "wrote {} and promoted it: held-out SRCC {before:.4} -> {after:.4}",
+            prompt_dir.path(v).display()
+        );
+    } else {
+        println!(
+            "wrote {} but did not promote it: held-out SRCC would drop {before:.4} -> {after:.4}; v{} stays active",
+            prompt_dir.path(v).display(),
+            parent.version
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,141 @@
+//! The versioned prompt-set directory (`model.prompts_dir`), shared by the daemon
+//! and `streamiq-adapt`:
+//!
+//! ```text
+//! prompts_dir/v0001.safetensors   a prompt set (quality, attr.*, ctx; metadata)
+//! prompts_dir/v0002.safetensors
+//! prompts_dir/active              the promoted version number, e.g. "2\n"
+//! ```
+//!
+//! Every file is written atomically (temporary file, fsync, rename, fsync of the
+//! directory), so a writer killed at any point leaves the previous state intact.
+//! Version 0 is the bundle's own `prompts.safetensors`.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// The prompt directory.
+#[derive(Debug, Clone)]
+pub struct PromptDir {
+    dir: PathBuf,
+}
+
+fn io_err(path: &Path, e: std::io::Error) -> std::io::Error {
+    std::io::Error::new(e.kind(), format!("{}: {e}", path.display()))
+}
+
+/// Writes `bytes` to `path` atomically.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let result = (|| {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)?;
+        fs::File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result.map_err(|e| io_err(path, e))
+}
+
+impl PromptDir {
+    /// The directory (created on first write).
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    /// The directory path.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Path of version `v` (v >= 1).
+    pub fn path(&self, v: u64) -> PathBuf {
+        self.dir.join(format!("v{v:04}.safetensors"))
+    }
+
+    /// Versions present, ascending.
+    pub fn versions(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = fs::read_dir(&self.dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                name.strip_prefix('v')?
+                    .strip_suffix(".safetensors")?
+                    .parse()
+                    .ok()
+            })
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// The promoted version, if any (0 = the bundle's own set).
+    pub fn active(&self) -> std::io::Result<Option<u64>> {
+        let p = self.dir.join("active");
+        match fs::read_to_string(&p) {
+            Ok(s) => s.trim().parse().map(Some).map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("{}: {:?} is not a version number", p.display(), s.trim()),
+                )
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err(&p, e)),
+        }
+    }
+
+    /// Writes a new version (one more than the highest present) and returns it.
+    pub fn write_next(&self, bytes: &[u8]) -> std::io::Result<u64> {
+        let v = self.versions().last().copied().unwrap_or(0) + 1;
+        write_atomic(&self.path(v), bytes)?;
+        Ok(v)
+    }
+
+    /// Promotes version `v` (0 = the bundle's own set).
+    pub fn set_active(&self, v: u64) -> std::io::Result<()> {
+        write_atomic(&self.dir.join("active"), format!("{v}\n").as_bytes())
+    }
+
+    /// Modification time of the `active` file, to notice promotions by another process.
+    pub fn active_stamp(&self) -> Option<std::time::SystemTime> {
+        fs::metadata(self.dir.join("active"))
+            .and_then(|m| m.modified())
+            .ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_and_active_pointer() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = PromptDir::new(dir.path().join("prompts"));
+        assert_eq!(p.versions(), Vec::<u64>::new());
+        assert_eq!(p.active().unwrap(), None);
+        assert_eq!(p.write_next(b"one").unwrap(), 1);
+        assert_eq!(p.write_next(b"two").unwrap(), 2);
+        p.set_active(1).unwrap();
+        assert_eq!(p.active().unwrap(), Some(1));
+        assert_eq!(p.versions(), vec![1, 2]);
+        assert_eq!(fs::read(p.path(2)).unwrap(), b"two");
+        // No temporary files are left behind.
+        let names: Vec<String> = fs::read_dir(p.dir())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert!(names.iter().all(|n| !n.contains(".tmp")), "{names:?}");
+        fs::write(p.dir().join("active"), "junk").unwrap();
+        assert!(p.active().unwrap_err().to_string().contains("active"));
+    }
+}
