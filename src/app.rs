@@ -20,6 +20,7 @@ use crate::metrics::{DropReason, Metrics};
 use crate::score::bundle::Bundle;
 use crate::score::model::{ModelOptions, VisualModel};
 use crate::score::preprocess::Normaliser;
+use crate::score::prompt_store::{PromptDir, PromptManager};
 use crate::score::prompts::PromptSet;
 use crate::score::{EngineParts, ScoreSink, ScoringEngine};
 use crate::state::StreamState;
@@ -170,6 +171,18 @@ pub async fn run(
     }
     metrics.prompt_version.set(prompts.version as i64);
     let prompts = Arc::new(ArcSwap::from_pointee(prompts));
+    let prompt_manager = Arc::new(PromptManager::new(
+        PromptDir::new(&settings.model.prompts_dir),
+        bundle.prompts_path(),
+        bundle.manifest.embed_dim,
+        prompts.clone(),
+        Some(metrics.clone()),
+    ));
+    {
+        // A promoted set from an earlier run; if it is bad, the bundle's set is used.
+        let m = prompt_manager.clone();
+        let _ = tokio::task::spawn_blocking(move || m.reload()).await?;
+    }
     let model_loaded = Arc::new(AtomicBool::new(true));
 
     let streams: Arc<Vec<Arc<StreamState>>> = Arc::new(
@@ -232,7 +245,9 @@ pub async fn run(
         normaliser: Arc::new(normaliser),
         labels: files.labels,
         api_token: files.api_token,
+        prompt_manager: prompt_manager.clone(),
         provenance: Arc::new(provenance(&bundle)),
+        adapt_min_labels: settings.adapt.min_labels,
     });
     let listener = tokio::net::TcpListener::bind(settings.server.listen)
         .await
@@ -274,6 +289,7 @@ pub async fn run(
 
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     let watchdog = tokio::spawn(watchdog_task(shutdown.clone()));
+    let prompt_watch = tokio::spawn(prompt_watch_task(prompt_manager, shutdown.clone()));
     tracing::info!(streams = streams.len(), "Running");
 
     shutdown.cancelled().await;
@@ -290,10 +306,22 @@ pub async fn run(
         "Sources stopped, queue drained"
     );
     watchdog.abort();
+    prompt_watch.abort();
     http_stop.cancel();
     http.await??;
     tracing::info!("Stopped");
     Ok(())
+}
+
+/// Notices a prompt set promoted by `streamiq-adapt` (the `active` file changed) and
+/// hot-swaps it.
+async fn prompt_watch_task(manager: Arc<PromptManager>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    while !shutdown.is_cancelled() {
+        tick.tick().await;
+        let m = manager.clone();
+        let _ = tokio::task::spawn_blocking(move || m.poll()).await;
+    }
 }
 
 /// Pings the systemd watchdog while the process is alive and not shutting down.

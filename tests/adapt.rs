@@ -88,7 +88,7 @@ fn converted_clip_bundles_load_in_the_sidecar_and_the_daemon() {
         assert_eq!(v["attributes"].as_object().unwrap().len(), 4);
     }
 
-    few_shot_round_learns_and_promotes(&dir.path().join("bundle-openai"));
+    few_shot_round_hot_swaps_into_a_running_daemon(&dir.path().join("bundle-openai"));
 
     // A bundle whose text weights were swapped for others is refused, naming the file.
     let bad = dir.path().join("bundle-hf16");
@@ -106,10 +106,63 @@ fn converted_clip_bundles_load_in_the_sidecar_and_the_daemon() {
     );
 }
 
-/// Labels whose targets follow a hidden direction in embedding space: an adaptation
-/// round must raise the held-out SRCC, write v0001 atomically and promote it; with
-/// fewer labels than `adapt.min_labels` it must write nothing.
-fn few_shot_round_learns_and_promotes(bundle: &Path) {
+/// A minimal HTTP/1.0 request returning (status, body).
+fn http(addr: &str, method: &str, path: &str, token: Option<&str>, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.0\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).unwrap();
+    let (head, body) = buf.split_once("\r\n\r\n").unwrap();
+    (
+        head.split_whitespace().nth(1).unwrap().parse().unwrap(),
+        body.to_string(),
+    )
+}
+
+fn metric(addr: &str, series: &str) -> f64 {
+    let (_, m) = http(addr, "GET", "/metrics", None, "");
+    m.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
+    let t0 = std::time::Instant::now();
+    while !ok() {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(30),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+/// Kills the daemon when dropped (also when an assertion fails).
+struct Daemon(std::process::Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Labels whose targets follow a hidden direction in embedding space. With fewer than
+/// `adapt.min_labels`, a round writes nothing; with enough, it must raise the held-out
+/// SRCC, write v0001 atomically and promote it, and the running daemon must hot-swap
+/// to it without a restart and without a pause in scoring; rollback returns to v0, and
+/// a bad prompt file is refused while scoring goes on with the previous set.
+fn few_shot_round_hot_swaps_into_a_running_daemon(bundle: &Path) {
     use streamiq::labels::{LabelStore, NewLabel, Provenance, Rating};
     use streamiq::score::bundle::Bundle;
     use streamiq::score::prompt_store::PromptDir;
@@ -121,17 +174,52 @@ fn few_shot_round_learns_and_promotes(bundle: &Path) {
     let db = work.path().join("labels.sqlite");
     let cfg = work.path().join("adapt.toml");
     let prompts = work.path().join("prompts");
+    let token_file = work.path().join("api-token");
     std::fs::write(
         &cfg,
         format!(
-            "[model]\nbundle = \"{}\"\nprompts_dir = \"{}\"\n[labels]\ndb = \"{}\"\n\
-             [adapt]\nmin_labels = 20\nholdout = 0.3\nmax_epochs = 80\n",
+            "[server]\nlisten = \"127.0.0.1:0\"\napi_token_file = \"{}\"\n\
+             [model]\nbundle = \"{}\"\nprompts_dir = \"{}\"\nintra_threads = 1\n[labels]\ndb = \"{}\"\n\
+             [adapt]\nmin_labels = 20\nholdout = 0.3\nmax_epochs = 80\n\
+             [[streams]]\nid = \"cam\"\npipeline = \"videotestsrc is-live=true pattern=zone-plate kt=1 ! video/x-raw,width=160,height=120,framerate=10/1\"\nsample_fps = 5\n",
+            token_file.display(),
             bundle.display(),
             prompts.display(),
             db.display()
         ),
     )
     .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_streamiq"))
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .env("NO_COLOR", "1")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let daemon = Daemon(child);
+    let addr = {
+        use std::io::BufRead;
+        let mut lines = std::io::BufReader::new(stderr).lines();
+        let addr = lines
+            .by_ref()
+            .map_while(Result::ok)
+            .find_map(|l| {
+                Some(
+                    l.split_once("HTTP listening addr=")?
+                        .1
+                        .split_whitespace()
+                        .next()?
+                        .to_string(),
+                )
+            })
+            .expect("the daemon logs its address");
+        std::thread::spawn(move || lines.for_each(drop));
+        addr
+    };
+    let scored = || metric(&addr, "streamiq_frames_scored_total{stream=\"cam\"}");
+    wait_until("frames scored", || scored() >= 3.0);
+    assert_eq!(metric(&addr, "streamiq_prompt_version"), 0.0);
     let once = || {
         let o = Command::new(env!("CARGO_BIN_EXE_streamiq-adapt"))
             .args(["once", "--config"])
@@ -199,4 +287,70 @@ fn few_shot_round_learns_and_promotes(bundle: &Path) {
     assert_eq!(set.metadata["parent"], "0");
     assert_eq!(set.metadata["labels"], "60");
     assert_eq!(set.attributes.len(), 4, "attribute pairs carried over");
+
+    // The running daemon picks v1 up by itself, and keeps scoring throughout.
+    let s0 = scored();
+    wait_until("prompt version 1", || {
+        metric(&addr, "streamiq_prompt_version") == 1.0
+    });
+    wait_until("scoring after the swap", || scored() >= s0 + 3.0);
+    assert_eq!(
+        metric(
+            &addr,
+            "streamiq_frames_dropped_total{reason=\"error\",stream=\"cam\"}"
+        ),
+        0.0
+    );
+
+    // Rollback needs the token, then returns to the bundle's own set.
+    let token = std::fs::read_to_string(&token_file).unwrap();
+    let token = token.trim();
+    assert_eq!(
+        http(
+            &addr,
+            "POST",
+            "/api/v1/prompts/rollback",
+            None,
+            r#"{"version":0}"#
+        )
+        .0,
+        401
+    );
+    let (code, body) = http(
+        &addr,
+        "POST",
+        "/api/v1/prompts/rollback",
+        Some(token),
+        r#"{"version":7}"#,
+    );
+    assert_eq!(code, 404, "{body}");
+    let (code, body) = http(
+        &addr,
+        "POST",
+        "/api/v1/prompts/rollback",
+        Some(token),
+        r#"{"version":0}"#,
+    );
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(metric(&addr, "streamiq_prompt_version"), 0.0);
+    assert_eq!(dir.active().unwrap(), Some(0));
+
+    // A truncated prompt file promoted behind the daemon's back is refused and counted.
+    let good = std::fs::read(dir.path(1)).unwrap();
+    streamiq::score::prompt_store::write_atomic(&dir.path(2), &good[..good.len() / 2]).unwrap();
+    dir.set_active(2).unwrap();
+    wait_until("the bad set refused", || {
+        metric(&addr, "streamiq_prompt_rejects_total{reason=\"invalid\"}") >= 1.0
+    });
+    assert_eq!(metric(&addr, "streamiq_prompt_version"), 0.0);
+    let (code, body) = http(&addr, "POST", "/api/v1/prompts/reload", Some(token), "");
+    assert_eq!(code, 422, "{body}");
+    assert!(body.contains("v0002.safetensors"), "{body}");
+    let s1 = scored();
+    wait_until("scoring goes on", || scored() >= s1 + 3.0);
+    let (_, listing) = http(&addr, "GET", "/api/v1/prompts", None, "");
+    let v: serde_json::Value = serde_json::from_str(&listing).unwrap();
+    assert_eq!(v["active"], 0);
+    assert_eq!(v["history"].as_array().unwrap().len(), 3, "{v}");
+    drop(daemon);
 }

@@ -4,6 +4,8 @@
 
 pub mod auth;
 pub mod label_api;
+pub mod page;
+pub mod prompt_api;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -44,8 +46,12 @@ pub struct AppState {
     pub labels: LabelStore,
     /// Bearer token for write routes.
     pub api_token: ApiToken,
+    /// The prompt sets: active one, history, reload and rollback.
+    pub prompt_manager: Arc<crate::score::prompt_store::PromptManager>,
     /// The encoder whose embeddings labels record.
     pub provenance: Arc<Provenance>,
+    /// `adapt.min_labels`: labels the next adaptation needs (the labelling page shows it).
+    pub adapt_min_labels: usize,
 }
 
 /// A JSON error response.
@@ -124,7 +130,15 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/streams", get(streams))
         .route("/api/v1/streams/{id}/frames", get(frames))
         .route("/api/v1/frames/{frame_id}/thumbnail.jpg", get(thumbnail))
-        .route("/api/v1/prompts", get(prompts))
+        .route("/api/v1/prompts", get(prompt_api::list))
+        .route(
+            "/api/v1/prompts/reload",
+            axum::routing::post(prompt_api::reload),
+        )
+        .route(
+            "/api/v1/prompts/rollback",
+            axum::routing::post(prompt_api::rollback),
+        )
         .route(
             "/api/v1/labels",
             get(label_api::list)
@@ -135,6 +149,8 @@ pub fn router(state: AppState) -> Router {
             "/api/v1/labels/{id}/thumbnail.jpg",
             get(label_api::thumbnail),
         )
+        .route("/api/v1/labels/summary", get(label_api::summary))
+        .merge(page::routes())
         .fallback(|| async { ApiError::not_found("no such route", "path") })
         .with_state(state)
 }
@@ -325,14 +341,4 @@ pub fn encode_jpeg(sf: &ScoredFrame, normaliser: &Normaliser) -> Vec<u8> {
         .encode(&rgb, w as u16, h as u16, jpeg_encoder::ColorType::Rgb)
         .expect("encoding into memory does not fail");
     out
-}
-
-async fn prompts(State(s): State<AppState>) -> Json<serde_json::Value> {
-    let p = s.prompts.load();
-    Json(json!({
-        "active": p.version,
-        "path": p.path,
-        "attributes": p.attributes.iter().map(|(n, _)| n).collect::<Vec<_>>(),
-        "metadata": p.metadata,
-    }))
 }

@@ -139,3 +139,153 @@ mod tests {
         assert!(p.active().unwrap_err().to_string().contains("active"));
     }
 }
+
+/// Loads, validates and swaps the daemon's active prompt set: at start, when another
+/// process promotes a version (the `active` file changes), and on request (reload,
+/// rollback). A set that fails validation is refused and counted; scoring goes on
+/// with the previous one. The swap is one atomic pointer store: the model thread picks
+/// the new set up at its next batch, with no lock on the scoring path.
+pub struct PromptManager {
+    dir: PromptDir,
+    bundle_prompts: PathBuf,
+    dim: usize,
+    active: super::ActivePrompts,
+    metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
+    seen: std::sync::Mutex<Option<std::time::SystemTime>>,
+}
+
+/// One version in the directory, for the API.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct VersionInfo {
+    /// Version number (0 = the bundle's own set).
+    pub version: u64,
+    /// The file.
+    pub path: PathBuf,
+    /// Its metadata (empty if the file cannot be read).
+    pub metadata: std::collections::HashMap<String, String>,
+    /// Why it cannot be used, if it cannot.
+    pub error: Option<String>,
+}
+
+impl PromptManager {
+    /// A manager over `dir` for a model with embedding size `dim`; `active` starts with
+    /// whatever set the caller loaded (the bundle's).
+    pub fn new(
+        dir: PromptDir,
+        bundle_prompts: PathBuf,
+        dim: usize,
+        active: super::ActivePrompts,
+        metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
+    ) -> Self {
+        Self {
+            dir,
+            bundle_prompts,
+            dim,
+            active,
+            metrics,
+            seen: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &PromptDir {
+        &self.dir
+    }
+
+    /// The active set.
+    pub fn active(&self) -> std::sync::Arc<super::prompts::PromptSet> {
+        self.active.load_full()
+    }
+
+    fn path_of(&self, v: u64) -> PathBuf {
+        if v == 0 {
+            self.bundle_prompts.clone()
+        } else {
+            self.dir.path(v)
+        }
+    }
+
+    /// Loads and validates version `v` without activating it.
+    pub fn load(&self, v: u64) -> Result<super::prompts::PromptSet, super::prompts::PromptError> {
+        let mut set = super::prompts::PromptSet::load(&self.path_of(v), self.dim)?;
+        set.version = v;
+        Ok(set)
+    }
+
+    fn reject(&self, e: &super::prompts::PromptError) {
+        tracing::error!(error = %e, "Prompt set refused; keeping the active one");
+        if let Some(m) = &self.metrics {
+            m.prompt_rejects.with_label_values(&[e.kind()]).inc();
+        }
+    }
+
+    fn swap(&self, set: super::prompts::PromptSet) -> u64 {
+        let (from, to) = (self.active.load().version, set.version);
+        self.active.store(std::sync::Arc::new(set));
+        if let Some(m) = &self.metrics {
+            m.prompt_version.set(to as i64);
+        }
+        if from != to {
+            tracing::info!(from, to, "Prompt set switched");
+        }
+        to
+    }
+
+    /// Activates the version the `active` file names (the bundle's set if there is
+    /// none). Returns the active version; a bad file is refused, counted and reported.
+    pub fn reload(&self) -> Result<u64, super::prompts::PromptError> {
+        *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = self.dir.active_stamp();
+        let v = self
+            .dir
+            .active()
+            .map_err(|source| super::prompts::PromptError::Io {
+                path: self.dir.dir().join("active"),
+                source,
+            })
+            .inspect_err(|e| self.reject(e))?
+            .unwrap_or(0);
+        let set = self.load(v).inspect_err(|e| self.reject(e))?;
+        Ok(self.swap(set))
+    }
+
+    /// Activates version `v` (validated first) and records it as the promoted one.
+    pub fn rollback(&self, v: u64) -> Result<u64, super::prompts::PromptError> {
+        let set = self.load(v).inspect_err(|e| self.reject(e))?;
+        self.dir
+            .set_active(v)
+            .map_err(|source| super::prompts::PromptError::Io {
+                path: self.dir.dir().join("active"),
+                source,
+            })?;
+        *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = self.dir.active_stamp();
+        Ok(self.swap(set))
+    }
+
+    /// Reloads if the `active` file changed since the last look (for the watcher).
+    pub fn poll(&self) {
+        let stamp = self.dir.active_stamp();
+        let changed = *self.seen.lock().unwrap_or_else(|e| e.into_inner()) != stamp;
+        if changed {
+            let _ = self.reload();
+        }
+    }
+
+    /// Every version, 0 (the bundle's) first.
+    pub fn history(&self) -> Vec<VersionInfo> {
+        std::iter::once(0)
+            .chain(self.dir.versions())
+            .map(|v| {
+                let (metadata, error) = match self.load(v) {
+                    Ok(s) => (s.metadata, None),
+                    Err(e) => (Default::default(), Some(e.to_string())),
+                };
+                VersionInfo {
+                    version: v,
+                    path: self.path_of(v),
+                    metadata,
+                    error,
+                }
+            })
+            .collect()
+    }
+}
