@@ -262,7 +262,11 @@ pub struct SplitSummary {
     pub plcc_median: f64,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+/// Median (0 for an empty set).
+pub fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
     v.sort_by(f64::total_cmp);
     let n = v.len();
     if n % 2 == 1 {
@@ -340,6 +344,83 @@ pub fn report(
             .collect(),
         unreadable: errors,
     }
+}
+
+/// Labels mapped to [0, 1] for training: kept when they already lie in [0, 1], MOS in
+/// [1, 5] mapped linearly, anything else min-max normalised over the set.
+pub fn unit_targets(mos: &[f64]) -> Vec<f64> {
+    let (lo, hi) = mos
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(a, b), v| (a.min(*v), b.max(*v)));
+    if lo >= 0.0 && hi <= 1.0 {
+        mos.to_vec()
+    } else if lo >= 1.0 && hi <= 5.0 {
+        mos.iter().map(|m| (m - 1.0) / 4.0).collect()
+    } else {
+        mos.iter()
+            .map(|m| (m - lo) / (hi - lo).max(1e-12))
+            .collect()
+    }
+}
+
+/// Writes the embeddings of the scored images with their [0, 1] targets as
+/// safetensors (`embeds` [N, D], `targets` [N]; metadata `types`, comma-separated,
+/// and `paths`, newline-separated). Returns N.
+pub fn save_embeddings(
+    path: &Path,
+    labelled: &[Labelled],
+    embeds: &[Option<Vec<f32>>],
+) -> Result<usize, String> {
+    let rows: Vec<(&Labelled, &Vec<f32>)> = labelled
+        .iter()
+        .zip(embeds)
+        .filter_map(|(l, e)| e.as_ref().map(|e| (l, e)))
+        .collect();
+    let Some(dim) = rows.first().map(|(_, e)| e.len()) else {
+        return Err("no image could be scored".into());
+    };
+    let targets = unit_targets(&rows.iter().map(|(l, _)| l.mos).collect::<Vec<_>>());
+    let e: Vec<u8> = rows
+        .iter()
+        .flat_map(|(_, e)| e.iter().flat_map(|v| v.to_le_bytes()))
+        .collect();
+    let t: Vec<u8> = targets
+        .iter()
+        .flat_map(|v| (*v as f32).to_le_bytes())
+        .collect();
+    let n = rows.len();
+    fn view(s: Vec<usize>, b: &[u8]) -> Result<safetensors::tensor::TensorView<'_>, String> {
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s, b)
+            .map_err(|e| e.to_string())
+    }
+    let meta: std::collections::HashMap<String, String> = [
+        (
+            "types".to_string(),
+            rows.iter()
+                .map(|(l, _)| l.kind.clone().unwrap_or_default())
+                .collect::<Vec<_>>()
+                .join(","),
+        ),
+        (
+            "paths".to_string(),
+            rows.iter()
+                .map(|(l, _)| l.path.display().to_string())
+                .collect::<Vec<_>>()
+                .join("\n"),
+        ),
+    ]
+    .into_iter()
+    .collect();
+    let bytes = safetensors::serialize(
+        [
+            ("embeds", view(vec![n, dim], &e)?),
+            ("targets", view(vec![n], &t)?),
+        ],
+        Some(meta),
+    )
+    .map_err(|e| e.to_string())?;
+    crate::score::prompt_store::write_atomic(path, &bytes).map_err(|e| e.to_string())?;
+    Ok(n)
 }
 
 /// The report as text.

@@ -48,6 +48,9 @@ pub struct FileReport {
     pub p5_score: Option<f64>,
     /// Mean score of each attribute pair, if the prompt set has them.
     pub attributes: BTreeMap<String, f64>,
+    /// The file's image embedding: the normalised mean over its frames (not printed).
+    #[serde(skip)]
+    pub embedding: Option<Vec<f32>>,
     /// Black segments, seconds.
     pub black_segments: Vec<Segment>,
     /// Frozen segments, seconds.
@@ -63,6 +66,7 @@ pub struct FileReport {
 struct FileScores {
     scores: Vec<f32>,
     attributes: BTreeMap<String, f64>,
+    embedding_sum: Vec<f32>,
 }
 
 struct ScanSink {
@@ -75,6 +79,12 @@ impl ScoreSink for ScanSink {
         for sf in frames {
             let file = &mut files[sf.frame.stream];
             file.scores.push(sf.score);
+            if file.embedding_sum.is_empty() {
+                file.embedding_sum = vec![0.0; sf.embedding.len()];
+            }
+            for (a, b) in file.embedding_sum.iter_mut().zip(&sf.embedding) {
+                *a += b;
+            }
             for ((name, _), v) in prompts.attributes.iter().zip(&sf.attributes) {
                 *file.attributes.entry(name.clone()).or_default() += *v as f64;
             }
@@ -177,7 +187,10 @@ fn report(
     let FileScores {
         mut scores,
         mut attributes,
+        mut embedding_sum,
     } = file;
+    let embedding =
+        crate::score::prompts::normalise_in_place(&mut embedding_sum).then_some(embedding_sum);
     scores.sort_by(f32::total_cmp);
     let n = scores.len();
     attributes.values_mut().for_each(|v| *v /= n.max(1) as f64);
@@ -191,6 +204,7 @@ fn report(
         min_score: scores.first().map(|s| *s as f64),
         p5_score: p5,
         attributes,
+        embedding,
         black_segments,
         freeze_segments,
         error,

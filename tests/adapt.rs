@@ -89,6 +89,10 @@ fn converted_clip_bundles_load_in_the_sidecar_and_the_daemon() {
     }
 
     few_shot_round_hot_swaps_into_a_running_daemon(&dir.path().join("bundle-openai"));
+    few_shot_protocol_bench(
+        &dir.path().join("bundle-openai"),
+        &dir.path().join("frame.png"),
+    );
 
     // A bundle whose text weights were swapped for others is refused, naming the file.
     let bad = dir.path().join("bundle-hf16");
@@ -353,4 +357,67 @@ fn few_shot_round_hot_swaps_into_a_running_daemon(bundle: &Path) {
     assert_eq!(v["active"], 0);
     assert_eq!(v["history"].as_array().unwrap().len(), 3, "{v}");
     drop(daemon);
+}
+
+/// `streamiq distort` -> `streamiq eval --save-embeddings` -> `streamiq-adapt bench`:
+/// the protocol runs and reports the three methods.
+fn few_shot_protocol_bench(bundle: &Path, source: &Path) {
+    let work = tempfile::tempdir().unwrap();
+    let run = |cmd: &mut Command| {
+        let o = cmd.output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(o.status.success(), "{text}");
+        text
+    };
+    let set = work.path().join("set");
+    run(Command::new(env!("CARGO_BIN_EXE_streamiq"))
+        .args([
+            "distort",
+            "--size",
+            "64",
+            "--kinds",
+            "gaussian_blur,jpeg,gaussian_noise,contrast,rescale,pixelate",
+            "--out",
+        ])
+        .arg(&set)
+        .arg(source));
+    let emb = work.path().join("emb.safetensors");
+    run(Command::new(env!("CARGO_BIN_EXE_streamiq"))
+        .args(["eval", "--model"])
+        .arg(bundle)
+        .arg("--labels")
+        .arg(set.join("labels.csv"))
+        .arg("--save-embeddings")
+        .arg(&emb));
+    let text = run(Command::new(env!("CARGO_BIN_EXE_streamiq-adapt"))
+        .args([
+            "bench",
+            "--train",
+            "10",
+            "--splits",
+            "2",
+            "--max-epochs",
+            "5",
+            "--model",
+        ])
+        .arg(bundle)
+        .arg("--embeddings")
+        .arg(&emb));
+    for method in ["no adaptation", "lambda = 0", "lambda = 5"] {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(method))
+            .unwrap_or_else(|| panic!("{method}: {text}"));
+        let srcc: f64 = line[method.len()..]
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((-1.0..=1.0).contains(&srcc), "{line}");
+    }
 }

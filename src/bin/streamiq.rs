@@ -101,6 +101,10 @@ enum Command {
         /// One JSON object instead of text.
         #[arg(long)]
         json: bool,
+        /// Also write the images' embeddings and labels (safetensors `embeds` [N,D],
+        /// `targets` [N] in [0,1], metadata `types`), for `streamiq-adapt bench`.
+        #[arg(long)]
+        save_embeddings: Option<PathBuf>,
     },
 }
 
@@ -168,6 +172,7 @@ fn main() -> ExitCode {
             labels,
             splits,
             json,
+            save_embeddings,
         } => {
             let mut c = Config::default();
             c.model.bundle = model;
@@ -175,7 +180,7 @@ fn main() -> ExitCode {
                 Ok(s) => s,
                 Err(e) => return fail(2, e),
             };
-            eval_cmd(&s, &labels, splits.max(1), json)
+            eval_cmd(&s, &labels, splits.max(1), json, save_embeddings.as_deref())
         }
     }
 }
@@ -231,7 +236,13 @@ fn distort_cmd(
     }
 }
 
-fn eval_cmd(s: &Settings, labels: &std::path::Path, splits: usize, json: bool) -> ExitCode {
+fn eval_cmd(
+    s: &Settings,
+    labels: &std::path::Path,
+    splits: usize,
+    json: bool,
+    save: Option<&std::path::Path>,
+) -> ExitCode {
     let labelled = match streamiq::eval::read_labels(labels) {
         Ok(l) => l,
         Err(e) => return fail(2, e),
@@ -251,6 +262,13 @@ fn eval_cmd(s: &Settings, labels: &std::path::Path, splits: usize, json: bool) -
         .filter_map(|r| r.error.clone().map(|e| (r.path.clone(), e)))
         .collect();
     let rep = streamiq::eval::report(&labelled, &scores, errors, splits);
+    if let Some(path) = save {
+        let embeds: Vec<Option<Vec<f32>>> = reports.iter().map(|r| r.embedding.clone()).collect();
+        match streamiq::eval::save_embeddings(path, &labelled, &embeds) {
+            Ok(n) => eprintln!("streamiq: wrote {n} embeddings to {}", path.display()),
+            Err(e) => return fail(1, e),
+        }
+    }
     if json {
         println!(
             "{}",

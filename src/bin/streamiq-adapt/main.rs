@@ -8,6 +8,7 @@
 //! Meta-prompt pre-training (`pretrain`) is not in this version.
 
 mod adapt;
+mod bench;
 mod clip;
 mod once;
 
@@ -32,6 +33,31 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The few-shot protocol on a labelled set: no adaptation vs adaptation per lambda,
+    /// over random splits (embeddings from `streamiq eval --save-embeddings`).
+    Bench {
+        /// Model bundle directory (with text/).
+        #[arg(long)]
+        model: PathBuf,
+        /// Embeddings + targets written by `streamiq eval --save-embeddings`.
+        #[arg(long)]
+        embeddings: PathBuf,
+        /// Training labels per split.
+        #[arg(long, default_value_t = 50)]
+        train: usize,
+        /// Random splits.
+        #[arg(long, default_value_t = 10)]
+        splits: usize,
+        /// Regularisation strengths to compare.
+        #[arg(long, value_delimiter = ',', default_value = "0,5")]
+        lambdas: Vec<f64>,
+        /// Epoch bound per adaptation round.
+        #[arg(long, default_value_t = 200)]
+        max_epochs: usize,
+        /// "cpu" or "cuda:N".
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
     /// One adaptation round from the label store (see the [adapt] config section).
     Once {
         /// Configuration file (model, labels and adapt sections are used).
@@ -119,6 +145,29 @@ fn check(model: &std::path::Path, dev: Device, tolerance: f64) -> anyhow::Result
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Bench {
+            model,
+            embeddings,
+            train,
+            splits,
+            lambdas,
+            max_epochs,
+            device: dev,
+        } => {
+            let o = bench::BenchOptions {
+                train,
+                splits: splits.max(1),
+                lambdas,
+                max_epochs,
+            };
+            match device(&dev).and_then(|d| bench::run(&model, &embeddings, &o, d)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("streamiq-adapt: {e:#}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         Command::Once { config, lambda } => match once::run(&config, lambda) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
