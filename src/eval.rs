@@ -364,7 +364,7 @@ pub fn unit_targets(mos: &[f64]) -> Vec<f64> {
 }
 
 /// Writes the embeddings of the scored images with their [0, 1] targets as
-/// safetensors (`embeds` [N, D], `targets` [N]; metadata `types`, comma-separated,
+/// safetensors (`embeds` `[N, D]`, `targets` `[N]`; metadata `types`, comma-separated,
 /// and `paths`, newline-separated). Returns N.
 pub fn save_embeddings(
     path: &Path,

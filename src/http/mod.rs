@@ -314,7 +314,8 @@ async fn thumbnail(
     Ok((
         [
             (header::CONTENT_TYPE, "image/jpeg"),
-            (header::CACHE_CONTROL, "max-age=3600, immutable"),
+            // Frame ids restart with every daemon run: short-lived, never immutable.
+            (header::CACHE_CONTROL, "private, max-age=60"),
         ],
         jpeg,
     )
