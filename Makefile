@@ -18,7 +18,7 @@ all: build
 setup:
 	@scripts/setup.sh
 
-$(TEST_BUNDLE)/manifest.toml: scripts/make_test_bundle.py | setup
+$(TEST_BUNDLE)/manifest.toml: scripts/make_test_bundle.py scripts/bundle_io.py | setup
 	$(PYTHON) scripts/make_test_bundle.py $(TEST_BUNDLE)
 
 bundle: setup $(TEST_BUNDLE)/manifest.toml

@@ -35,7 +35,6 @@ Needs torch, onnx, safetensors, numpy and open_clip_torch (for the CLIP BPE toke
 """
 import argparse
 import copy
-import hashlib
 import json
 import math
 import re
@@ -51,6 +50,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
+
+from bundle_io import save_safetensors, sha256
 
 MEAN = [0.48145466, 0.4578275, 0.40821073]
 STD = [0.26862954, 0.26130258, 0.27577711]
@@ -445,20 +446,6 @@ def text_features(text_tower, group, ctx):
 # Writing the bundle.
 # ---------------------------------------------------------------------------------------
 
-def save_safetensors(tensors, path, metadata):
-    """Writes F32 tensors in the safetensors format with a sorted header, so the same
-    values always give the same bytes (the reference writer orders keys by hash)."""
-    header, blobs, offset = {"__metadata__": dict(sorted(metadata.items()))}, [], 0
-    for name in sorted(tensors):
-        data = tensors[name].detach().cpu().contiguous().float().numpy().astype("<f4").tobytes()
-        header[name] = {"dtype": "F32", "shape": list(tensors[name].shape), "data_offsets": [offset, offset + len(data)]}
-        blobs.append(data)
-        offset += len(data)
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    Path(path).write_bytes(len(text).to_bytes(8, "little") + text + b"".join(blobs))
-
-
 def dump_json(obj):
     """Indented JSON with every flat list (a row of token ids, a list of names) on one line."""
     text = json.dumps(obj, indent=2, ensure_ascii=False)
@@ -472,14 +459,6 @@ def export_visual(tower, path, image_size):
         torch.onnx.export(tower, example, str(path), input_names=["pixels"], output_names=["embeds"],
                           dynamic_axes={"pixels": {0: "n"}, "embeds": {0: "n"}}, opset_version=17,
                           do_constant_folding=True, dynamo=False)
-
-
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def toml_str(s):

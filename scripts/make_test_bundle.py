@@ -14,7 +14,6 @@ Pairs: `quality` (clean vs blur+noise+JPEG), `attr.sharp` (sharp vs blurred),
 `attr.clean` (clean vs noisy). The bundle obeys the format in DESIGN.md.
 """
 import argparse
-import hashlib
 import io
 import json
 import math
@@ -24,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageFilter
+
+from bundle_io import save_safetensors, sha256
 
 MEAN = [0.48145466, 0.4578275, 0.40821073]
 STD = [0.26862954, 0.26130258, 0.27577711]
@@ -81,24 +82,6 @@ def jpeg(img, rng):
 def to_tensor(imgs):
     x = torch.tensor(np.stack([np.asarray(i, np.float32) / 255.0 for i in imgs])).permute(0, 3, 1, 2)
     return (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
-
-
-def save_safetensors(tensors, path, metadata):
-    """Writes F32 tensors in the safetensors format with a sorted header, so the same
-    values always give the same bytes (the reference writer orders keys by hash)."""
-    header, blobs, offset = {"__metadata__": dict(sorted(metadata.items()))}, [], 0
-    for name in sorted(tensors):
-        data = tensors[name].detach().cpu().contiguous().float().numpy().astype("<f4").tobytes()
-        header[name] = {"dtype": "F32", "shape": list(tensors[name].shape), "data_offsets": [offset, offset + len(data)]}
-        blobs.append(data)
-        offset += len(data)
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    Path(path).write_bytes(len(text).to_bytes(8, "little") + text + b"".join(blobs))
-
-
-def sha256(path):
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def main():

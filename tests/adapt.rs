@@ -4,21 +4,11 @@
 //! tower must reproduce every bundle's prompt features (parity, max abs diff <= 1e-4)
 //! and the daemon's scorer must load the same bundles.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
-fn venv_python() -> PathBuf {
-    let venv = std::env::var_os("STREAMIQ_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/opt/streamiq/venv"));
-    let py = venv.join("bin/python");
-    assert!(
-        py.is_file(),
-        "{} is missing: run scripts/setup.sh",
-        py.display()
-    );
-    py
-}
+mod common;
+use common::venv_python;
 
 fn adapt(args: &[&str], model: &Path) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_streamiq-adapt"))
@@ -49,6 +39,24 @@ fn converted_clip_bundles_load_in_the_sidecar_and_the_daemon() {
         log.lines().any(|l| l.ends_with("passed, 0 failed")),
         "{log}"
     );
+    // A still image for the daemon's scorer (the Python test makes one only when a
+    // release build exists).
+    let frame = dir.path().join("still.png");
+    let ok = Command::new("ffmpeg")
+        .args([
+            "-loglevel",
+            "error",
+            "-y",
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc2=size=320x240:rate=1",
+        ])
+        .args(["-frames:v", "1"])
+        .arg(&frame)
+        .status()
+        .unwrap();
+    assert!(ok.success());
 
     for name in [
         "bundle-openai",
@@ -75,7 +83,7 @@ fn converted_clip_bundles_load_in_the_sidecar_and_the_daemon() {
         let o = Command::new(env!("CARGO_BIN_EXE_streamiq"))
             .args(["score", "--json", "--model"])
             .arg(&bundle)
-            .arg(dir.path().join("frame.png"))
+            .arg(&frame)
             .output()
             .unwrap();
         assert!(
@@ -89,10 +97,7 @@ fn converted_clip_bundles_load_in_the_sidecar_and_the_daemon() {
     }
 
     few_shot_round_hot_swaps_into_a_running_daemon(&dir.path().join("bundle-openai"));
-    few_shot_protocol_bench(
-        &dir.path().join("bundle-openai"),
-        &dir.path().join("frame.png"),
-    );
+    few_shot_protocol_bench(&dir.path().join("bundle-openai"), &frame);
 
     // A bundle whose text weights were swapped for others is refused, naming the file.
     let bad = dir.path().join("bundle-hf16");

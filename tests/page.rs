@@ -7,10 +7,10 @@
 //! It needs the test bundle (`make bundle`), GStreamer and Chromium (`scripts/setup.sh`).
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -19,54 +19,11 @@ use serde_json::{Value, json};
 use streamiq::config::{Config, Settings};
 use tokio_util::sync::CancellationToken;
 
+mod common;
+use common::{config_text, get};
+
 const CHROMIUM: &str = "/usr/bin/chromium";
 const SCREENSHOT: &str = "/tmp/streamiq-page.png";
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn bundle() -> PathBuf {
-    let b = repo().join("models/streamiq-test");
-    assert!(
-        b.join("manifest.toml").is_file(),
-        "{} is missing: run `make bundle` (or `make test`) first",
-        b.display()
-    );
-    b
-}
-
-/// A config with the test bundle, fast QC timings and the given streams.
-fn config_text(streams: &str, extra: &str) -> String {
-    format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-[model]
-bundle = "{}"
-intra_threads = 1
-[qc]
-stall_timeout = "2s"
-window = "5s"
-{extra}
-{streams}
-"#,
-        bundle().display()
-    )
-}
-
-/// A minimal HTTP/1.0 GET returning (status, body).
-fn get(addr: SocketAddr, path: &str) -> (u16, Vec<u8>) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).unwrap();
-    let split = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
-    let head = String::from_utf8_lossy(&buf[..split]).to_string();
-    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (status, buf[split + 4..].to_vec())
-}
 
 fn json_at(addr: SocketAddr, path: &str) -> Value {
     let (code, body) = get(addr, path);

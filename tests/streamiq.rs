@@ -10,75 +10,23 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use streamiq::config::{Config, Settings};
+
+mod common;
+use common::{bundle, config_text, get, repo, sample, venv_python};
 use tokio_util::sync::CancellationToken;
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn bundle() -> PathBuf {
-    let b = repo().join("models/streamiq-test");
-    assert!(
-        b.join("manifest.toml").is_file(),
-        "{} is missing: run `make bundle` (or `make test`) first",
-        b.display()
-    );
-    b
-}
 
 fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_streamiq")
-}
-
-/// A config with the test bundle, fast QC timings and the given streams.
-fn config_text(streams: &str, extra: &str) -> String {
-    format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-[model]
-bundle = "{}"
-intra_threads = 1
-[qc]
-stall_timeout = "2s"
-window = "5s"
-{extra}
-{streams}
-"#,
-        bundle().display()
-    )
 }
 
 fn settings(text: &str) -> Settings {
     Config::from_toml(text).unwrap().validate().unwrap()
 }
 
-/// A minimal HTTP/1.0 GET returning (status, body).
-fn get(addr: SocketAddr, path: &str) -> (u16, Vec<u8>) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).unwrap();
-    let split = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
-    let head = String::from_utf8_lossy(&buf[..split]).to_string();
-    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (status, buf[split + 4..].to_vec())
-}
-
 fn text(addr: SocketAddr, path: &str) -> String {
     let (code, body) = get(addr, path);
     assert_eq!(code, 200, "GET {path}");
     String::from_utf8(body).unwrap()
-}
-
-/// The value of a sample line `name{labels} value` in an exposition.
-fn sample(exposition: &str, series: &str) -> Option<f64> {
-    exposition
-        .lines()
-        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
 }
 
 struct Daemon {
@@ -582,19 +530,6 @@ fn every_shipped_config_is_valid() {
     let dash =
         std::fs::read_to_string(repo().join("config/grafana/streamiq-dashboard.json")).unwrap();
     let _: serde_json::Value = serde_json::from_str(&dash).expect("dashboard is JSON");
-}
-
-fn venv_python() -> PathBuf {
-    let venv = std::env::var_os("STREAMIQ_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/opt/streamiq/venv"));
-    let py = venv.join("bin/python");
-    assert!(
-        py.is_file(),
-        "{} is missing: run scripts/setup.sh",
-        py.display()
-    );
-    py
 }
 
 #[test]

@@ -123,6 +123,13 @@ fn settings(path: &std::path::Path) -> Result<Settings, ConfigError> {
     Config::load(path)?.validate()
 }
 
+/// Default settings with `model.bundle = model`, for the commands that only need a model.
+fn model_settings(model: PathBuf) -> Result<Settings, ConfigError> {
+    let mut c = Config::default();
+    c.model.bundle = model;
+    c.validate()
+}
+
 fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
     eprintln!("streamiq: {msg}");
     ExitCode::from(code)
@@ -152,9 +159,7 @@ fn main() -> ExitCode {
             json,
             images,
         } => {
-            let mut c = Config::default();
-            c.model.bundle = model;
-            let s = match c.validate() {
+            let s = match model_settings(model) {
                 Ok(s) => s,
                 Err(e) => return fail(2, e),
             };
@@ -174,9 +179,7 @@ fn main() -> ExitCode {
             json,
             save_embeddings,
         } => {
-            let mut c = Config::default();
-            c.model.bundle = model;
-            let s = match c.validate() {
+            let s = match model_settings(model) {
                 Ok(s) => s,
                 Err(e) => return fail(2, e),
             };

@@ -41,6 +41,23 @@ pub struct TrainSettings {
     pub report_every: usize,
 }
 
+impl TrainSettings {
+    /// The settings an adaptation round uses (Adam lr 2e-3, weight decay 1e-4, the last
+    /// two text blocks, early stopping after 30 epochs without a better held-out SRCC).
+    pub fn round(lambda: f64, max_epochs: usize, logit_scale: f64, report_every: usize) -> Self {
+        Self {
+            lambda,
+            max_epochs,
+            patience: 30,
+            lr: 2e-3,
+            weight_decay: 1e-4,
+            blocks: 2,
+            logit_scale,
+            report_every,
+        }
+    }
+}
+
 /// What a round produced.
 pub struct Outcome {
     /// Held-out SRCC of the starting point (the bundle's initial prompts).

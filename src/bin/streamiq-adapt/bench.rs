@@ -97,16 +97,7 @@ pub fn run(model: &Path, embeddings: &Path, o: &BenchOptions, dev: Device) -> an
             .push(agreement(&adapt::scores(&e_test, &initial, scale), &y_test));
         for (j, &lambda) in o.lambdas.iter().enumerate() {
             let mut student = clip::TextEncoder::load(&bundle, dev)?;
-            let ts = TrainSettings {
-                lambda,
-                max_epochs: o.max_epochs,
-                patience: 30,
-                lr: 2e-3,
-                weight_decay: 1e-4,
-                blocks: 2,
-                logit_scale: scale,
-                report_every: 0,
-            };
+            let ts = TrainSettings::round(lambda, o.max_epochs, scale, 0);
             let out = adapt::train(
                 &mut student,
                 &teacher,

@@ -121,16 +121,7 @@ pub fn run(config: &Path, lambda: Option<f64>) -> anyhow::Result<()> {
         a.device,
         parent.version
     );
-    let ts = TrainSettings {
-        lambda,
-        max_epochs: a.max_epochs,
-        patience: 30,
-        lr: 2e-3,
-        weight_decay: 1e-4,
-        blocks: 2,
-        logit_scale: scale,
-        report_every: 10,
-    };
+    let ts = TrainSettings::round(lambda, a.max_epochs, scale, 10);
     let out = adapt::train(
         &mut student,
         &teacher,

@@ -1,0 +1,79 @@
+//! Helpers shared by the integration tests (each test binary uses a subset).
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The generated test bundle (`make bundle`).
+pub fn bundle() -> PathBuf {
+    let b = repo().join("models/streamiq-test");
+    assert!(
+        b.join("manifest.toml").is_file(),
+        "{} is missing: run `make bundle` (or `make test`) first",
+        b.display()
+    );
+    b
+}
+
+/// The project venv's Python (`scripts/setup.sh`).
+pub fn venv_python() -> PathBuf {
+    let venv = std::env::var_os("STREAMIQ_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/opt/streamiq/venv"));
+    let py = venv.join("bin/python");
+    assert!(
+        py.is_file(),
+        "{} is missing: run scripts/setup.sh",
+        py.display()
+    );
+    py
+}
+
+/// A config with the test bundle, fast QC timings, `extra` keys (inside `[qc]` unless
+/// they open a table) and the given streams.
+pub fn config_text(streams: &str, extra: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+[model]
+bundle = "{}"
+intra_threads = 1
+[qc]
+stall_timeout = "2s"
+window = "5s"
+{extra}
+{streams}
+"#,
+        bundle().display()
+    )
+}
+
+/// A minimal HTTP/1.0 GET returning (status, body).
+pub fn get(addr: SocketAddr, path: &str) -> (u16, Vec<u8>) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).unwrap();
+    let split = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8_lossy(&buf[..split]).to_string();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, buf[split + 4..].to_vec())
+}
+
+/// The value of a sample line `name{labels} value` in an exposition.
+pub fn sample(exposition: &str, series: &str) -> Option<f64> {
+    exposition
+        .lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
