@@ -425,4 +425,63 @@ fn few_shot_protocol_bench(bundle: &Path, source: &Path) {
             .unwrap();
         assert!((-1.0..=1.0).contains(&srcc), "{line}");
     }
+    pretrain_writes_a_loadable_bundle(bundle, &emb, work.path());
+}
+
+/// `streamiq-adapt pretrain` on the same kind of set writes a new bundle whose prompt
+/// set the text tower reproduces and the daemon's scorer loads.
+fn pretrain_writes_a_loadable_bundle(bundle: &Path, emb: &Path, work: &Path) {
+    let out = work.join("pretrained");
+    let o = Command::new(env!("CARGO_BIN_EXE_streamiq-adapt"))
+        .args([
+            "pretrain",
+            "--iterations",
+            "10",
+            "--val-types",
+            "jpeg,contrast",
+            "--model",
+        ])
+        .arg(bundle)
+        .arg("--embeddings")
+        .arg(emb)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(text.contains("held-out SRCC"), "{text}");
+    let o = adapt(&["check"], &out);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    let set = streamiq::score::prompts::PromptSet::load(
+        &out.join("prompts.safetensors"),
+        streamiq::score::bundle::Bundle::open(&out)
+            .unwrap()
+            .manifest
+            .embed_dim,
+    )
+    .unwrap();
+    assert!(set.metadata["source"].starts_with("streamiq-adapt pretrain"));
+    // Refuses to overwrite.
+    let o = Command::new(env!("CARGO_BIN_EXE_streamiq-adapt"))
+        .args([
+            "pretrain",
+            "--iterations",
+            "1",
+            "--val-types",
+            "jpeg",
+            "--model",
+        ])
+        .arg(bundle)
+        .arg("--embeddings")
+        .arg(emb)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
 }

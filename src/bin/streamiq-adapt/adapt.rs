@@ -102,7 +102,8 @@ pub fn scores(embeds: &Tensor, text: &Tensor, scale: f64) -> Vec<f64> {
     Vec::<f64>::try_from(lp.exp().to_kind(Kind::Double).to(Device::Cpu)).unwrap_or_default()
 }
 
-fn bce(embeds: &Tensor, targets: &Tensor, text: &Tensor, scale: f64) -> Tensor {
+/// Binary cross-entropy of the prompt-pair probabilities against `targets`.
+pub fn bce(embeds: &Tensor, targets: &Tensor, text: &Tensor, scale: f64) -> Tensor {
     let (lp, lq) = log_probs(embeds, text, scale);
     let not = targets.neg() + 1.0;
     -(targets * lp + not * lq).mean(Kind::Float)

@@ -5,12 +5,15 @@
 //! - `check`: recomputes a bundle's prompt features with the libtorch text tower
 //!   ([`clip`]) and compares them with the ones the daemon uses (parity).
 //!
-//! Meta-prompt pre-training (`pretrain`) is not in this version.
+//! - `pretrain`: meta-prompt pre-training of the context vectors over distortion-type
+//!   tasks ([`pretrain`]), writing a new bundle.
+//! - `bench`: the few-shot evaluation protocol ([`bench`]).
 
 mod adapt;
 mod bench;
 mod clip;
 mod once;
+mod pretrain;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -33,6 +36,41 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Meta-prompt pre-training (Reptile over distortion types) of a bundle's context
+    /// vectors; writes a new bundle to --out.
+    Pretrain {
+        /// Model bundle directory (with text/).
+        #[arg(long)]
+        model: PathBuf,
+        /// Embeddings with a `types` list, from `streamiq eval --save-embeddings` on a
+        /// `streamiq distort` set.
+        #[arg(long)]
+        embeddings: PathBuf,
+        /// Output bundle directory (must not hold a bundle yet).
+        #[arg(long)]
+        out: PathBuf,
+        /// Distortion types held out for checkpoint selection (comma-separated).
+        #[arg(long, value_delimiter = ',', required = true)]
+        val_types: Vec<String>,
+        /// Outer iterations.
+        #[arg(long, default_value_t = 200)]
+        iterations: usize,
+        /// Tasks per meta-batch.
+        #[arg(long, default_value_t = 4)]
+        tasks_per_batch: usize,
+        /// Reptile step size.
+        #[arg(long, default_value_t = 0.1)]
+        beta: f64,
+        /// Inner Adam learning rate.
+        #[arg(long, default_value_t = 1e-3)]
+        inner_lr: f64,
+        /// Seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// "cpu" or "cuda:N".
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
     /// The few-shot protocol on a labelled set: no adaptation vs adaptation per lambda,
     /// over random splits (embeddings from `streamiq eval --save-embeddings`).
     Bench {
@@ -145,6 +183,35 @@ fn check(model: &std::path::Path, dev: Device, tolerance: f64) -> anyhow::Result
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Pretrain {
+            model,
+            embeddings,
+            out,
+            val_types,
+            iterations,
+            tasks_per_batch,
+            beta,
+            inner_lr,
+            seed,
+            device: dev,
+        } => {
+            let o = pretrain::PretrainOptions {
+                iterations: iterations.max(1),
+                tasks_per_batch: tasks_per_batch.max(1),
+                beta,
+                inner_lr,
+                val_types,
+                eval_every: 10,
+                seed,
+            };
+            match device(&dev).and_then(|d| pretrain::run(&model, &embeddings, &out, &o, d)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("streamiq-adapt: {e:#}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         Command::Bench {
             model,
             embeddings,

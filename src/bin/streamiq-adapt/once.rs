@@ -18,7 +18,7 @@ use crate::adapt::{self, Sample, TrainSettings};
 use crate::clip;
 
 /// Serialises named f32 tensors with metadata as safetensors bytes.
-fn safetensors_bytes(
+pub fn safetensors_bytes(
     tensors: &[(String, Vec<usize>, Vec<f32>)],
     meta: HashMap<String, String>,
 ) -> anyhow::Result<Vec<u8>> {
