@@ -4,10 +4,9 @@
 //!   new prompt set atomically and promotes it only if held-out SRCC did not get worse.
 //! - `check`: recomputes a bundle's prompt features with the libtorch text tower
 //!   ([`clip`]) and compares them with the ones the daemon uses (parity).
-//!
 //! - `pretrain`: meta-prompt pre-training of the context vectors over distortion-type
 //!   tasks ([`pretrain`]), writing a new bundle.
-//! - `bench`: the few-shot evaluation protocol ([`bench`]).
+//! - `bench`: the few-shot evaluation protocol ([`mod@bench`]).
 
 mod adapt;
 mod bench;
