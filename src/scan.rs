@@ -154,7 +154,17 @@ pub fn scan(settings: &Settings, opts: &ScanOptions) -> Result<Vec<FileReport>, 
             resize: bundle.manifest.input.resize,
             views: settings.scorer.views,
         };
-        let err = scan_file(path, spec, state.clone(), handoff.clone()).err();
+        let err = scan_file(
+            path,
+            spec,
+            state.clone(),
+            handoff.clone(),
+            settings
+                .qc
+                .stall_timeout
+                .max(std::time::Duration::from_secs(10)),
+        )
+        .err();
         if let Some(e) = &err {
             tracing::error!(path = %path.display(), error = %e, "Cannot read file");
         }
@@ -213,11 +223,20 @@ fn report(
 }
 
 /// Decodes one file to its end, feeding frames to `handoff` with backpressure.
+/// Why a file's pipeline did not reach its end.
+enum RunError {
+    /// No frame and no message for the stall timeout.
+    Stalled,
+    /// An error message from the pipeline.
+    Failed(String),
+}
+
 fn scan_file(
     path: &Path,
     mut spec: PipelineSpec,
     state: Arc<StreamState>,
     handoff: Handoff,
+    stall_timeout: std::time::Duration,
 ) -> Result<(), String> {
     let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
     if !meta.is_file() {
@@ -226,45 +245,71 @@ fn scan_file(
     let abs = std::fs::canonicalize(path).map_err(|e| e.to_string())?;
     let uri = gst::glib::filename_to_uri(&abs, None).map_err(|e| e.to_string())?;
     spec.source = Source::Uri(uri.to_string());
-    let st = state.clone();
-    let deliver = move |mut frame: Frame| {
-        frame.stream = st.index;
-        st.on_arrival(&frame);
-        handoff.send(frame)
-    };
-    let pipe = pipeline::build(&state.id, &spec, deliver).map_err(|e| e.to_string())?;
-    let result = run_to_end(&pipe);
-    let _ = pipe.set_state(gst::State::Null);
+    // A pipeline that stalls before its first frame (a rare start-up race in GStreamer's
+    // decoder bins) is rebuilt once; one that stalls later is reported, never waited on.
+    let mut result = Err(RunError::Stalled);
+    for _attempt in 0..2 {
+        let st = state.clone();
+        let handoff = handoff.clone();
+        let deliver = move |mut frame: Frame| {
+            frame.stream = st.index;
+            st.on_arrival(&frame);
+            handoff.send(frame)
+        };
+        let pipe = pipeline::build(&state.id, &spec, deliver).map_err(|e| e.to_string())?;
+        result = run_to_end(&pipe, &state, stall_timeout);
+        let _ = pipe.set_state(gst::State::Null);
+        let retry = matches!(result, Err(RunError::Stalled)) && state.metrics.decoded.get() == 0;
+        if !retry {
+            break;
+        }
+        tracing::warn!(path = %path.display(), "Pipeline stalled before its first frame; rebuilding it");
+    }
     state.finish_segments();
-    result?;
+    result.map_err(|e| match e {
+        RunError::Stalled => format!("stalled: no frame for {} ms", stall_timeout.as_millis()),
+        RunError::Failed(m) => m,
+    })?;
     if state.metrics.decoded.get() == 0 {
         return Err("no video frames decoded".into());
     }
     Ok(())
 }
 
-fn run_to_end(pipe: &gst::Pipeline) -> Result<(), String> {
+fn run_to_end(
+    pipe: &gst::Pipeline,
+    state: &StreamState,
+    stall_timeout: std::time::Duration,
+) -> Result<(), RunError> {
     pipe.set_state(gst::State::Playing)
-        .map_err(|_| "pipeline refused to start".to_string())?;
+        .map_err(|_| RunError::Failed("pipeline refused to start".to_string()))?;
     let bus = pipe.bus().expect("a pipeline has a bus");
-    for msg in bus.iter_timed(gst::ClockTime::NONE) {
-        match msg.view() {
-            gst::MessageView::Eos(_) => return Ok(()),
-            gst::MessageView::Error(e) => {
-                let detail = e.debug().map(|d| format!(" ({d})")).unwrap_or_default();
-                let short = detail
-                    .lines()
-                    .next()
-                    .unwrap_or("")
-                    .chars()
-                    .take(200)
-                    .collect::<String>();
-                return Err(format!("{}{}", e.error(), short));
+    let mut last_activity = std::time::Instant::now();
+    loop {
+        match bus.timed_pop(gst::ClockTime::from_mseconds(100)) {
+            Some(msg) => match msg.view() {
+                gst::MessageView::Eos(_) => return Ok(()),
+                gst::MessageView::Error(e) => {
+                    let detail = e.debug().map(|d| format!(" ({d})")).unwrap_or_default();
+                    let short = detail
+                        .lines()
+                        .next()
+                        .unwrap_or("")
+                        .chars()
+                        .take(200)
+                        .collect::<String>();
+                    return Err(RunError::Failed(format!("{}{}", e.error(), short)));
+                }
+                _ => last_activity = std::time::Instant::now(),
+            },
+            None => {
+                // Frames waiting on backpressure count as activity: the scorer is busy.
+                if state.idle_for(last_activity) > stall_timeout {
+                    return Err(RunError::Stalled);
+                }
             }
-            _ => {}
         }
     }
-    Ok(())
 }
 
 /// One human-readable block per file.
