@@ -42,21 +42,7 @@ fn converted_clip_bundles_load_in_the_sidecar_and_the_daemon() {
     // A still image for the daemon's scorer (the Python test makes one only when a
     // release build exists).
     let frame = dir.path().join("still.png");
-    let ok = Command::new("ffmpeg")
-        .args([
-            "-loglevel",
-            "error",
-            "-y",
-            "-f",
-            "lavfi",
-            "-i",
-            "testsrc2=size=320x240:rate=1",
-        ])
-        .args(["-frames:v", "1"])
-        .arg(&frame)
-        .status()
-        .unwrap();
-    assert!(ok.success());
+    common::synth("testsrc2=size=320x240:rate=1", &["-frames:v", "1"], &frame);
 
     for name in [
         "bundle-openai",

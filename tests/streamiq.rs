@@ -299,16 +299,22 @@ sample_fps = 0
 /// 4 s, frozen from 7 s to 10 s, moving everywhere else.
 fn make_clip(dir: &Path) -> PathBuf {
     let out = dir.join("segments.mp4");
-    let status = Command::new("ffmpeg")
-        .args(["-loglevel", "error", "-y", "-f", "lavfi", "-i"])
-        .arg("testsrc2=size=640x360:rate=25:duration=12")
-        .args(["-filter_complex"])
-        .arg("[0]split[a][b];[a][b]freezeframes=first=175:last=249:replace=175,drawbox=x=0:y=0:w=iw:h=ih:color=black:t=fill:enable='between(t,2,3.99)'")
-        .args(["-c:v", "libx264", "-preset", "veryfast", "-crf", "23", "-pix_fmt", "yuv420p"])
-        .arg(&out)
-        .status()
-        .expect("ffmpeg is installed (scripts/setup.sh)");
-    assert!(status.success());
+    common::synth(
+        "testsrc2=size=640x360:rate=25:duration=12",
+        &[
+            "-filter_complex",
+            "[0]split[a][b];[a][b]freezeframes=first=175:last=249:replace=175,drawbox=x=0:y=0:w=iw:h=ih:color=black:t=fill:enable='between(t,2,3.99)'",
+            "-c:v",
+            "libx264",
+            "-preset",
+            "veryfast",
+            "-crf",
+            "23",
+            "-pix_fmt",
+            "yuv420p",
+        ],
+        &out,
+    );
     out
 }
 
@@ -377,21 +383,11 @@ fn scan_exit_codes() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_config(dir.path(), &config_text("", ""));
     let clip = dir.path().join("short.mp4");
-    let ok = Command::new("ffmpeg")
-        .args([
-            "-loglevel",
-            "error",
-            "-y",
-            "-f",
-            "lavfi",
-            "-i",
-            "testsrc2=size=320x180:rate=10:duration=1",
-        ])
-        .args(["-pix_fmt", "yuv420p"])
-        .arg(&clip)
-        .status()
-        .unwrap();
-    assert!(ok.success());
+    common::synth(
+        "testsrc2=size=320x180:rate=10:duration=1",
+        &["-pix_fmt", "yuv420p"],
+        &clip,
+    );
     let junk = dir.path().join("junk.mp4");
     std::fs::write(&junk, b"this is not a video").unwrap();
     let missing = dir.path().join("missing.mp4");
@@ -660,22 +656,7 @@ pipeline = "videotestsrc is-live=true pattern=zone-plate kt=1 ! video/x-raw,widt
 fn distort_writes_a_deterministic_labelled_set_that_eval_reads() {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("src.png");
-    let out = Command::new("ffmpeg")
-        .args([
-            "-loglevel",
-            "error",
-            "-y",
-            "-f",
-            "lavfi",
-            "-i",
-            "testsrc2=size=200x150:rate=1",
-            "-frames:v",
-            "1",
-        ])
-        .arg(&src)
-        .status()
-        .unwrap();
-    assert!(out.success());
+    common::synth("testsrc2=size=200x150:rate=1", &["-frames:v", "1"], &src);
     let run = |out: &Path| {
         let o = Command::new(bin())
             .args(["distort", "--size", "96", "--seed", "3", "--out"])
@@ -727,21 +708,11 @@ fn distort_writes_a_deterministic_labelled_set_that_eval_reads() {
 fn crops_view_scores_every_frame_at_native_scale() {
     let dir = tempfile::tempdir().unwrap();
     let clip = dir.path().join("c.mp4");
-    let ok = Command::new("ffmpeg")
-        .args([
-            "-loglevel",
-            "error",
-            "-y",
-            "-f",
-            "lavfi",
-            "-i",
-            "testsrc2=size=1280x720:rate=10:duration=2",
-        ])
-        .args(["-pix_fmt", "yuv420p"])
-        .arg(&clip)
-        .status()
-        .unwrap();
-    assert!(ok.success());
+    common::synth(
+        "testsrc2=size=1280x720:rate=10:duration=2",
+        &["-pix_fmt", "yuv420p"],
+        &clip,
+    );
     let cfg = write_config(dir.path(), &config_text("", ""));
     let scan = |views: &str| -> serde_json::Value {
         let out = Command::new(bin())

@@ -77,3 +77,19 @@ pub fn sample(exposition: &str, series: &str) -> Option<f64> {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
 }
+
+/// Writes `out` from ffmpeg's synthetic source `lavfi` (e.g.
+/// `testsrc2=size=320x240:rate=10:duration=1`) with extra output options `opts`.
+pub fn synth(lavfi: &str, opts: &[&str], out: &std::path::Path) {
+    let status = std::process::Command::new("ffmpeg")
+        .args(["-loglevel", "error", "-y", "-f", "lavfi", "-i", lavfi])
+        .args(opts)
+        .arg(out)
+        .status()
+        .expect("ffmpeg is installed (scripts/setup.sh)");
+    assert!(
+        status.success(),
+        "ffmpeg {lavfi} {opts:?} -> {}",
+        out.display()
+    );
+}
