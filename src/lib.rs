@@ -32,7 +32,8 @@
 //! - [`http`]: axum routes; the bearer token that guards write routes.
 //! - [`labels`]: operator labels (rating + the frame's embedding and thumbnail) in the
 //!   SQLite label store, read back by `streamiq-adapt`.
-//! - [`distort`]: synthetic distortions (13 kinds x 5 levels) for training and evaluation sets.
+//! - [`distort`]: synthetic distortions (13 kinds x 5 levels, plus `color_cast` on request)
+//!   for training and evaluation sets.
 //! - [`scan`]: file scan mode (CDN / VOD); [`eval`]: SRCC / PLCC against labels.
 //! - [`app`]: the daemon's wiring and ordered shutdown; [`shutdown`]: signals.
 

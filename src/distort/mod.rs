@@ -2,6 +2,10 @@
 //! deterministic for a given seed, for meta-prompt pre-training tasks and for
 //! evaluation sets (`streamiq distort`).
 //!
+//! One more type, [`Kind::ColorCast`], is outside the default set ([`Kind::ALL`]) and
+//! only made when asked for ([`Kind::EXTRA`]): it is the family reserved for few-shot
+//! recalibration evidence, so the shipped model is never trained on it.
+//!
 //! Images are RGB, `f32` in 0..=1, row-major `[h][w][3]`. Level 1 is mild, level 5
 //! severe; the quality target written to the CSV decreases with the level.
 
@@ -86,10 +90,14 @@ pub enum Kind {
     Oversharpen,
     /// Pixelation (nearest-neighbour blocks).
     Pixelate,
+    /// Colour cast (white-balance error): per-channel gains towards a seeded warm,
+    /// cool, green or magenta direction. Not in [`Kind::ALL`]; see [`Kind::EXTRA`].
+    ColorCast,
 }
 
 impl Kind {
-    /// Every kind, in a stable order.
+    /// The default set: every standard kind, in a stable order (what `streamiq
+    /// distort` makes when `--kinds` is not given).
     pub const ALL: [Kind; 13] = [
         Kind::GaussianBlur,
         Kind::MotionBlur,
@@ -105,6 +113,10 @@ impl Kind {
         Kind::Oversharpen,
         Kind::Pixelate,
     ];
+
+    /// Kinds only made when asked for with `--kinds`: families held out of the default
+    /// set (and so out of training), reserved for few-shot recalibration evidence.
+    pub const EXTRA: [Kind; 1] = [Kind::ColorCast];
 
     /// The name used in file names and the CSV.
     pub fn name(self) -> &'static str {
@@ -122,12 +134,16 @@ impl Kind {
             Kind::Quantize => "quantize",
             Kind::Oversharpen => "oversharpen",
             Kind::Pixelate => "pixelate",
+            Kind::ColorCast => "color_cast",
         }
     }
 
-    /// Parses a name.
+    /// Parses a name (of a kind in [`Kind::ALL`] or [`Kind::EXTRA`]).
     pub fn from_name(s: &str) -> Option<Kind> {
-        Kind::ALL.into_iter().find(|k| k.name() == s)
+        Kind::ALL
+            .into_iter()
+            .chain(Kind::EXTRA)
+            .find(|k| k.name() == s)
     }
 }
 
@@ -217,7 +233,31 @@ pub fn apply(img: &Image, kind: Kind, level: u8, rng: &mut fastrand::Rng) -> Res
             }
         }
         Kind::Pixelate => pixelate(img, [3, 5, 8, 12, 18][l]),
+        Kind::ColorCast => {
+            let s = [0.08, 0.16, 0.26, 0.38, 0.50][l];
+            let dir = cast_direction(rng);
+            let mut out = img.clone();
+            for px in out.px.chunks_exact_mut(3) {
+                for (v, d) in px.iter_mut().zip(dir) {
+                    *v = (*v * (1.0 + s * d)).clamp(0.0, 1.0);
+                }
+            }
+            out
+        }
     })
+}
+
+/// Per-channel (RGB) gain directions of [`Kind::ColorCast`]: warm, cool, green, magenta.
+const CAST_DIRECTIONS: [[f32; 3]; 4] = [
+    [1.0, 0.0, -1.0],
+    [-1.0, 0.0, 1.0],
+    [-0.5, 1.0, -0.5],
+    [0.5, -1.0, 0.5],
+];
+
+/// Draws the colour-cast direction (the first draw of `rng` for [`Kind::ColorCast`]).
+fn cast_direction(rng: &mut fastrand::Rng) -> [f32; 3] {
+    CAST_DIRECTIONS[rng.usize(..CAST_DIRECTIONS.len())]
 }
 
 fn gauss(rng: &mut fastrand::Rng) -> f32 {
@@ -494,7 +534,7 @@ mod tests {
     #[test]
     fn deterministic_for_a_seed() {
         let img = test_image();
-        for kind in Kind::ALL {
+        for kind in Kind::ALL.into_iter().chain(Kind::EXTRA) {
             if kind == Kind::H264 {
                 continue; // needs GStreamer; covered by the integration test
             }
@@ -528,9 +568,78 @@ mod tests {
 
     #[test]
     fn names_round_trip() {
-        for k in Kind::ALL {
+        for k in Kind::ALL.into_iter().chain(Kind::EXTRA) {
             assert_eq!(Kind::from_name(k.name()), Some(k));
+            let json = serde_json::to_string(&k).unwrap();
+            assert_eq!(json, format!("\"{}\"", k.name()));
         }
+        assert_eq!(Kind::from_name("no_such_kind"), None);
         assert!(quality_target(1) > quality_target(5));
+    }
+
+    fn channel_means(img: &Image) -> [f32; 3] {
+        let mut m = [0.0f32; 3];
+        for px in img.px.chunks_exact(3) {
+            for (m, v) in m.iter_mut().zip(px) {
+                *m += v;
+            }
+        }
+        m.map(|v| v / (img.w * img.h) as f32)
+    }
+
+    #[test]
+    fn color_cast_is_extra_seeded_and_grows_with_level() {
+        assert!(!Kind::ALL.contains(&Kind::ColorCast));
+        assert_eq!(Kind::EXTRA, [Kind::ColorCast]);
+        assert_eq!(Kind::from_name("color_cast"), Some(Kind::ColorCast));
+        let img = test_image();
+        let base = channel_means(&img);
+        let mut seen = std::collections::HashSet::new();
+        for seed in 0..32u64 {
+            let dir = cast_direction(&mut fastrand::Rng::with_seed(seed));
+            seen.insert(dir.map(f32::to_bits));
+            let mut last = 0.0f32;
+            for level in 1..=LEVELS {
+                let a = apply(
+                    &img,
+                    Kind::ColorCast,
+                    level,
+                    &mut fastrand::Rng::with_seed(seed),
+                )
+                .unwrap();
+                let b = apply(
+                    &img,
+                    Kind::ColorCast,
+                    level,
+                    &mut fastrand::Rng::with_seed(seed),
+                )
+                .unwrap();
+                assert_eq!(a, b, "seed {seed} level {level}: not deterministic");
+                assert!(a.px.iter().all(|v| (0.0..=1.0).contains(v)));
+                let m = channel_means(&a);
+                let delta: Vec<f32> = m.iter().zip(base).map(|(m, b)| m - b).collect();
+                for c in 0..3 {
+                    if dir[c] == 0.0 {
+                        assert_eq!(delta[c], 0.0, "seed {seed} level {level} channel {c}");
+                    } else {
+                        assert!(
+                            delta[c] * dir[c] > 0.0,
+                            "seed {seed} level {level}: {delta:?} not along {dir:?}"
+                        );
+                    }
+                }
+                let along: f32 = delta.iter().zip(dir).map(|(d, u)| d * u).sum();
+                assert!(
+                    along > last,
+                    "seed {seed} level {level}: {along} <= {last} along {dir:?}"
+                );
+                last = along;
+            }
+        }
+        assert_eq!(
+            seen.len(),
+            CAST_DIRECTIONS.len(),
+            "every direction is drawn"
+        );
     }
 }
