@@ -105,6 +105,38 @@ impl PromptDir {
         write_atomic(&self.dir.join("active"), format!("{v}\n").as_bytes())
     }
 
+    /// Removes the temporary files (`.NAME.tmp-PID`, see [`write_atomic`]) of writers
+    /// that were killed mid-write: those whose process no longer exists. A live
+    /// writer's file is kept (and were it removed, its rename would fail and leave the
+    /// previous state intact). Does nothing without `/proc`. Returns the names removed.
+    pub fn remove_stale_temp_files(&self) -> Vec<String> {
+        if !Path::new("/proc/self").exists() {
+            return Vec::new();
+        }
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                let pid: u32 = name
+                    .strip_prefix('.')?
+                    .rsplit_once(".tmp-")?
+                    .1
+                    .parse()
+                    .ok()?;
+                let alive =
+                    pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists();
+                if alive || !e.file_type().ok()?.is_file() {
+                    return None;
+                }
+                fs::remove_file(e.path()).ok()?;
+                Some(name)
+            })
+            .collect()
+    }
+
     /// Modification time of the `active` file, to notice promotions by another process.
     pub fn active_stamp(&self) -> Option<std::time::SystemTime> {
         fs::metadata(self.dir.join("active"))
@@ -137,6 +169,52 @@ mod tests {
         assert!(names.iter().all(|n| !n.contains(".tmp")), "{names:?}");
         fs::write(p.dir().join("active"), "junk").unwrap();
         assert!(p.active().unwrap_err().to_string().contains("active"));
+    }
+
+    #[test]
+    fn stale_temp_files_of_dead_writers_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = PromptDir::new(dir.path());
+        assert!(p.remove_stale_temp_files().is_empty());
+        // A process that has exited: its PID names no process (until reused).
+        let mut dead = std::process::Command::new("true").spawn().unwrap();
+        dead.wait().unwrap();
+        let dead = dead.id();
+        let me = std::process::id();
+        for name in [
+            format!(".v0002.safetensors.tmp-{dead}"),
+            format!(".active.tmp-{dead}"),
+            format!(".v0003.safetensors.tmp-{me}"),
+            ".v0004.safetensors.tmp-x".to_string(),
+            "v0001.safetensors".to_string(),
+            "notes.tmp-1".to_string(),
+        ] {
+            fs::write(p.dir().join(name), b"partial").unwrap();
+        }
+        let mut removed = p.remove_stale_temp_files();
+        removed.sort();
+        assert_eq!(
+            removed,
+            [
+                format!(".active.tmp-{dead}"),
+                format!(".v0002.safetensors.tmp-{dead}")
+            ]
+        );
+        let mut left: Vec<String> = fs::read_dir(p.dir())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                format!(".v0003.safetensors.tmp-{me}"),
+                ".v0004.safetensors.tmp-x".to_string(),
+                "notes.tmp-1".to_string(),
+                "v0001.safetensors".to_string(),
+            ]
+        );
+        assert_eq!(p.versions(), vec![1]);
     }
 }
 

@@ -64,6 +64,12 @@ pub fn run(config: &Path, lambda: Option<f64>) -> anyhow::Result<()> {
         "--lambda {lambda}: must be finite and >= 0"
     );
     let dev = crate::device(&a.device)?;
+    // A round killed mid-write leaves its temporary file behind (never a partial
+    // version: see `write_atomic`); clear those of writers that are gone.
+    let prompt_dir = PromptDir::new(&settings.model.prompts_dir);
+    for name in prompt_dir.remove_stale_temp_files() {
+        println!("removed {name}, left by a killed writer");
+    }
     let bundle = Bundle::open(&settings.model.bundle)?;
     let model_sha = bundle
         .manifest
@@ -98,7 +104,6 @@ pub fn run(config: &Path, lambda: Option<f64>) -> anyhow::Result<()> {
     let n_hold = ((samples.len() as f64 * a.holdout).round() as usize).clamp(2, samples.len() - 2);
     let (holdout, train) = samples.split_at(n_hold);
 
-    let prompt_dir = PromptDir::new(&settings.model.prompts_dir);
     let parent = active_set(&prompt_dir, &bundle)?;
     let (e_ho, _) = adapt::stack(holdout, tch::Device::Cpu);
     let y_ho: Vec<f64> = holdout.iter().map(|s| s.target as f64).collect();
