@@ -62,6 +62,9 @@ enum Command {
         /// Model bundle directory.
         #[arg(long)]
         model: PathBuf,
+        /// How the model looks at each image: `global` or `crops:N` (as `scorer.views`).
+        #[arg(long, default_value = "global")]
+        views: String,
         /// One JSON object per line.
         #[arg(long)]
         json: bool,
@@ -97,6 +100,9 @@ enum Command {
         /// Label CSV; relative image paths are resolved against its directory.
         #[arg(long)]
         labels: PathBuf,
+        /// How the model looks at each image: `global` or `crops:N` (as `scorer.views`).
+        #[arg(long, default_value = "global")]
+        views: String,
         /// Random 80/20 splits to summarise.
         #[arg(long, default_value_t = 10)]
         splits: usize,
@@ -125,10 +131,12 @@ fn settings(path: &std::path::Path) -> Result<Settings, ConfigError> {
     Config::load(path)?.validate()
 }
 
-/// Default settings with `model.bundle = model`, for the commands that only need a model.
-fn model_settings(model: PathBuf) -> Result<Settings, ConfigError> {
+/// Default settings with `model.bundle = model` and `scorer.views = views`, for the
+/// commands that only need a model.
+fn model_settings(model: PathBuf, views: String) -> Result<Settings, ConfigError> {
     let mut c = Config::default();
     c.model.bundle = model;
+    c.scorer.views = views;
     c.validate()
 }
 
@@ -158,10 +166,11 @@ fn main() -> ExitCode {
         }
         Command::Score {
             model,
+            views,
             json,
             images,
         } => {
-            let s = match model_settings(model) {
+            let s = match model_settings(model, views) {
                 Ok(s) => s,
                 Err(e) => return fail(2, e),
             };
@@ -177,11 +186,12 @@ fn main() -> ExitCode {
         Command::Eval {
             model,
             labels,
+            views,
             splits,
             json,
             save_embeddings,
         } => {
-            let s = match model_settings(model) {
+            let s = match model_settings(model, views) {
                 Ok(s) => s,
                 Err(e) => return fail(2, e),
             };
