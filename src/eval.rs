@@ -306,7 +306,8 @@ pub struct EvalReport {
     pub all: Agreement,
     /// Over random splits.
     pub splits: SplitSummary,
-    /// Per distortion type (SRCC between score and label within the type).
+    /// Per distortion type (SRCC between score and label within the type); types whose
+    /// labels are all equal (such as `reference`) are left out.
     pub per_type: BTreeMap<String, Agreement>,
     /// Images that could not be scored, with the reason.
     pub unreadable: Vec<(String, String)>,
@@ -339,7 +340,9 @@ pub fn report(
         splits: split_summary(&xs, &ys, splits, 0),
         per_type: groups
             .into_iter()
-            .filter(|(_, (x, _))| x.len() >= 3)
+            // SRCC needs at least 3 images and labels that differ (the pristine
+            // `reference` images all share one label, so they form no type).
+            .filter(|(_, (x, y))| x.len() >= 3 && y.iter().any(|v| *v != y[0]))
             .map(|(k, (x, y))| (k, agreement(&x, &y)))
             .collect(),
         unreadable: errors,

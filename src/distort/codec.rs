@@ -27,6 +27,11 @@ pub fn jpeg_roundtrip(img: &Image, quality: u8) -> Result<Image, String> {
 /// Encodes one frame with H.264 at quantiser `qp` (0..=51) and decodes it again.
 /// Odd sizes are padded by edge replication for 4:2:0 and cropped back.
 pub fn h264_roundtrip(img: &Image, qp: u32) -> Result<Image, String> {
+    // x264enc's `quantizer` property stops at 50; a larger value is not clamped but
+    // ignored with a warning, leaving the default (21): an almost clean picture.
+    if qp > 50 {
+        return Err(format!("H.264 quantiser {qp}: x264enc accepts 0..=50"));
+    }
     gst::init().map_err(|e| e.to_string())?;
     let (w, h) = (img.w + img.w % 2, img.h + img.h % 2);
     let mut rgb = Vec::with_capacity(w * h * 3);
