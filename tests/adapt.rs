@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 
 mod common;
-use common::venv_python;
+use common::{Daemon, http, metric, venv_python, wait_until};
 
 fn adapt(args: &[&str], model: &Path) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_streamiq-adapt"))
@@ -99,57 +99,6 @@ fn converted_clip_bundles_load_in_the_sidecar_and_the_daemon() {
         err.contains("text/weights.safetensors") && err.contains("sha256"),
         "{err}"
     );
-}
-
-/// A minimal HTTP/1.0 request returning (status, body).
-fn http(addr: &str, method: &str, path: &str, token: Option<&str>, body: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    write!(
-        s,
-        "{method} {path} HTTP/1.0\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).unwrap();
-    let (head, body) = buf.split_once("\r\n\r\n").unwrap();
-    (
-        head.split_whitespace().nth(1).unwrap().parse().unwrap(),
-        body.to_string(),
-    )
-}
-
-fn metric(addr: &str, series: &str) -> f64 {
-    let (_, m) = http(addr, "GET", "/metrics", None, "");
-    m.lines()
-        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(f64::NAN)
-}
-
-fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
-    let t0 = std::time::Instant::now();
-    while !ok() {
-        assert!(
-            t0.elapsed() < std::time::Duration::from_secs(30),
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
-}
-
-/// Kills the daemon when dropped (also when an assertion fails).
-struct Daemon(std::process::Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// Labels whose targets follow a hidden direction in embedding space. With fewer than

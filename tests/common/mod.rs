@@ -93,3 +93,60 @@ pub fn synth(lavfi: &str, opts: &[&str], out: &std::path::Path) {
         out.display()
     );
 }
+
+/// A minimal HTTP/1.0 request returning (status, body).
+pub fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.0\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).unwrap();
+    let (head, body) = buf.split_once("\r\n\r\n").unwrap();
+    (
+        head.split_whitespace().nth(1).unwrap().parse().unwrap(),
+        body.to_string(),
+    )
+}
+
+/// One series' value on `/metrics` (NaN when it is absent).
+pub fn metric(addr: &str, series: &str) -> f64 {
+    let (_, m) = http(addr, "GET", "/metrics", None, "");
+    sample(&m, series).unwrap_or(f64::NAN)
+}
+
+/// Polls `ok` every 200 ms; panics naming `what` after 30 s.
+pub fn wait_until(what: &str, ok: impl FnMut() -> bool) {
+    wait_until_for(Duration::from_secs(30), what, ok)
+}
+
+/// Polls `ok` every 200 ms; panics naming `what` after `timeout`.
+pub fn wait_until_for(timeout: Duration, what: &str, mut ok: impl FnMut() -> bool) {
+    let t0 = std::time::Instant::now();
+    while !ok() {
+        assert!(t0.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Kills the daemon when dropped (also when an assertion fails).
+pub struct Daemon(pub std::process::Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
