@@ -63,11 +63,21 @@ pub struct PipelineSpec {
 /// Name of the appsink in every pipeline.
 pub const SINK_NAME: &str = "streamiq-sink";
 
-/// Live sources pace themselves: clock sync at the appsink would only add latency
-/// (and drop late frames), so it is kept only for non-live sources read in real time.
-pub fn disable_sync(pipeline: &gst::Pipeline) {
+/// Name of the queue in front of the frame chain.
+pub const QUEUE_NAME: &str = "streamiq-queue";
+
+/// For a live source (known once the pipeline reports no preroll): live sources pace
+/// themselves, so clock sync at the appsink would only add latency (and drop late
+/// frames), and a slow consumer must not hold the source back, so the queue drops its
+/// oldest frames instead of blocking. A non-live source read in real time keeps the
+/// blocking queue: the appsink's clock sync is what paces it (a leaky queue would let
+/// it run ahead at full speed, dropping frames and stalling the sink).
+pub fn configure_live(pipeline: &gst::Pipeline) {
     if let Some(sink) = pipeline.by_name(SINK_NAME) {
         sink.set_property("sync", false);
+    }
+    if let Some(queue) = pipeline.by_name(QUEUE_NAME) {
+        queue.set_property_from_str("leaky", "downstream");
     }
 }
 
@@ -90,13 +100,13 @@ pub fn build(
     deliver: impl Fn(Frame) -> bool + Send + Sync + 'static,
 ) -> Result<gst::Pipeline, IngestError> {
     let pipeline = gst::Pipeline::with_name(name);
-    let queue = make("queue")?;
+    let queue = gst::ElementFactory::make("queue")
+        .name(QUEUE_NAME)
+        .build()
+        .map_err(|_| IngestError::MissingElement("queue"))?;
     queue.set_property("max-size-buffers", 4u32);
     queue.set_property("max-size-bytes", 0u32);
     queue.set_property("max-size-time", 0u64);
-    if spec.realtime {
-        queue.set_property_from_str("leaky", "downstream");
-    }
     let rate = match spec.sample_fps {
         Some(_) => {
             let r = make("videorate")?;

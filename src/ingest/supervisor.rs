@@ -152,8 +152,8 @@ fn watch(
         Ok(_) => false,
         Err(_) => return RunEnd::Restart(first_error(pipeline)),
     };
-    if live {
-        pipeline::disable_sync(pipeline);
+    if live && sup.spec.realtime {
+        pipeline::configure_live(pipeline);
     }
     if pipeline.set_state(gst::State::Playing).is_err() {
         return RunEnd::Restart(first_error(pipeline));
