@@ -11,7 +11,7 @@ export LIBTORCH := $(VENV)/torch
 export LIBTORCH_CXX11_ABI := 1
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: all setup bundle build run test lint bench clean
+.PHONY: all setup bundle demo build run test lint bench tiny few-shot-evidence clean
 
 all: build
 
@@ -23,10 +23,21 @@ $(TEST_BUNDLE)/manifest.toml: scripts/make_test_bundle.py scripts/bundle_io.py |
 
 bundle: setup $(TEST_BUNDLE)/manifest.toml
 
+# The default config's two streams loop over these frames: slow pans over the
+# photographs in the scikit-image wheel (12 s, 640x360, 25 fps, 300 JPEG frames).
+DEMO := state/demo
+$(DEMO)/clean/00300.jpg: scripts/make_pan_clip.py | setup
+	rm -rf $(DEMO) && mkdir -p $(DEMO)/clean
+	$(PYTHON) scripts/make_pan_clip.py $(DEMO)/pans.mp4 --seconds 12 --size 640x360 --shot 4 --crf 18 > /dev/null
+	ffmpeg -v error -i $(DEMO)/pans.mp4 -q:v 2 $(DEMO)/clean/%05d.jpg
+	rm $(DEMO)/pans.mp4
+
+demo: $(DEMO)/clean/00300.jpg
+
 build: bundle
 	cargo build --release --locked --bins
 
-run: build
+run: build demo
 	target/release/streamiq run --config $(CONFIG)
 
 lint: setup
@@ -34,7 +45,7 @@ lint: setup
 	cargo clippy --locked --all-targets -- -D warnings
 	RUSTDOCFLAGS="-D warnings" cargo doc --locked --no-deps --quiet
 
-test: bundle lint
+test: bundle demo lint
 	promtool check rules config/alerts/streamiq.rules.yml
 	promtool test rules config/alerts/streamiq.rules.test.yml
 	set -o pipefail; cargo test --locked --lib --bins --tests -- --test-threads=2 2>&1 | tee target/test.log
@@ -42,6 +53,15 @@ test: bundle lint
 
 bench: build
 	scripts/bench.sh
+
+# Retrains the shipped model models/streamiq-tiny from scratch (about 40 minutes on 2
+# cores; see models/README.md). Not part of `make test`.
+tiny: build
+	scripts/make_tiny.sh models/streamiq-tiny
+
+# The few-shot protocol on the held-out color_cast family (issue figures in README.md).
+few-shot-evidence: build
+	scripts/few_shot_evidence.sh models/streamiq-tiny
 
 clean:
 	cargo clean

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Builds models/streamiq-tiny from nothing but this repository and the photographs in
+# the scikit-image wheel (`make tiny`; about 30 minutes on 2 cores):
+#   1. contrastive pre-training of the dual encoder (scripts/train_tiny.py);
+#   2. a `streamiq distort` task set from training photographs;
+#   3. its image embeddings (`streamiq eval --save-embeddings`);
+#   4. meta-prompt pre-training of the context vectors (`streamiq-adapt pretrain`,
+#      checkpoint chosen on held-out distortion types);
+#   5. the bundle is installed at OUT and evaluated on a distortion set made from
+#      photographs it never saw (global and crops:4 views), reports in WORK/.
+# Usage: scripts/make_tiny.sh [OUT]   (env: WORK=target/tiny SEED=0 STEPS=... TRAIN_GROUPS=...)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${STREAMIQ_VENV:-/opt/streamiq/venv}/bin/python
+OUT=${1:-models/streamiq-tiny}
+WORK=${WORK:-target/tiny}
+SEED=${SEED:-0}
+TRAIN_GROUPS=${TRAIN_GROUPS:-8000}
+STEPS=${STEPS:-2400}
+VAL_TYPES=${VAL_TYPES:-motion_blur,jpeg,contrast}
+SQ=target/release/streamiq
+ADAPT=target/release/streamiq-adapt
+SK=$("$PY" -c 'import pathlib, skimage; print(pathlib.Path(skimage.__file__).parent / "data")')
+TASK_PHOTOS=(astronaut.png hubble_deep_field.jpg ihc.png motorcycle_left.png camera.png grass.png)
+EVAL_PHOTOS=(chelsea.png coffee.png rocket.jpg)
+
+step() { echo "== make_tiny $(date +%H:%M:%S): $*"; }
+for bin in "$SQ" "$ADAPT"; do
+    [[ -x $bin ]] || { echo "make_tiny: $bin is missing; run make build first" >&2; exit 2; }
+done
+mkdir -p "$WORK"
+
+if [[ ${REUSE_BASE:-0} == 1 && -f $WORK/base/manifest.toml ]]; then
+    step "1/5 contrastive pre-training: reusing $WORK/base (REUSE_BASE=1)"
+else
+    step "1/5 contrastive pre-training ($TRAIN_GROUPS groups, $STEPS steps)"
+    rm -rf "$WORK/base"
+    "$PY" scripts/train_tiny.py --out "$WORK/base" --seed "$SEED" --groups "$TRAIN_GROUPS" --steps "$STEPS" \
+        --cache "$WORK/cache"
+fi
+
+step "2/5 distortion tasks from ${#TASK_PHOTOS[@]} training photographs"
+rm -rf "$WORK/tasks"
+"$SQ" distort --out "$WORK/tasks" --seed "$SEED" "${TASK_PHOTOS[@]/#/$SK/}"
+
+step "3/5 task embeddings"
+"$SQ" eval --model "$WORK/base" --labels "$WORK/tasks/labels.csv" \
+    --save-embeddings "$WORK/tasks.safetensors" > "$WORK/base-tasks.txt"
+
+step "4/5 meta-prompt pre-training (validation types: $VAL_TYPES)"
+rm -rf "$WORK/meta"
+"$ADAPT" pretrain --model "$WORK/base" --embeddings "$WORK/tasks.safetensors" --out "$WORK/meta" \
+    --val-types "$VAL_TYPES" --seed "$SEED"
+
+step "5/5 install at $OUT and evaluate on photographs the model never saw"
+rm -rf "$OUT.new"
+cp -r "$WORK/meta" "$OUT.new"
+rm -rf "$OUT"
+mv "$OUT.new" "$OUT"
+rm -rf "$WORK/heldout"
+"$SQ" distort --out "$WORK/heldout" --seed "$SEED" "${EVAL_PHOTOS[@]/#/$SK/}"
+for views in global crops:4; do
+    "$SQ" eval --model "$OUT" --labels "$WORK/heldout/labels.csv" --views "$views" \
+        | tee "$WORK/heldout-${views/:/}.txt"
+done
+du -sh "$OUT"
+step "done: $OUT"
