@@ -8,7 +8,8 @@
 #      checkpoint chosen on held-out distortion types);
 #   5. the bundle is installed at OUT and evaluated on a distortion set made from
 #      photographs it never saw (global and crops:4 views), reports in WORK/.
-# Usage: scripts/make_tiny.sh [OUT]   (env: WORK=target/tiny SEED=0 STEPS=... TRAIN_GROUPS=...)
+# Usage: scripts/make_tiny.sh [OUT]   (env: WORK=target/tiny SEED=0 STEPS=2400 TRAIN_GROUPS=8000;
+#        REUSE_BASE=1 skips step 1 when WORK/base holds a bundle)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${STREAMIQ_VENV:-/opt/streamiq/venv}/bin/python

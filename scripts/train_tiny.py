@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Train streamiq-tiny, streamiq's own small CLIP-style quality model, from scratch.
 
-    train_tiny.py --out DIR [--seed 0] [--groups 9000] [--steps 2400] [--workers 2]
+    train_tiny.py --out DIR [--seed 0] [--groups 8000] [--steps 2400] [--workers N] [--cache DIR]
 
 Everything comes from this repository and the images that ship inside the scikit-image
 wheel (public domain or CC0/CC-BY, listed in models/README.md); nothing is downloaded.

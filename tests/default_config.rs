@@ -23,6 +23,12 @@ const CONFIG: &str = "config/streamiq.toml";
 const MAX_GAP: Duration = Duration::from_secs(3);
 
 fn config_path() -> PathBuf {
+    let frames = repo().join("state/demo/clean/00300.jpg");
+    assert!(
+        frames.is_file(),
+        "{} is missing: the default streams loop over it; run `make demo` (or `make test`)",
+        frames.display()
+    );
     repo().join(CONFIG)
 }
 
