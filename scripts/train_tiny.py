@@ -4,7 +4,7 @@
     train_tiny.py --out DIR [--seed 0] [--groups 8000] [--steps 2400] [--workers N] [--cache DIR]
 
 Everything comes from this repository and the images that ship inside the scikit-image
-wheel (public domain or CC0/CC-BY, listed in models/README.md); nothing is downloaded.
+wheel (their licences are listed in models/README.md); nothing is downloaded.
 
 1. Data. Random square crops of the training photographs (TRAIN_PHOTOS) and of seeded
    procedural "dead leaves" pictures are taken at a random scale (224 to 672 pixels, the
