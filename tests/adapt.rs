@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 
 mod common;
-use common::{Daemon, http, metric, venv_python, wait_until};
+use common::{Daemon, HiddenDirectionLabels, http, metric, venv_python, wait_until};
 
 fn adapt(args: &[&str], model: &Path) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_streamiq-adapt"))
@@ -107,14 +107,12 @@ fn converted_clip_bundles_load_in_the_sidecar_and_the_daemon() {
 /// to it without a restart and without a pause in scoring; rollback returns to v0, and
 /// a bad prompt file is refused while scoring goes on with the previous set.
 fn few_shot_round_hot_swaps_into_a_running_daemon(bundle: &Path) {
-    use streamiq::labels::{LabelStore, NewLabel, Provenance, Rating};
     use streamiq::score::bundle::Bundle;
     use streamiq::score::prompt_store::PromptDir;
 
     let work = tempfile::tempdir().unwrap();
     let b = Bundle::open(bundle).unwrap();
     let dim = b.manifest.embed_dim;
-    let sha = b.manifest.files["visual.onnx"].clone();
     let db = work.path().join("labels.sqlite");
     let cfg = work.path().join("adapt.toml");
     let prompts = work.path().join("prompts");
@@ -179,44 +177,13 @@ fn few_shot_round_hot_swaps_into_a_running_daemon(bundle: &Path) {
         text
     };
 
-    let store = LabelStore::open(&db).unwrap();
-    let mut rng = fastrand::Rng::with_seed(11);
-    let hidden: Vec<f32> = (0..dim).map(|_| rng.f32() - 0.5).collect();
-    let mut add = |i: u64| {
-        let mut e: Vec<f32> = (0..dim).map(|_| rng.f32() - 0.5).collect();
-        let n = e.iter().map(|v| v * v).sum::<f32>().sqrt();
-        e.iter_mut().for_each(|v| *v /= n);
-        let x: f32 = e.iter().zip(&hidden).map(|(a, b)| a * b).sum();
-        let target = 1.0 / (1.0 + (-12.0 * x).exp());
-        store
-            .insert(&NewLabel {
-                stream: "cam".into(),
-                frame_id: i,
-                captured: i as f64,
-                pts: None,
-                rating: Rating::Score(target as f64),
-                labeller: "test".into(),
-                embedding: e,
-                provenance: Provenance {
-                    bundle: b.manifest.name.clone(),
-                    model_sha256: sha.clone(),
-                },
-                prompt_version: 0,
-                model_score: 0.5,
-                thumbnail: vec![0xff, 0xd8, 0xff, 0xd9],
-            })
-            .unwrap();
-    };
-    for i in 0..10 {
-        add(i);
-    }
+    let mut labels = HiddenDirectionLabels::new(&db, &b);
+    labels.add(0..10);
     let text = once();
     assert!(text.contains("not adapting"), "{text}");
     assert!(PromptDir::new(&prompts).versions().is_empty());
 
-    for i in 10..60 {
-        add(i);
-    }
+    labels.add(10..60);
     let text = once();
     let dir = PromptDir::new(&prompts);
     assert_eq!(dir.versions(), vec![1], "{text}");

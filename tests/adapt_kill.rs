@@ -54,40 +54,6 @@ sys.exit(subprocess.run([sys.executable, repo + "/scripts/convert_clip.py",
     work.join("bundle")
 }
 
-/// 60 labels whose targets follow a hidden direction in embedding space (as in
-/// tests/adapt.rs), stored with the bundle's encoder as their provenance.
-fn store_labels(db: &Path, bundle: &streamiq::score::bundle::Bundle) {
-    use streamiq::labels::{LabelStore, NewLabel, Provenance, Rating};
-    let dim = bundle.manifest.embed_dim;
-    let store = LabelStore::open(db).unwrap();
-    let mut rng = fastrand::Rng::with_seed(11);
-    let hidden: Vec<f32> = (0..dim).map(|_| rng.f32() - 0.5).collect();
-    for i in 0..60u64 {
-        let mut e: Vec<f32> = (0..dim).map(|_| rng.f32() - 0.5).collect();
-        let n = e.iter().map(|v| v * v).sum::<f32>().sqrt();
-        e.iter_mut().for_each(|v| *v /= n);
-        let x: f32 = e.iter().zip(&hidden).map(|(a, b)| a * b).sum();
-        store
-            .insert(&NewLabel {
-                stream: "cam".into(),
-                frame_id: i,
-                captured: i as f64,
-                pts: None,
-                rating: Rating::Score(1.0 / (1.0 + (-12.0 * x as f64).exp())),
-                labeller: "test".into(),
-                embedding: e,
-                provenance: Provenance {
-                    bundle: bundle.manifest.name.clone(),
-                    model_sha256: bundle.manifest.files["visual.onnx"].clone(),
-                },
-                prompt_version: 0,
-                model_score: 0.5,
-                thumbnail: vec![0xff, 0xd8, 0xff, 0xd9],
-            })
-            .unwrap();
-    }
-}
-
 fn sha(path: &Path) -> String {
     hex::encode(Sha256::digest(std::fs::read(path).unwrap()))
 }
@@ -372,7 +338,8 @@ fn killing_the_sidecar_leaves_the_previous_prompt_set_active_and_intact() {
     let bundle = streamiq::score::bundle::Bundle::open(&bundle_dir).unwrap();
     let dim = bundle.manifest.embed_dim;
     let db = work.path().join("labels.sqlite");
-    store_labels(&db, &bundle);
+    // 60 labels whose targets follow a hidden direction in embedding space.
+    common::HiddenDirectionLabels::new(&db, &bundle).add(0..60);
     let prompts = work.path().join("prompts");
     let cfg = work.path().join("adapt.toml");
     std::fs::write(

@@ -150,3 +150,62 @@ impl Drop for Daemon {
         let _ = self.0.wait();
     }
 }
+
+/// Labels whose targets follow a hidden direction in embedding space (a logistic of the
+/// projection, slope 12), with random unit embeddings, stored in a real label store with
+/// `bundle`'s encoder as their provenance. Seeded: the same calls give the same labels.
+pub struct HiddenDirectionLabels {
+    store: streamiq::labels::LabelStore,
+    rng: fastrand::Rng,
+    hidden: Vec<f32>,
+    bundle: String,
+    model_sha256: String,
+}
+
+impl HiddenDirectionLabels {
+    /// Opens (or creates) the store at `db`.
+    pub fn new(db: &std::path::Path, bundle: &streamiq::score::bundle::Bundle) -> Self {
+        let mut rng = fastrand::Rng::with_seed(11);
+        let hidden = (0..bundle.manifest.embed_dim)
+            .map(|_| rng.f32() - 0.5)
+            .collect();
+        Self {
+            store: streamiq::labels::LabelStore::open(db).unwrap(),
+            rng,
+            hidden,
+            bundle: bundle.manifest.name.clone(),
+            model_sha256: bundle.manifest.files["visual.onnx"].clone(),
+        }
+    }
+
+    /// Stores one label per frame id in `frames` (stream `cam`).
+    pub fn add(&mut self, frames: std::ops::Range<u64>) {
+        use streamiq::labels::{NewLabel, Provenance, Rating};
+        for i in frames {
+            let mut e: Vec<f32> = (0..self.hidden.len())
+                .map(|_| self.rng.f32() - 0.5)
+                .collect();
+            let n = e.iter().map(|v| v * v).sum::<f32>().sqrt();
+            e.iter_mut().for_each(|v| *v /= n);
+            let x: f32 = e.iter().zip(&self.hidden).map(|(a, b)| a * b).sum();
+            self.store
+                .insert(&NewLabel {
+                    stream: "cam".into(),
+                    frame_id: i,
+                    captured: i as f64,
+                    pts: None,
+                    rating: Rating::Score(1.0 / (1.0 + (-12.0 * x as f64).exp())),
+                    labeller: "test".into(),
+                    embedding: e,
+                    provenance: Provenance {
+                        bundle: self.bundle.clone(),
+                        model_sha256: self.model_sha256.clone(),
+                    },
+                    prompt_version: 0,
+                    model_score: 0.5,
+                    thumbnail: vec![0xff, 0xd8, 0xff, 0xd9],
+                })
+                .unwrap();
+        }
+    }
+}
