@@ -334,22 +334,25 @@ fn few_shot_protocol_bench(bundle: &Path, source: &Path) {
 /// set the text tower reproduces and the daemon's scorer loads.
 fn pretrain_writes_a_loadable_bundle(bundle: &Path, emb: &Path, work: &Path) {
     let out = work.join("pretrained");
-    let o = Command::new(env!("CARGO_BIN_EXE_streamiq-adapt"))
-        .args([
-            "pretrain",
-            "--iterations",
-            "10",
-            "--val-types",
-            "jpeg,contrast",
-            "--model",
-        ])
-        .arg(bundle)
-        .arg("--embeddings")
-        .arg(emb)
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
+    let pretrain = |iterations: &str, val_types: &str| {
+        Command::new(env!("CARGO_BIN_EXE_streamiq-adapt"))
+            .args([
+                "pretrain",
+                "--iterations",
+                iterations,
+                "--val-types",
+                val_types,
+            ])
+            .arg("--model")
+            .arg(bundle)
+            .arg("--embeddings")
+            .arg(emb)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap()
+    };
+    let o = pretrain("10", "jpeg,contrast");
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(
         o.status.success(),
@@ -369,21 +372,6 @@ fn pretrain_writes_a_loadable_bundle(bundle: &Path, emb: &Path, work: &Path) {
     .unwrap();
     assert!(set.metadata["source"].starts_with("streamiq-adapt pretrain"));
     // Refuses to overwrite.
-    let o = Command::new(env!("CARGO_BIN_EXE_streamiq-adapt"))
-        .args([
-            "pretrain",
-            "--iterations",
-            "1",
-            "--val-types",
-            "jpeg",
-            "--model",
-        ])
-        .arg(bundle)
-        .arg("--embeddings")
-        .arg(emb)
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
+    let o = pretrain("1", "jpeg");
     assert_eq!(o.status.code(), Some(2));
 }
