@@ -24,7 +24,7 @@ pub fn jpeg_roundtrip(img: &Image, quality: u8) -> Result<Image, String> {
     Ok(Image::from_rgb8(img.w, img.h, dec.as_raw()))
 }
 
-/// Encodes one frame with H.264 at quantiser `qp` (0..=51) and decodes it again.
+/// Encodes one frame with H.264 at quantiser `qp` (0..=50) and decodes it again.
 /// Odd sizes are padded by edge replication for 4:2:0 and cropped back.
 pub fn h264_roundtrip(img: &Image, qp: u32) -> Result<Image, String> {
     // x264enc's `quantizer` property stops at 50; a larger value is not clamped but
@@ -34,15 +34,20 @@ pub fn h264_roundtrip(img: &Image, qp: u32) -> Result<Image, String> {
     }
     gst::init().map_err(|e| e.to_string())?;
     let (w, h) = (img.w + img.w % 2, img.h + img.h % 2);
-    let mut rgb = Vec::with_capacity(w * h * 3);
+    // GStreamer's packed RGB rows start on 4-byte boundaries: a width whose rows are not
+    // a multiple of 4 bytes (e.g. 614 px) needs the padding, or the frame is misread.
+    let stride = (w * 3 + 3) & !3;
+    let mut rgb = vec![0u8; stride * h];
     for y in 0..h {
+        let row = &mut rgb[y * stride..][..w * 3];
         for x in 0..w {
             let (sx, sy) = (x.min(img.w - 1), y.min(img.h - 1));
-            rgb.extend(
-                img.px[(sy * img.w + sx) * 3..][..3]
-                    .iter()
-                    .map(|v| (v.clamp(0.0, 1.0) * 255.0).round() as u8),
-            );
+            for (d, v) in row[x * 3..][..3]
+                .iter_mut()
+                .zip(&img.px[(sy * img.w + sx) * 3..][..3])
+            {
+                *d = (v.clamp(0.0, 1.0) * 255.0).round() as u8;
+            }
         }
     }
     let launch = format!(
@@ -101,4 +106,40 @@ pub fn h264_roundtrip(img: &Image, qp: u32) -> Result<Image, String> {
     })();
     let _ = pipeline.set_state(gst::State::Null);
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A smooth picture with some texture, `w` x `h`.
+    fn picture(w: usize, h: usize) -> Image {
+        let px = (0..w * h * 3)
+            .map(|i| {
+                let (x, y, c) = ((i / 3) % w, (i / 3) / w, i % 3);
+                let t = (x as f32 * 0.2).sin() * (y as f32 * 0.15).cos() * 0.2;
+                (0.2 + 0.5 * x as f32 / w as f32 + t + c as f32 * 0.1).clamp(0.0, 1.0)
+            })
+            .collect();
+        Image { w, h, px }
+    }
+
+    /// Widths whose RGB rows are not a multiple of 4 bytes (and odd sizes) come back as
+    /// the same picture, not a shifted or blank one (614 px wide once gave a flat green).
+    #[test]
+    fn h264_keeps_the_picture_at_any_width() {
+        for (w, h) in [(64, 48), (614, 38), (577, 33), (70, 41)] {
+            let img = picture(w, h);
+            let out = h264_roundtrip(&img, 30).expect("H.264 round trip");
+            assert_eq!((out.w, out.h), (w, h));
+            let mad = out
+                .px
+                .iter()
+                .zip(&img.px)
+                .map(|(a, b)| (a - b).abs())
+                .sum::<f32>()
+                / img.px.len() as f32;
+            assert!(mad < 0.03, "{w}x{h}: mean abs difference {mad}");
+        }
+    }
 }
