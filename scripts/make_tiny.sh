@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Builds models/streamiq-tiny from nothing but this repository and the photographs in
-# the scikit-image wheel (`make tiny`; about 30 minutes on 2 cores):
+# the scikit-image wheel (`make tiny`; about 40 minutes on 2 cores):
 #   1. contrastive pre-training of the dual encoder (scripts/train_tiny.py);
 #   2. a `streamiq distort` task set from training photographs;
 #   3. its image embeddings (`streamiq eval --save-embeddings`);
 #   4. meta-prompt pre-training of the context vectors (`streamiq-adapt pretrain`,
 #      checkpoint chosen on held-out distortion types);
-#   5. the bundle is installed at OUT and evaluated on a distortion set made from
-#      photographs it never saw (global and crops:4 views), reports in WORK/.
+#   5. the bundle is installed at OUT and evaluated on two distortion sets made from
+#      photographs it never saw (three scikit-image ones; eight photographs from Debian's
+#      mate-backgrounds and lomiri-wallpapers-16.04, reduced to 768 px wide; global and
+#      crops:4 views), reports in WORK/.
 # Usage: scripts/make_tiny.sh [OUT]   (env: WORK=target/tiny SEED=0 STEPS=2400 TRAIN_GROUPS=8000;
 #        REUSE_BASE=1 skips step 1 when WORK/base holds a bundle)
 set -euo pipefail
@@ -24,6 +26,9 @@ ADAPT=target/release/streamiq-adapt
 SK=$("$PY" -c 'import pathlib, skimage; print(pathlib.Path(skimage.__file__).parent / "data")')
 TASK_PHOTOS=(astronaut.png hubble_deep_field.jpg ihc.png motorcycle_left.png camera.png grass.png)
 EVAL_PHOTOS=(chelsea.png coffee.png rocket.jpg)
+BG=/usr/share/backgrounds
+EVAL_WALLPAPERS=("$BG"/mate/nature/{Storm,LadyBird}.jpg "$BG"/{Wine_by_Jakkub_Mede,Bridge_by_Sander_Klootwijk}.jpg
+    "$BG"/{aitzgorri,life,friends}_by_Aitzol_Berasategi.jpg "$BG"/Picture_0B_by_freespace.jpg)
 
 step() { echo "== make_tiny $(date +%H:%M:%S): $*"; }
 for bin in "$SQ" "$ADAPT"; do
@@ -60,9 +65,17 @@ rm -rf "$OUT"
 mv "$OUT.new" "$OUT"
 rm -rf "$WORK/heldout"
 "$SQ" distort --out "$WORK/heldout" --seed "$SEED" "${EVAL_PHOTOS[@]/#/$SK/}"
-for views in global crops:4; do
-    "$SQ" eval --model "$OUT" --labels "$WORK/heldout/labels.csv" --views "$views" \
-        | tee "$WORK/heldout-${views/:/}.txt"
+rm -rf "$WORK/heldout-photos" "$WORK/heldout-photos-src"
+mkdir -p "$WORK/heldout-photos-src"
+for f in "${EVAL_WALLPAPERS[@]}"; do
+    ffmpeg -v error -y -i "$f" -vf scale=768:-2:flags=area "$WORK/heldout-photos-src/$(basename "${f%.*}").png"
+done
+"$SQ" distort --out "$WORK/heldout-photos" --seed "$SEED" "$WORK"/heldout-photos-src/*.png
+for set in heldout heldout-photos; do
+    for views in global crops:4; do
+        "$SQ" eval --model "$OUT" --labels "$WORK/$set/labels.csv" --views "$views" \
+            | tee "$WORK/$set-${views/:/}.txt"
+    done
 done
 du -sh "$OUT"
 step "done: $OUT"
