@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 
 mod common;
-use common::{Daemon, HiddenDirectionLabels, http, metric, venv_python, wait_until};
+use common::{Daemon, HiddenDirectionLabels, http, metric, run_ok, venv_python, wait_until};
 
 fn adapt(args: &[&str], model: &Path) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_streamiq-adapt"))
@@ -163,18 +163,12 @@ fn few_shot_round_hot_swaps_into_a_running_daemon(bundle: &Path) {
     wait_until("frames scored", || scored() >= 3.0);
     assert_eq!(metric(&addr, "streamiq_prompt_version"), 0.0);
     let once = || {
-        let o = Command::new(env!("CARGO_BIN_EXE_streamiq-adapt"))
-            .args(["once", "--config"])
-            .arg(&cfg)
-            .output()
-            .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-        assert!(o.status.success(), "{text}");
-        text
+        run_ok(
+            Command::new(env!("CARGO_BIN_EXE_streamiq-adapt"))
+                .args(["once", "--config"])
+                .arg(&cfg),
+        )
+        .text()
     };
 
     let mut labels = HiddenDirectionLabels::new(&db, &b);
@@ -270,16 +264,7 @@ fn few_shot_round_hot_swaps_into_a_running_daemon(bundle: &Path) {
 /// the protocol runs and reports the three methods.
 fn few_shot_protocol_bench(bundle: &Path, source: &Path) {
     let work = tempfile::tempdir().unwrap();
-    let run = |cmd: &mut Command| {
-        let o = cmd.output().unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-        assert!(o.status.success(), "{text}");
-        text
-    };
+    let run = |cmd: &mut Command| run_ok(cmd).text();
     let set = work.path().join("set");
     run(Command::new(env!("CARGO_BIN_EXE_streamiq"))
         .args([

@@ -23,7 +23,7 @@ use streamiq::score::prompt_store::{PromptDir, PromptManager};
 use streamiq::score::prompts::PromptSet;
 
 mod common;
-use common::venv_python;
+use common::{run_ok, venv_python};
 
 /// Converts the seeded small open_clip model of the conversion tests into a bundle.
 fn small_clip_bundle(work: &Path) -> PathBuf {
@@ -358,11 +358,9 @@ fn killing_the_sidecar_leaves_the_previous_prompt_set_active_and_intact() {
 
     // A full round, timed: v0001, promoted.
     let t0 = Instant::now();
-    let o = once_cmd(&cfg).output().unwrap();
+    let text = run_ok(&mut once_cmd(&cfg)).text();
     let full = t0.elapsed();
     eprintln!("a full round: {full:?}");
-    let text = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "{text}");
     let dir = PromptDir::new(&prompts);
     assert_eq!(dir.versions(), vec![1], "{text}");
     assert_eq!(dir.active().unwrap(), Some(1), "{text}");
@@ -416,9 +414,7 @@ fn killing_the_sidecar_leaves_the_previous_prompt_set_active_and_intact() {
         .into_iter()
         .filter(|n| temp_pid(n).is_some())
         .collect();
-    let o = once_cmd(&cfg).output().unwrap();
-    let text = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "{text}");
+    let text = run_ok(&mut once_cmd(&cfg)).text();
     let last = *written.keys().nth_back(0).unwrap();
     assert_eq!(dir.versions().last(), Some(&(last + 1)), "{text}");
     PromptSet::load(&dir.path(last + 1), dim).unwrap();

@@ -7,21 +7,15 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 mod common;
-use common::{repo, venv_python};
+use common::{repo, run_ok, venv_python};
 
 fn tiny() -> PathBuf {
     repo().join("models/streamiq-tiny")
 }
 
+/// Standard output of `cmd`, which must succeed.
 fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{cmd:?} failed:\n{text}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    run_ok(cmd).stdout
 }
 
 fn parity(model: &Path) -> String {

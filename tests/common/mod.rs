@@ -22,6 +22,30 @@ pub fn bundle() -> PathBuf {
     b
 }
 
+/// What a finished command printed.
+pub struct Ran {
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Ran {
+    /// Standard output followed by standard error.
+    pub fn text(&self) -> String {
+        format!("{}{}", self.stdout, self.stderr)
+    }
+}
+
+/// Runs `cmd` to the end and asserts that it succeeded, showing all it printed if not.
+pub fn run_ok(cmd: &mut std::process::Command) -> Ran {
+    let o = cmd.output().unwrap();
+    let ran = Ran {
+        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+    };
+    assert!(o.status.success(), "{cmd:?} failed:\n{}", ran.text());
+    ran
+}
+
 /// The project venv's Python (`scripts/setup.sh`).
 pub fn venv_python() -> PathBuf {
     let venv = std::env::var_os("STREAMIQ_VENV")
