@@ -50,7 +50,8 @@ pub struct PipelineSpec {
     pub source: Source,
     /// Frames per second to keep; `None` = every frame.
     pub sample_fps: Option<f64>,
-    /// Live pacing (leaky queue, clock sync) or as fast as possible.
+    /// Real-time pacing (a non-live source: clock sync at the sink; a live one: a leaky
+    /// queue, no sync, see [`configure_live`]) or as fast as possible.
     pub realtime: bool,
     /// Model input side.
     pub input_size: u32,
