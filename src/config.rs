@@ -255,7 +255,7 @@ fn default_true() -> bool {
 /// Where a stream's frames come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
-    /// Opened with `uridecodebin3`.
+    /// Opened with `uridecodebin3` (`uridecodebin` for `file:` URIs).
     Uri(String),
     /// A launch line that ends in raw video.
     Pipeline(String),

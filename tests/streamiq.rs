@@ -704,6 +704,55 @@ fn distort_writes_a_deterministic_labelled_set_that_eval_reads() {
     assert!(r["all"]["srcc"].as_f64().unwrap().abs() <= 1.0);
 }
 
+/// Hundreds of still images scanned one after another in one process: each must give
+/// its frame at once. (decodebin3 in GStreamer 1.22 now and then never finished stream
+/// selection on one of them: a 10 s stall, twice in a row failing the file.)
+#[test]
+fn hundreds_of_still_images_scan_without_a_stall() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sources = Vec::new();
+    for hue in [0, 90, 180, 270] {
+        let src = dir.path().join(format!("src{hue}.png"));
+        common::synth(
+            &format!("testsrc2=size=160x120:rate=1,hue=h={hue}"),
+            &["-frames:v", "1"],
+            &src,
+        );
+        sources.push(src);
+    }
+    let set = dir.path().join("set");
+    common::run_ok(
+        Command::new(bin())
+            .args(["distort", "--seed", "0", "--size", "120", "--out"])
+            .arg(&set)
+            .args(&sources),
+    );
+    let mut images: Vec<_> = std::fs::read_dir(set.join("images"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    images.sort();
+    assert_eq!(images.len(), 4 * 66);
+    let ran = common::run_ok(
+        Command::new(bin())
+            .args(["score", "--model"])
+            .arg(bundle())
+            .args(&images)
+            .args(&images),
+    );
+    assert!(
+        !ran.stderr.contains("stalled"),
+        "a still image stalled:\n{}",
+        ran.stderr
+    );
+    assert_eq!(
+        ran.stdout.lines().count(),
+        2 * images.len(),
+        "{}",
+        ran.text()
+    );
+}
+
 #[test]
 fn crops_view_scores_every_frame_at_native_scale() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,7 +1,7 @@
 //! One GStreamer pipeline per stream:
 //!
 //! ```text
-//! uridecodebin3 uri=… | <launch line>
+//! uridecodebin3 uri=… (uridecodebin for file: URIs) | <launch line>
 //!   -> queue (leaky for live sources) -> videorate (sample_fps) -> videoconvertscale
 //!   -> capsfilter (RGB at the model's working size) -> appsink
 //! ```
@@ -203,7 +203,15 @@ fn add_source(
 ) -> Result<(), IngestError> {
     match source {
         Source::Uri(uri) => {
-            let dec = make("uridecodebin3")?;
+            // decodebin3 in GStreamer 1.22 now and then never finishes stream selection
+            // on a local file (about one still image in a hundred when many are opened
+            // one after another in one process): no frame, no error, no end of stream.
+            // Local files do not need its stream switching; decodebin (v2) is reliable there.
+            let dec = make(if is_file_uri(uri) {
+                "uridecodebin"
+            } else {
+                "uridecodebin3"
+            })?;
             dec.set_property("uri", uri);
             pipeline
                 .add(&dec)
@@ -245,6 +253,11 @@ fn add_source(
         }
     }
     Ok(())
+}
+
+fn is_file_uri(uri: &str) -> bool {
+    uri.get(..5)
+        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("file:"))
 }
 
 fn is_video(pad: &gst::Pad) -> bool {
