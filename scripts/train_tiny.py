@@ -3,23 +3,26 @@
 
     train_tiny.py --out DIR [--seed 0] [--groups 8000] [--steps 2400] [--workers N] [--cache DIR]
 
-Everything comes from this repository and the images that ship inside the scikit-image
-wheel (their licences are listed in models/README.md); nothing is downloaded.
+Everything comes from this repository, the photographs that ship inside the scikit-image
+wheel and photographs from Debian packages (scripts/setup.sh installs them; licences in
+models/README.md); nothing is downloaded.
 
-1. Data. Random square crops of the training photographs (TRAIN_PHOTOS) and of seeded
-   procedural "dead leaves" pictures are taken at a random scale (224 to 672 pixels, the
+1. Data. Random square crops of the training photographs (TRAIN_PHOTOS, DEBIAN_PHOTOS;
+   each reduced to a short side of at most PHOTO_SIDE) and of seeded procedural
+   "dead leaves" pictures are taken at a random scale (224 to 672 pixels, the
    range the daemon's `global` and `crops:N` views see), distorted with Python
    re-implementations of the 13 standard `streamiq distort` kinds at continuous levels
    0.5-5.5 (H.264 through ffmpeg/libx264), and reduced to the 224-pixel model input.
    A group is a clean crop with three distorted versions of it (two levels of one kind,
    one of another). `color_cast` is never made: it is the family kept for few-shot
-   evidence. EVAL_PHOTOS are never read.
+   evidence. EVAL_PHOTOS and the eight wallpapers of make_tiny's evaluation are never read.
 2. Captions name the content and the degradation ("a heavily blurry photo of a cat.",
    "a high quality photo of a rocket.") and are tokenised with the real CLIP BPE; the
    text tower's vocabulary is the set of BPE ids those captions and the bundle's
    prompts use, renumbered from 0 (text/vocab.json maps them back).
-3. Model. Image tower: a 7-layer convolutional network with mean and standard-deviation
-   pooling at five scales (local statistics are what blur, noise and blockiness change),
+3. Model. Image tower: a 7-layer convolutional network with mean, standard-deviation and
+   power-mean pooling at five scales (local statistics are what blur, noise and
+   blockiness change; the power mean keeps sharp detail in part of a picture visible),
    then a 2-layer head to D=128. Text tower: CLIP's causal transformer (width 128,
    3 layers, 4 heads, context 32), OpenAI naming, so the daemon and `streamiq-adapt`
    run it with the same code as a converted CLIP.
@@ -35,6 +38,7 @@ Meta-prompt pre-training (`streamiq-adapt pretrain`) runs afterwards on this bun
 `make tiny` runs both (see models/README.md).
 """
 import argparse
+import functools
 import json
 import math
 import os
@@ -72,10 +76,51 @@ TRAIN_PHOTOS = [
     ("coins.png", "coins", False),
     ("cell.png", "a cell", False),
 ]
-# Never used for training: the evaluation set is made from these (models/README.md).
+# Further training photographs from Debian packages that scripts/setup.sh installs
+# (opencv-doc, plasma-workspace-wallpapers, mate-backgrounds, lomiri-wallpapers-16.04 and
+# -20.04; licences in models/README.md): (path under /usr/share, what the caption calls it).
+SHARE = Path("/usr/share")
+CV = "doc/opencv-doc/examples/data/"
+PW = "wallpapers/{}/contents/images/"
+DEBIAN_PHOTOS = [
+    ("doc/opencv-doc/examples/alphamat/input_images/plant.jpg", "a plant"),
+    (CV + "fruits.jpg", "fruit"), (CV + "baboon.jpg", "a baboon"), (CV + "leuvenA.jpg", "an old street"),
+    (CV + "squirrel_cls.jpg", "a squirrel"), (CV + "home.jpg", "a house"), (CV + "aloeL.jpg", "a plant"),
+    (CV + "board.jpg", "a circuit board"), (CV + "basketball1.png", "people indoors"),
+    (CV + "orange.jpg", "an orange"), (CV + "chicky_512.png", "a dog"), (CV + "rubberwhale1.png", "toys"),
+    (CV + "smarties.png", "sweets"), (CV + "messi5.jpg", "a football player"),
+    (CV + "ela_original.jpg", "a notebook"), (CV + "graf1.png", "graffiti"), (CV + "aero1.jpg", "a town"),
+    (CV + "building.jpg", "a building"), (CV + "box_in_scene.png", "boxes"), (CV + "apple.jpg", "an apple"),
+    (CV + "butterfly.jpg", "a butterfly"),
+    (PW.format("BytheWater") + "2560x1600.jpg", "boats on a lake"),
+    (PW.format("ColdRipple") + "2560x1600.jpg", "a pier in fog"),
+    (PW.format("ColorfulCups") + "2560x1600.jpg", "cups"),
+    (PW.format("DarkestHour") + "2560x1600.jpg", "a lake at night"),
+    (PW.format("EveningGlow") + "2560x1600.jpg", "boats at sunset"),
+    (PW.format("FallenLeaf") + "2560x1600.jpg", "a leaf"),
+    (PW.format("Grey") + "2560x1600.jpg", "a building"),
+    (PW.format("Kite") + "2560x1600.jpg", "a kite in the sky"),
+    (PW.format("OneStandsOut") + "2560x1600.jpg", "trees"),
+    (PW.format("Path") + "2560x1600.jpg", "a forest"),
+    (PW.format("Volna") + "5120x2880.jpg", "a beach"),
+    (PW.format("summer_1am") + "2560x1600.jpg", "a lake"),
+    ("backgrounds/Dragonfly_by_Bolly.jpg", "leaves"), ("backgrounds/Kleiber_by_Lukas_Baubkus.jpg", "a bird"),
+    ("backgrounds/Picture_1A_by_freespace.jpg", "brushes"), ("backgrounds/free_by_Peter_Nerlich.jpg", "a bird"),
+    ("backgrounds/greentock_by_Peter_Nerlich.jpg", "a clock"),
+    ("backgrounds/picosdeeuropa_by_Aitzol_Berasategi.jpg", "mountains"),
+    ("backgrounds/seeding_by_Clements_Engelhardt.jpg", "flowers"),
+    ("backgrounds/sunset_by_Aitzol_Berasategi.jpg", "a sunset"),
+    *((f"backgrounds/mate/nature/{f}.jpg", c) for f, c in [
+        ("Aqua", "a water drop"), ("Blinds", "a leaf"), ("Dune", "grass on a dune"), ("FreshFlower", "a flower"),
+        ("Garden", "a flower"), ("GreenMeadow", "grass"), ("RainDrops", "leaves with rain drops"),
+        ("TwoWings", "a flower"), ("Wood", "wood"), ("YellowFlower", "a flower")]),
+]
+PHOTO_SIDE = 600    # photographs are reduced at load to at most this short side
+# Never used for training: the evaluation sets are made from these (models/README.md)
+# and from the eight wallpapers scripts/make_tiny.sh names.
 EVAL_PHOTOS = ["chelsea.png", "coffee.png", "rocket.jpg"]
 
-DATA_VERSION = 3    # bump when the data generation changes (names the cache file)
+DATA_VERSION = 4    # bump when the data generation changes (names the cache file)
 SIZE = 224          # model input
 STORE = 176         # stored centre crop of the 224 image; training crops TRAIN_CROP from it
 TRAIN_CROP = 160
@@ -126,11 +171,27 @@ def log(msg):
 # Source pictures.
 # ---------------------------------------------------------------------------------------
 
-def load_photo(name):
-    img = cv2.imread(str(SKIMAGE_DATA / name), cv2.IMREAD_COLOR)
+@functools.lru_cache(maxsize=None)
+def load_photo(path):
+    """RGB uint8, reduced (area) to a short side of at most PHOTO_SIDE."""
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if img is None:
-        raise SystemExit(f"train_tiny: cannot read {SKIMAGE_DATA / name}")
+        raise SystemExit(f"train_tiny: cannot read {path} (scripts/setup.sh installs the training photographs)")
+    h, w = img.shape[:2]
+    if min(h, w) > PHOTO_SIDE:
+        f = PHOTO_SIDE / min(h, w)
+        img = cv2.resize(img, (round(w * f), round(h * f)), interpolation=cv2.INTER_AREA)
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def training_photos():
+    """[(path, caption content, colour?)] for every training photograph."""
+    out = [(SKIMAGE_DATA / f, content, colour) for f, content, colour in TRAIN_PHOTOS]
+    for rel, content in DEBIAN_PHOTOS:
+        img = load_photo(SHARE / rel)
+        colour = float(np.abs(img.astype(np.int16) - img[..., :1]).mean()) > 2.0
+        out.append((SHARE / rel, content, colour))
+    return out
 
 
 def dead_leaves(rng, size=704):
@@ -307,7 +368,7 @@ def make_chunk(args):
     seed, n, n_leaves = args
     rng = np.random.default_rng(seed)
     cv2.setNumThreads(1)
-    photos = [(load_photo(f), content, colour) for f, content, colour in TRAIN_PHOTOS]
+    photos = [(load_photo(f), content, colour) for f, content, colour in training_photos()]
     leaves = [(dead_leaves(rng), "colourful shapes", True) for _ in range(n_leaves)]
     weights = np.array([2.0 if colour else 1.0 for _, _, colour in photos])
     weights /= weights.sum()
@@ -383,10 +444,14 @@ def conv(cin, cout, stride):
     return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
-def mean_std(x):
+def pool_stats(x):
+    """Per channel: mean, standard deviation and the power mean (p = 4) of the
+    non-negative activations. The power mean follows the strongest responses, so sharp
+    detail in part of a picture (a bridge against a plain sky) still registers."""
     m = x.mean(dim=(2, 3))
     v = (x - m[:, :, None, None]).pow(2).mean(dim=(2, 3))
-    return torch.cat([m, (v + 1e-6).sqrt()], dim=1)
+    p4 = (x.pow(4).mean(dim=(2, 3)) + 1e-6).pow(0.25)
+    return torch.cat([m, (v + 1e-6).sqrt(), p4], dim=1)
 
 
 class TinyVisual(nn.Module):
@@ -399,14 +464,14 @@ class TinyVisual(nn.Module):
         self.s3 = conv(48, 96, 2)
         self.s4 = nn.Sequential(conv(96, 128, 2), conv(128, 128, 1))
         self.s5 = conv(128, 192, 2)
-        self.head = nn.Sequential(nn.Linear(2 * (32 + 48 + 96 + 128 + 192), 256), nn.ReLU(inplace=True),
+        self.head = nn.Sequential(nn.Linear(3 * (32 + 48 + 96 + 128 + 192), 256), nn.ReLU(inplace=True),
                                   nn.Linear(256, dim))
 
     def forward(self, pixels):
         feats, x = [], pixels
         for stage in (self.s1, self.s2, self.s3, self.s4, self.s5):
             x = stage(x)
-            feats.append(mean_std(x))
+            feats.append(pool_stats(x))
         return self.head(torch.cat(feats, dim=1))
 
 
@@ -644,7 +709,9 @@ def main():
             images, meta, caps = z["images"], z["meta"], [str(c) for c in z["caps"]]
         log(f"data: loaded {cache}")
     else:
-        log(f"data: {a.groups} groups x 4 images from {len(TRAIN_PHOTOS)} photographs and dead-leaves pictures")
+        # (The photographs are read in the workers only: OpenCV's thread pool does not survive a fork.)
+        log(f"data: {a.groups} groups x 4 images from {len(TRAIN_PHOTOS) + len(DEBIAN_PHOTOS)} photographs "
+            "and dead-leaves pictures")
         images, meta, caps = build_dataset(a.groups, a.workers, a.seed)
         if cache:
             cache.parent.mkdir(parents=True, exist_ok=True)
@@ -661,8 +728,9 @@ def main():
     info = OrderedDict(
         generator=f"scripts/train_tiny.py --seed {a.seed} --groups {a.groups} --steps {a.steps} "
                   f"--batch-groups {a.batch_groups}",
-        purpose="streamiq's own quality model, trained on synthetic distortions of scikit-image photographs",
-        train_photos=" ".join(f for f, _, _ in TRAIN_PHOTOS),
+        purpose="streamiq's own quality model, trained on synthetic distortions of freely licensed photographs",
+        train_photos=" ".join([f for f, _, _ in TRAIN_PHOTOS] + [Path(r).parent.parent.parent.name if "/contents/" in r
+                                                                   else Path(r).name for r, _ in DEBIAN_PHOTOS]),
         held_out_photos=" ".join(EVAL_PHOTOS),
         held_out_kinds="color_cast",
     )

@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use streamiq::eval::spearman;
 
 mod common;
 use common::{repo, run_ok, venv_python};
@@ -170,29 +171,14 @@ fn default_config_scan_puts_degraded_photo_pans_below_their_clean_twins() {
     );
 }
 
-/// Spearman's rank correlation of two equally long samples without ties.
-fn spearman(a: &[f64], b: &[f64]) -> f64 {
-    let ranks = |v: &[f64]| {
-        let mut idx: Vec<usize> = (0..v.len()).collect();
-        idx.sort_by(|&i, &j| v[i].total_cmp(&v[j]));
-        let mut r = vec![0.0; v.len()];
-        for (rank, i) in idx.into_iter().enumerate() {
-            r[i] = rank as f64;
-        }
-        r
-    };
-    let (ra, rb) = (ranks(a), ranks(b));
-    let n = a.len() as f64;
-    let d2: f64 = ra.iter().zip(&rb).map(|(x, y)| (x - y).powi(2)).sum();
-    1.0 - 6.0 * d2 / (n * (n * n - 1.0))
-}
-
 /// The second evaluation set of models/README.md, made as `scripts/make_tiny.sh` makes
 /// it: eight camera photographs the model never saw (Debian wallpaper packages that
 /// scripts/setup.sh installs), reduced to 768 px wide, with the six kinds of our
 /// real-photograph check at five levels. Inside each picture, level 5 must score below
-/// the clean picture for every kind, and the levels must be ranked well on average
-/// (measured: every case, mean within-picture SRCC 0.89).
+/// the clean picture for every kind and the levels must be ranked well on average
+/// (measured: every case, mean within-picture SRCC 0.925); across the eight pictures,
+/// the mean per-kind SRCC between score and level must stay at least 0.7 (measured
+/// 0.775; the previous model, trained on 12 photographs, measured 0.66).
 #[test]
 fn shipped_model_ranks_levels_inside_unseen_camera_photographs() {
     let bg = Path::new("/usr/share/backgrounds");
@@ -260,6 +246,7 @@ fn shipped_model_ranks_levels_inside_unseen_camera_photographs() {
     let per_photo = 1 + 5 * kinds.len();
     let mut within = Vec::new();
     let mut failures = Vec::new();
+    let mut pooled = vec![(Vec::new(), Vec::new()); kinds.len()];
     for ((stem, _), s) in sources.iter().zip(s.chunks(per_photo)) {
         for (k, kind) in kinds.iter().enumerate() {
             let ladder: Vec<f64> = std::iter::once(s[0])
@@ -271,14 +258,23 @@ fn shipped_model_ranks_levels_inside_unseen_camera_photographs() {
             }
             let levels: Vec<f64> = (0..6).map(|l| -(l as f64)).collect();
             within.push(spearman(&levels, &ladder));
+            pooled[k].0.extend(levels);
+            pooled[k].1.extend(ladder);
         }
     }
     let mean = within.iter().sum::<f64>() / within.len() as f64;
     println!("mean within-picture SRCC {mean:.3}");
+    let per_kind: Vec<f64> = pooled.iter().map(|(l, s)| spearman(l, s)).collect();
+    let across = per_kind.iter().sum::<f64>() / per_kind.len() as f64;
+    println!("SRCC across the pictures, per kind {per_kind:.3?}, mean {across:.3}");
     assert!(
         failures.is_empty(),
         "level 5 not below the clean picture:\n{}",
         failures.join("\n")
     );
-    assert!(mean >= 0.8, "mean within-picture SRCC {mean:.3}");
+    assert!(mean >= 0.88, "mean within-picture SRCC {mean:.3}");
+    assert!(
+        across >= 0.7,
+        "mean per-kind SRCC across the pictures {across:.3}: {per_kind:.3?}"
+    );
 }
