@@ -9,9 +9,9 @@
 #      checkpoint chosen on held-out distortion types);
 #   5. the bundle is installed at OUT and evaluated on two distortion sets made from
 #      photographs it never saw (three scikit-image ones; eight photographs from Debian's
-#      mate-backgrounds and lomiri-wallpapers-16.04, reduced to 768 px wide; global and
-#      crops:4 views), reports in WORK/.
-# Usage: scripts/make_tiny.sh [OUT]   (env: WORK=target/tiny SEED=0 STEPS=2400 TRAIN_GROUPS=8000;
+#      mate-backgrounds and lomiri-wallpapers-16.04, reduced to 768 px wide; twelve GCompris
+#      photographs kept aside, reduced as for training; global and crops:4 views), reports in WORK/.
+# Usage: scripts/make_tiny.sh [OUT]   (env: WORK=target/tiny SEED=0 STEPS=2400 TRAIN_GROUPS=12000;
 #        REUSE_BASE=1 skips step 1 when WORK/base holds a bundle)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +19,7 @@ PY=${STREAMIQ_VENV:-/opt/streamiq/venv}/bin/python
 OUT=${1:-models/streamiq-tiny}
 WORK=${WORK:-target/tiny}
 SEED=${SEED:-0}
-TRAIN_GROUPS=${TRAIN_GROUPS:-8000}
+TRAIN_GROUPS=${TRAIN_GROUPS:-12000}
 STEPS=${STEPS:-2400}
 VAL_TYPES=${VAL_TYPES:-motion_blur,jpeg,contrast}
 SQ=target/release/streamiq
@@ -72,7 +72,10 @@ for f in "${EVAL_WALLPAPERS[@]}"; do
     ffmpeg -v error -y -i "$f" -vf scale=768:-2:flags=area "$WORK/heldout-photos-src/$(basename "${f%.*}").png"
 done
 "$SQ" distort --out "$WORK/heldout-photos" --seed "$SEED" "$WORK"/heldout-photos-src/*.png
-for set in heldout heldout-photos; do
+rm -rf "$WORK/heldout-gcompris" "$WORK/heldout-gcompris-src"
+"$PY" scripts/train_tiny.py --write-held-out "$WORK/heldout-gcompris-src"
+"$SQ" distort --out "$WORK/heldout-gcompris" --seed "$SEED" "$WORK"/heldout-gcompris-src/*.png
+for set in heldout heldout-photos heldout-gcompris; do
     for views in global crops:4; do
         "$SQ" eval --model "$OUT" --labels "$WORK/$set/labels.csv" --views "$views" \
             | tee "$WORK/$set-${views/:/}.txt"

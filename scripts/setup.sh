@@ -10,8 +10,9 @@ VENV=${STREAMIQ_VENV:-/opt/streamiq/venv}
 APT_PACKAGES=(pkg-config libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev
   gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad
   gstreamer1.0-plugins-ugly gstreamer1.0-libav gstreamer1.0-tools ffmpeg prometheus sqlite3 chromium curl
-  mate-backgrounds lomiri-wallpapers-16.04 lomiri-wallpapers-20.04 plasma-workspace-wallpapers opencv-doc)
-# The last five hold photographs (GPL-2+, CC-BY-*, CC0, BSD-3-Clause) that
+  mate-backgrounds lomiri-wallpapers-16.04 lomiri-wallpapers-20.04 plasma-workspace-wallpapers opencv-doc
+  gcompris-qt-data palapeli-data)
+# The last seven hold photographs (GPL-2+, GPL-3+, CC-BY-*, CC0, GFDL, public domain, BSD-3-Clause) that
 # scripts/train_tiny.py trains streamiq-tiny on and scripts/make_tiny.sh evaluates it on
 # (eight of them, never trained on); models/README.md lists which.
 # torchvision is pinned because open_clip_torch would otherwise pull a newer one that

@@ -1,14 +1,15 @@
 #!/usr/bin/env python3
 """Train streamiq-tiny, streamiq's own small CLIP-style quality model, from scratch.
 
-    train_tiny.py --out DIR [--seed 0] [--groups 8000] [--steps 2400] [--workers N] [--cache DIR]
+    train_tiny.py --out DIR [--seed 0] [--groups 12000] [--steps 2400] [--workers N] [--cache DIR]
 
 Everything comes from this repository, the photographs that ship inside the scikit-image
 wheel and photographs from Debian packages (scripts/setup.sh installs them; licences in
 models/README.md); nothing is downloaded.
 
-1. Data. Random square crops of the training photographs (TRAIN_PHOTOS, DEBIAN_PHOTOS;
-   each reduced to a short side of at most PHOTO_SIDE) and of seeded procedural
+1. Data. Random square crops of the 200 training photographs (TRAIN_PHOTOS, DEBIAN_PHOTOS,
+   GCOMPRIS_PHOTOS, PALAPELI_PHOTOS; each reduced to a short side of at most PHOTO_SIDE,
+   WebP ones by at least WEBP_REDUCTION) and of seeded procedural
    "dead leaves" pictures are taken at a random scale (224 to 672 pixels, the
    range the daemon's `global` and `crops:N` views see), distorted with Python
    re-implementations of the 13 standard `streamiq distort` kinds at continuous levels
@@ -43,9 +44,11 @@ import json
 import math
 import os
 import subprocess
+import struct
 import sys
 import tempfile
 import time
+import zlib
 from collections import OrderedDict
 from multiprocessing import Pool
 from pathlib import Path
@@ -115,12 +118,63 @@ DEBIAN_PHOTOS = [
         ("Garden", "a flower"), ("GreenMeadow", "grass"), ("RainDrops", "leaves with rain drops"),
         ("TwoWings", "a flower"), ("Wood", "wood"), ("YellowFlower", "a flower")]),
 ]
+# Photographs inside GCompris' Qt resource files (gcompris-qt-data; GPL-3+, some CC-BY-SA
+# or public domain, per its debian/copyright): (resource file, folder inside it, names,
+# what the caption calls them). Only photographs; the paintings and drawings are left out.
+GCOMPRIS = Path("/usr/share/gcompris-qt/rcc")
+GCOMPRIS_PHOTOS = [
+    ("erase", "gcompris/src/activities/erase/resource/", """alpaca bee butterfly calf camels caterpillar
+     chamaeleon cheetah crab dolphin flying_fox gibbon giraffe goat gorilla gosling heron horse kingfisher
+     long_nosed_monkey macaque meerkats northern_harrier nubian_ibex pika rhinoceros spoonbills squirrel
+     swans""", "an animal"),
+    ("explore_world_animals", "gcompris/src/activities/explore_world_animals/resource/animals/", """bison
+     chameleon crocodile dragon giraffe hedgehog jaguar kangaroo lemur narwhal panda polar_bear
+     scarlet_macaw""", "an animal"),
+    ("explore_farm_animals", "gcompris/src/activities/explore_farm_animals/resource/animals/",
+     "cat chicken cow dog duck horse owl pig", "a farm animal"),
+    ("explore_monuments", "gcompris/src/activities/explore_monuments/resource/", """egypt/bentPyramid
+     egypt/greatPyramidOfGiza egypt/meidumPyramid egypt/redPyramid france/arlesAmphitheater
+     france/chateaudeChambord france/chateaudeChenonceau france/citedeCarcassonne france/eiffelTower
+     france/palaisdesPapes france/pontduGard france/reimsCathedral france/rocamadour germany/aulaPalatina
+     germany/berlinCathedral germany/brandenburgGate germany/neuschwansteinCastle germany/schwerinPalace
+     germany/trierImperialBaths germany/wormsCathedral india/ajantaCave india/charminar
+     india/gatewayofIndia india/goldenTemple india/greatStupa india/konarkSunTemple india/mysorePalace
+     india/qutubMinar india/rangGhar india/victoriaMemorial usa/cabrillo usa/canyondeChelly
+     usa/castillodeSanMarcos usa/castleClinton usa/fortSumter usa/georgeWashingtonBirthplace
+     usa/lincolnMemorial usa/navajo usa/statueofLiberty wonders/chichenItza wonders/christTheRedeemer
+     wonders/greatWallofChina wonders/machuPicchu wonders/petra wonders/tajMahal""", "a monument"),
+    ("details", "gcompris/src/activities/details/resource/image/", """Chenonceau_background
+     EgeskovSlotSpejling_background EilanDonanCastle_background FanoeWindmill_background
+     GizahPyramids_background NDP_background Nagoya_background Neuschwanstein_background
+     OperaSidney_background TajMahal_background TowerBridgeLondon_background""", "a monument"),
+    ("explore_world_music", "gcompris/src/activities/explore_world_music/resource/music/",
+     "africa america australia ireland italy japan mexico middleeast", "musicians"),
+    ("clickgame", "gcompris/src/activities/clickgame/resource/", "sea1 sea2 sea3 sea4 sea5 sea6",
+     "a coral reef"),
+]
+# Never used for training: GCompris photographs kept aside for the third evaluation set of
+# scripts/make_tiny.sh (`--write-held-out`).
+GCOMPRIS_HELD_OUT = [
+    ("erase", "gcompris/src/activities/erase/resource/", "kitten penguin red_panda toucan"),
+    ("explore_world_animals", "gcompris/src/activities/explore_world_animals/resource/animals/", "koala moose"),
+    ("explore_farm_animals", "gcompris/src/activities/explore_farm_animals/resource/animals/", "sheep"),
+    ("explore_monuments", "gcompris/src/activities/explore_monuments/resource/",
+     "france/montStMichel india/hawaMahal usa/mountRushmore wonders/colosseum"),
+    ("explore_world_music", "gcompris/src/activities/explore_world_music/resource/music/", "orchestra"),
+]
+# Palapeli's puzzle photographs (palapeli-data; public domain or GNU FDL).
+PALAPELI_PHOTOS = [("castle-maintenon", "a castle"), ("cincinnati-bridge", "a bridge at night"),
+                   ("citrus-fruits", "fruit"), ("european-honey-bee", "a bee"),
+                   ("panther-chameleon-female", "a chameleon")]
 PHOTO_SIDE = 600    # photographs are reduced at load to at most this short side
+ADDED_SHARE = 0.5   # share of the photograph draws that go to GCompris' and Palapeli's pictures
+WEBP_REDUCTION = 1.6  # GCompris' WebP pictures are reduced at least this much (down to 224 px),
+                      # so their compression does not show in what the model learns is clean
 # Never used for training: the evaluation sets are made from these (models/README.md)
 # and from the eight wallpapers scripts/make_tiny.sh names.
 EVAL_PHOTOS = ["chelsea.png", "coffee.png", "rocket.jpg"]
 
-DATA_VERSION = 4    # bump when the data generation changes (names the cache file)
+DATA_VERSION = 6    # bump when the data generation changes (names the cache file)
 SIZE = 224          # model input
 STORE = 176         # stored centre crop of the 224 image; training crops TRAIN_CROP from it
 TRAIN_CROP = 160
@@ -171,27 +225,87 @@ def log(msg):
 # Source pictures.
 # ---------------------------------------------------------------------------------------
 
+def rcc_entries(path):
+    """{name: bytes} of a Qt resource file (rcc format 1-3, zlib-compressed or stored)."""
+    b = Path(path).read_bytes()
+    if b[:4] != b"qres":
+        raise SystemExit(f"train_tiny: {path} is not a Qt resource file")
+    version, tree, data, names = struct.unpack(">IIII", b[4:20])
+    node = 22 if version >= 2 else 14
+
+    def name(off):
+        (n,) = struct.unpack(">H", b[names + off:names + off + 2])
+        return b[names + off + 6:names + off + 6 + 2 * n].decode("utf-16-be")
+
+    out, stack = {}, [(0, "")]
+    while stack:
+        i, prefix = stack.pop()
+        p = tree + i * node
+        name_off, flags = struct.unpack(">IH", b[p:p + 6])
+        here = prefix + (name(name_off) if i else "")
+        if flags & 2:  # directory
+            count, first = struct.unpack(">II", b[p + 6:p + 14])
+            stack.extend((first + c, here + "/") for c in range(count))
+            continue
+        (off,) = struct.unpack(">I", b[p + 10:p + 14])
+        (size,) = struct.unpack(">I", b[data + off:data + off + 4])
+        raw = b[data + off + 4:data + off + 4 + size]
+        if flags & 4:
+            raise SystemExit(f"train_tiny: {path}: zstd-compressed entries are not supported")
+        out[here.lstrip("/")] = zlib.decompress(raw[4:]) if flags & 1 else raw
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def read_resource(rcc, name):
+    try:
+        return rcc_entries(GCOMPRIS / f"{rcc}.rcc")[name]
+    except (FileNotFoundError, KeyError):
+        raise SystemExit(f"train_tiny: {name} not found in {GCOMPRIS / rcc}.rcc "
+                         "(scripts/setup.sh installs gcompris-qt-data)") from None
+
+
 @functools.lru_cache(maxsize=None)
 def load_photo(path):
-    """RGB uint8, reduced (area) to a short side of at most PHOTO_SIDE."""
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    """RGB uint8, reduced (area) to a short side of at most PHOTO_SIDE. `path` is a file or
+    'rcc:RESOURCE:NAME' for a picture inside a GCompris resource file."""
+    path, webp = str(path), str(path).endswith(".webp")
+    if path.startswith("rcc:"):
+        _, rcc, name = path.split(":", 2)
+        img = cv2.imdecode(np.frombuffer(read_resource(rcc, name), np.uint8), cv2.IMREAD_COLOR)
+    else:
+        img = cv2.imread(path, cv2.IMREAD_COLOR)
     if img is None:
         raise SystemExit(f"train_tiny: cannot read {path} (scripts/setup.sh installs the training photographs)")
     h, w = img.shape[:2]
-    if min(h, w) > PHOTO_SIDE:
-        f = PHOTO_SIDE / min(h, w)
-        img = cv2.resize(img, (round(w * f), round(h * f)), interpolation=cv2.INTER_AREA)
+    f = max(min(h, w) / PHOTO_SIDE, min(WEBP_REDUCTION, min(h, w) / SIZE) if webp else 1.0)
+    if f > 1:
+        img = cv2.resize(img, (round(w / f), round(h / f)), interpolation=cv2.INTER_AREA)
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
 def training_photos():
-    """[(path, caption content, colour?)] for every training photograph."""
-    out = [(SKIMAGE_DATA / f, content, colour) for f, content, colour in TRAIN_PHOTOS]
-    for rel, content in DEBIAN_PHOTOS:
-        img = load_photo(SHARE / rel)
-        colour = float(np.abs(img.astype(np.int16) - img[..., :1]).mean()) > 2.0
-        out.append((SHARE / rel, content, colour))
-    return out
+    """[(path, caption content, colour?, from GCompris or Palapeli?)] for every training photograph."""
+    out = [(SKIMAGE_DATA / f, content, False) for f, content, _ in TRAIN_PHOTOS]
+    out += [(SHARE / rel, content, False) for rel, content in DEBIAN_PHOTOS]
+    out += [(f"rcc:{rcc}:{folder}{n}.webp", content, True)
+            for rcc, folder, names, content in GCOMPRIS_PHOTOS for n in names.split()]
+    out += [(SHARE / "palapeli/collection" / f"{n}.jpg", content, True) for n, content in PALAPELI_PHOTOS]
+    return [(path, content, is_colour(load_photo(path)), added) for path, content, added in out]
+
+
+def is_colour(img):
+    return float(np.abs(img.astype(np.int16) - img[..., :1]).mean()) > 2.0
+
+
+def write_held_out(out):
+    """The GCompris photographs kept aside, as PNG, reduced as for training."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for rcc, folder, names in GCOMPRIS_HELD_OUT:
+        for n in names.split():
+            img = load_photo(f"rcc:{rcc}:{folder}{n}.webp")
+            cv2.imwrite(str(out / f"{Path(n).name}.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
 
 
 def dead_leaves(rng, size=704):
@@ -368,10 +482,15 @@ def make_chunk(args):
     seed, n, n_leaves = args
     rng = np.random.default_rng(seed)
     cv2.setNumThreads(1)
-    photos = [(load_photo(f), content, colour) for f, content, colour in training_photos()]
+    listed = training_photos()
+    photos = [(load_photo(f), content, colour) for f, content, colour, _ in listed]
     leaves = [(dead_leaves(rng), "colourful shapes", True) for _ in range(n_leaves)]
-    weights = np.array([2.0 if colour else 1.0 for _, _, colour in photos])
-    weights /= weights.sum()
+    # Colour photographs twice as often as grey ones; the added packages' pictures
+    # together get ADDED_SHARE of the draws.
+    weights = np.array([2.0 if colour else 1.0 for _, _, colour, _ in listed])
+    added = np.array([a for _, _, _, a in listed])
+    weights[added] *= ADDED_SHARE / weights[added].sum()
+    weights[~added] *= (1 - ADDED_SHARE) / weights[~added].sum()
     images, meta, caps, pending = [], [], [], []
     for g in range(n):
         if rng.random() < 0.7:  # a photograph, colour ones twice as often as grey ones
@@ -690,16 +809,23 @@ def export(out, visual, text, tok, tokens, scale, info):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--groups", type=int, default=8000, help="training groups of 4 images")
+    ap.add_argument("--groups", type=int, default=12000, help="training groups of 4 images")
     ap.add_argument("--steps", type=int, default=2400)
     ap.add_argument("--batch-groups", type=int, default=16, help="groups per batch (4 images each)")
     ap.add_argument("--workers", type=int, default=max(1, min(os.cpu_count() or 1, 8)))
     ap.add_argument("--cache", default="", help="directory to keep the generated data in (reused when present)")
     ap.add_argument("--data-only", action="store_true", help="stop after making the data")
+    ap.add_argument("--write-held-out", metavar="DIR",
+                    help="write the GCompris photographs kept aside for evaluation to DIR (PNG) and stop")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     a = ap.parse_args()
+    if a.write_held_out:
+        write_held_out(a.write_held_out)
+        return
+    if not a.out:
+        ap.error("--out is required")
     if a.threads:
         torch.set_num_threads(a.threads)
     t0 = time.time()
@@ -710,7 +836,9 @@ def main():
         log(f"data: loaded {cache}")
     else:
         # (The photographs are read in the workers only: OpenCV's thread pool does not survive a fork.)
-        log(f"data: {a.groups} groups x 4 images from {len(TRAIN_PHOTOS) + len(DEBIAN_PHOTOS)} photographs "
+        n_photos = (len(TRAIN_PHOTOS) + len(DEBIAN_PHOTOS) + len(PALAPELI_PHOTOS)
+                    + sum(len(names.split()) for _, _, names, _ in GCOMPRIS_PHOTOS))
+        log(f"data: {a.groups} groups x 4 images from {n_photos} photographs "
             "and dead-leaves pictures")
         images, meta, caps = build_dataset(a.groups, a.workers, a.seed)
         if cache:
@@ -730,8 +858,12 @@ def main():
                   f"--batch-groups {a.batch_groups}",
         purpose="streamiq's own quality model, trained on synthetic distortions of freely licensed photographs",
         train_photos=" ".join([f for f, _, _ in TRAIN_PHOTOS] + [Path(r).parent.parent.parent.name if "/contents/" in r
-                                                                   else Path(r).name for r, _ in DEBIAN_PHOTOS]),
-        held_out_photos=" ".join(EVAL_PHOTOS),
+                                                                   else Path(r).name for r, _ in DEBIAN_PHOTOS]
+                              + [f"{n}.jpg" for n, _ in PALAPELI_PHOTOS]
+                              + [f"gcompris:{rcc}/{n}" for rcc, _, names, _ in GCOMPRIS_PHOTOS
+                                 for n in names.split()]),
+        held_out_photos=" ".join(EVAL_PHOTOS + [f"gcompris:{rcc}/{n}" for rcc, _, names in GCOMPRIS_HELD_OUT
+                                                for n in names.split()]),
         held_out_kinds="color_cast",
     )
     export(a.out, visual, text, tok, tokens, scale, info)

@@ -171,15 +171,83 @@ fn default_config_scan_puts_degraded_photo_pans_below_their_clean_twins() {
     );
 }
 
+/// The six kinds of our real-photograph check.
+const SIX_KINDS: [&str; 6] = [
+    "gaussian_blur",
+    "gaussian_noise",
+    "jpeg",
+    "h264",
+    "rescale",
+    "contrast",
+];
+
+/// Scores `streamiq distort` ladders (the six kinds, five levels) of `sources` (name,
+/// picture) with the shipped model; asserts that level 5 scores below the clean picture
+/// in every ladder and that the mean SRCC between score and level inside each picture
+/// and kind is at least 0.88; returns the mean per-kind SRCC pooled across the pictures.
+fn six_kind_check(sources: &[(String, PathBuf)], dir: &Path) -> f64 {
+    let set = dir.join("set");
+    run(Command::new(env!("CARGO_BIN_EXE_streamiq"))
+        .args([
+            "distort",
+            "--seed",
+            "0",
+            "--kinds",
+            &SIX_KINDS.join(","),
+            "--out",
+        ])
+        .arg(&set)
+        .args(sources.iter().map(|(_, p)| p)));
+    let mut images = Vec::new();
+    for (stem, _) in sources {
+        images.push(set.join(format!("images/{stem}_reference_0.png")));
+        for kind in SIX_KINDS {
+            images.extend((1..=5).map(|l| set.join(format!("images/{stem}_{kind}_{l}.png"))));
+        }
+    }
+    let s = scores(&tiny(), &images);
+    let per_photo = 1 + 5 * SIX_KINDS.len();
+    let mut within = Vec::new();
+    let mut failures = Vec::new();
+    let mut pooled = vec![(Vec::new(), Vec::new()); SIX_KINDS.len()];
+    for ((stem, _), s) in sources.iter().zip(s.chunks(per_photo)) {
+        for (k, kind) in SIX_KINDS.iter().enumerate() {
+            let ladder: Vec<f64> = std::iter::once(s[0])
+                .chain(s[1 + 5 * k..][..5].iter().copied())
+                .collect();
+            println!("{stem} {kind}: {ladder:.3?}");
+            if ladder[5] >= ladder[0] {
+                failures.push(format!("{stem} {kind}: {ladder:.3?}"));
+            }
+            let levels: Vec<f64> = (0..6).map(|l| -(l as f64)).collect();
+            within.push(spearman(&levels, &ladder));
+            pooled[k].0.extend(levels);
+            pooled[k].1.extend(ladder);
+        }
+    }
+    let mean = within.iter().sum::<f64>() / within.len() as f64;
+    println!("mean within-picture SRCC {mean:.3}");
+    let per_kind: Vec<f64> = pooled.iter().map(|(l, s)| spearman(l, s)).collect();
+    let across = per_kind.iter().sum::<f64>() / per_kind.len() as f64;
+    println!("SRCC across the pictures, per kind {per_kind:.3?}, mean {across:.3}");
+    assert!(
+        failures.is_empty(),
+        "level 5 not below the clean picture:\n{}",
+        failures.join("\n")
+    );
+    assert!(mean >= 0.88, "mean within-picture SRCC {mean:.3}");
+    across
+}
+
 /// The second evaluation set of models/README.md, made as `scripts/make_tiny.sh` makes
 /// it: eight camera photographs the model never saw (Debian wallpaper packages that
 /// scripts/setup.sh installs), reduced to 768 px wide, with the six kinds of our
 /// real-photograph check at five levels. Inside each picture, level 5 must score below
 /// the clean picture for every kind and the levels must be ranked well on average
-/// (measured: every case, mean within-picture SRCC 0.925); across the eight pictures,
+/// (measured: every case, mean within-picture SRCC 0.921); across the eight pictures,
 /// the mean per-kind SRCC between score and level must stay at least 0.7 (measured
-/// here 0.774; on the same six kinds make_tiny's evaluation gave the previous model,
-/// trained on 12 photographs, 0.66).
+/// here 0.735; the dark, flat Storm picture scores 0.37 clean and costs most of what
+/// is missing).
 #[test]
 fn shipped_model_ranks_levels_inside_unseen_camera_photographs() {
     let bg = Path::new("/usr/share/backgrounds");
@@ -216,66 +284,39 @@ fn shipped_model_ranks_levels_inside_unseen_camera_photographs() {
             .arg(&small));
         sources.push((stem, small));
     }
-    let kinds = [
-        "gaussian_blur",
-        "gaussian_noise",
-        "jpeg",
-        "h264",
-        "rescale",
-        "contrast",
-    ];
-    let set = dir.path().join("set");
-    run(Command::new(env!("CARGO_BIN_EXE_streamiq"))
-        .args([
-            "distort",
-            "--seed",
-            "0",
-            "--kinds",
-            &kinds.join(","),
-            "--out",
-        ])
-        .arg(&set)
-        .args(sources.iter().map(|(_, p)| p)));
-    let mut images = Vec::new();
-    for (stem, _) in &sources {
-        images.push(set.join(format!("images/{stem}_reference_0.png")));
-        for kind in kinds {
-            images.extend((1..=5).map(|l| set.join(format!("images/{stem}_{kind}_{l}.png"))));
-        }
-    }
-    let s = scores(&tiny(), &images);
-    let per_photo = 1 + 5 * kinds.len();
-    let mut within = Vec::new();
-    let mut failures = Vec::new();
-    let mut pooled = vec![(Vec::new(), Vec::new()); kinds.len()];
-    for ((stem, _), s) in sources.iter().zip(s.chunks(per_photo)) {
-        for (k, kind) in kinds.iter().enumerate() {
-            let ladder: Vec<f64> = std::iter::once(s[0])
-                .chain(s[1 + 5 * k..][..5].iter().copied())
-                .collect();
-            println!("{stem} {kind}: {ladder:.3?}");
-            if ladder[5] >= ladder[0] {
-                failures.push(format!("{stem} {kind}: {ladder:.3?}"));
-            }
-            let levels: Vec<f64> = (0..6).map(|l| -(l as f64)).collect();
-            within.push(spearman(&levels, &ladder));
-            pooled[k].0.extend(levels);
-            pooled[k].1.extend(ladder);
-        }
-    }
-    let mean = within.iter().sum::<f64>() / within.len() as f64;
-    println!("mean within-picture SRCC {mean:.3}");
-    let per_kind: Vec<f64> = pooled.iter().map(|(l, s)| spearman(l, s)).collect();
-    let across = per_kind.iter().sum::<f64>() / per_kind.len() as f64;
-    println!("SRCC across the pictures, per kind {per_kind:.3?}, mean {across:.3}");
-    assert!(
-        failures.is_empty(),
-        "level 5 not below the clean picture:\n{}",
-        failures.join("\n")
-    );
-    assert!(mean >= 0.88, "mean within-picture SRCC {mean:.3}");
+    let across = six_kind_check(&sources, dir.path());
     assert!(
         across >= 0.7,
-        "mean per-kind SRCC across the pictures {across:.3}: {per_kind:.3?}"
+        "mean per-kind SRCC across the pictures {across:.3}"
+    );
+}
+
+/// The third evaluation set of models/README.md: the twelve GCompris photographs
+/// (animals, monuments, an orchestra) that `scripts/train_tiny.py` keeps out of training,
+/// written by its `--write-held-out` as make_tiny does. Across the twelve pictures the
+/// mean per-kind SRCC must reach the 0.85 we aim for (measured 0.879; make_tiny's
+/// evaluation gave the previous model, which never saw any GCompris picture, 0.81 on
+/// these six kinds), and level 5 must score below the clean picture everywhere.
+#[test]
+fn shipped_model_ranks_unseen_gcompris_photographs_across_pictures() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    run(Command::new(venv_python())
+        .arg(repo().join("scripts/train_tiny.py"))
+        .arg("--write-held-out")
+        .arg(&src));
+    let mut sources: Vec<(String, PathBuf)> = std::fs::read_dir(&src)
+        .unwrap()
+        .map(|e| {
+            let p = e.unwrap().path();
+            (p.file_stem().unwrap().to_str().unwrap().to_string(), p)
+        })
+        .collect();
+    sources.sort();
+    assert_eq!(sources.len(), 12, "{sources:?}");
+    let across = six_kind_check(&sources, dir.path());
+    assert!(
+        across >= 0.85,
+        "mean per-kind SRCC across the pictures {across:.3}"
     );
 }
