@@ -7,7 +7,7 @@ Everything comes from this repository, the photographs that ship inside the scik
 wheel and photographs from Debian packages (scripts/setup.sh installs them; licences in
 models/README.md); nothing is downloaded.
 
-1. Data. Random square crops of the 200 training photographs (TRAIN_PHOTOS, DEBIAN_PHOTOS,
+1. Data. Random square crops of the 188 training photographs (TRAIN_PHOTOS, DEBIAN_PHOTOS,
    GCOMPRIS_PHOTOS, PALAPELI_PHOTOS; each reduced to a short side of at most PHOTO_SIDE,
    WebP ones by at least WEBP_REDUCTION) and of seeded procedural
    "dead leaves" pictures are taken at a random scale (224 to 672 pixels, the
@@ -64,20 +64,20 @@ import convert_clip as cc  # noqa: E402
 from bundle_io import save_safetensors, sha256  # noqa: E402
 
 SKIMAGE_DATA = Path(__import__("skimage").__file__).parent / "data"
-# Training photographs (file in skimage/data, what the caption calls it, colour?).
+# Training photographs (file in skimage/data, what the caption calls it).
 TRAIN_PHOTOS = [
-    ("astronaut.png", "an astronaut", True),
-    ("hubble_deep_field.jpg", "galaxies in space", True),
-    ("ihc.png", "a microscope slide", True),
-    ("motorcycle_left.png", "a motorcycle", True),
-    ("motorcycle_right.png", "a motorcycle", True),
-    ("camera.png", "a man with a camera", False),
-    ("brick.png", "a brick wall", False),
-    ("grass.png", "grass", False),
-    ("gravel.png", "gravel", False),
-    ("moon.png", "the moon", False),
-    ("coins.png", "coins", False),
-    ("cell.png", "a cell", False),
+    ("astronaut.png", "an astronaut"),
+    ("hubble_deep_field.jpg", "galaxies in space"),
+    ("ihc.png", "a microscope slide"),
+    ("motorcycle_left.png", "a motorcycle"),
+    ("motorcycle_right.png", "a motorcycle"),
+    ("camera.png", "a man with a camera"),
+    ("brick.png", "a brick wall"),
+    ("grass.png", "grass"),
+    ("gravel.png", "gravel"),
+    ("moon.png", "the moon"),
+    ("coins.png", "coins"),
+    ("cell.png", "a cell"),
 ]
 # Further training photographs from Debian packages that scripts/setup.sh installs
 # (opencv-doc, plasma-workspace-wallpapers, mate-backgrounds, lomiri-wallpapers-16.04 and
@@ -286,7 +286,7 @@ def load_photo(path):
 
 def training_photos():
     """[(path, caption content, colour?, from GCompris or Palapeli?)] for every training photograph."""
-    out = [(SKIMAGE_DATA / f, content, False) for f, content, _ in TRAIN_PHOTOS]
+    out = [(SKIMAGE_DATA / f, content, False) for f, content in TRAIN_PHOTOS]
     out += [(SHARE / rel, content, False) for rel, content in DEBIAN_PHOTOS]
     out += [(f"rcc:{rcc}:{folder}{n}.webp", content, True)
             for rcc, folder, names, content in GCOMPRIS_PHOTOS for n in names.split()]
@@ -857,7 +857,7 @@ def main():
         generator=f"scripts/train_tiny.py --seed {a.seed} --groups {a.groups} --steps {a.steps} "
                   f"--batch-groups {a.batch_groups}",
         purpose="streamiq's own quality model, trained on synthetic distortions of freely licensed photographs",
-        train_photos=" ".join([f for f, _, _ in TRAIN_PHOTOS] + [Path(r).parent.parent.parent.name if "/contents/" in r
+        train_photos=" ".join([f for f, _ in TRAIN_PHOTOS] + [Path(r).parent.parent.parent.name if "/contents/" in r
                                                                    else Path(r).name for r, _ in DEBIAN_PHOTOS]
                               + [f"{n}.jpg" for n, _ in PALAPELI_PHOTOS]
                               + [f"gcompris:{rcc}/{n}" for rcc, _, names, _ in GCOMPRIS_PHOTOS
