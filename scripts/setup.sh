@@ -14,7 +14,7 @@ APT_PACKAGES=(pkg-config libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev
   gcompris-qt-data palapeli-data)
 # The last seven hold photographs (GPL-2+, GPL-3+, CC-BY-*, CC0, GFDL, public domain, BSD-3-Clause) that
 # scripts/train_tiny.py trains streamiq-tiny on and scripts/make_tiny.sh evaluates it on
-# (eight of them, never trained on); models/README.md lists which.
+# (eight wallpapers and twelve GCompris pictures, never trained on); models/README.md lists which.
 # torchvision is pinned because open_clip_torch would otherwise pull a newer one that
 # upgrades torch past the 2.11.0 that tch (libtorch) is built against.
 PY_PACKAGES=(torch==2.11.0 torchvision==0.26.0 onnxruntime==1.31.1 onnx==1.23.2 numpy safetensors
