@@ -257,9 +257,14 @@ def rcc_entries(path):
 
 
 @functools.lru_cache(maxsize=None)
+def gcompris_resource(rcc):
+    """The entries of one GCompris resource file, parsed once per process."""
+    return rcc_entries(GCOMPRIS / f"{rcc}.rcc")
+
+
 def read_resource(rcc, name):
     try:
-        return rcc_entries(GCOMPRIS / f"{rcc}.rcc")[name]
+        return gcompris_resource(rcc)[name]
     except (FileNotFoundError, KeyError):
         raise SystemExit(f"train_tiny: {name} not found in {GCOMPRIS / rcc}.rcc "
                          "(scripts/setup.sh installs gcompris-qt-data)") from None
@@ -288,8 +293,7 @@ def training_photos():
     """[(path, caption content, colour?, from GCompris or Palapeli?)] for every training photograph."""
     out = [(SKIMAGE_DATA / f, content, False) for f, content in TRAIN_PHOTOS]
     out += [(SHARE / rel, content, False) for rel, content in DEBIAN_PHOTOS]
-    out += [(f"rcc:{rcc}:{folder}{n}.webp", content, True)
-            for rcc, folder, names, content in GCOMPRIS_PHOTOS for n in names.split()]
+    out += [(path, content, True) for path, content in gcompris_pictures(GCOMPRIS_PHOTOS)]
     out += [(SHARE / "palapeli/collection" / f"{n}.jpg", content, True) for n, content in PALAPELI_PHOTOS]
     return [(path, content, is_colour(load_photo(path)), added) for path, content, added in out]
 
@@ -298,14 +302,23 @@ def is_colour(img):
     return float(np.abs(img.astype(np.int16) - img[..., :1]).mean()) > 2.0
 
 
+def gcompris_pictures(table):
+    """[(load_photo path, caption content or None)] of a GCOMPRIS_PHOTOS-like table."""
+    return [(f"rcc:{row[0]}:{row[1]}{n}.webp", row[3] if len(row) > 3 else None)
+            for row in table for n in row[2].split()]
+
+
+def manifest_names(table):
+    return [f"gcompris:{row[0]}/{n}" for row in table for n in row[2].split()]
+
+
 def write_held_out(out):
     """The GCompris photographs kept aside, as PNG, reduced as for training."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    for rcc, folder, names in GCOMPRIS_HELD_OUT:
-        for n in names.split():
-            img = load_photo(f"rcc:{rcc}:{folder}{n}.webp")
-            cv2.imwrite(str(out / f"{Path(n).name}.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    for path, _ in gcompris_pictures(GCOMPRIS_HELD_OUT):
+        name = Path(path.rsplit(":", 1)[1]).stem
+        cv2.imwrite(str(out / f"{name}.png"), cv2.cvtColor(load_photo(path), cv2.COLOR_RGB2BGR))
 
 
 def dead_leaves(rng, size=704):
@@ -837,7 +850,7 @@ def main():
     else:
         # (The photographs are read in the workers only: OpenCV's thread pool does not survive a fork.)
         n_photos = (len(TRAIN_PHOTOS) + len(DEBIAN_PHOTOS) + len(PALAPELI_PHOTOS)
-                    + sum(len(names.split()) for _, _, names, _ in GCOMPRIS_PHOTOS))
+                    + len(gcompris_pictures(GCOMPRIS_PHOTOS)))
         log(f"data: {a.groups} groups x 4 images from {n_photos} photographs "
             "and dead-leaves pictures")
         images, meta, caps = build_dataset(a.groups, a.workers, a.seed)
@@ -860,10 +873,8 @@ def main():
         train_photos=" ".join([f for f, _ in TRAIN_PHOTOS] + [Path(r).parent.parent.parent.name if "/contents/" in r
                                                                    else Path(r).name for r, _ in DEBIAN_PHOTOS]
                               + [f"{n}.jpg" for n, _ in PALAPELI_PHOTOS]
-                              + [f"gcompris:{rcc}/{n}" for rcc, _, names, _ in GCOMPRIS_PHOTOS
-                                 for n in names.split()]),
-        held_out_photos=" ".join(EVAL_PHOTOS + [f"gcompris:{rcc}/{n}" for rcc, _, names in GCOMPRIS_HELD_OUT
-                                                for n in names.split()]),
+                              + manifest_names(GCOMPRIS_PHOTOS)),
+        held_out_photos=" ".join(EVAL_PHOTOS + manifest_names(GCOMPRIS_HELD_OUT)),
         held_out_kinds="color_cast",
     )
     export(a.out, visual, text, tok, tokens, scale, info)
