@@ -167,14 +167,14 @@ PALAPELI_PHOTOS = [("castle-maintenon", "a castle"), ("cincinnati-bridge", "a br
                    ("citrus-fruits", "fruit"), ("european-honey-bee", "a bee"),
                    ("panther-chameleon-female", "a chameleon")]
 PHOTO_SIDE = 600    # photographs are reduced at load to at most this short side
-ADDED_SHARE = 0.5   # share of the photograph draws that go to GCompris' and Palapeli's pictures
+ADDED_SHARE = 0.3   # share of the photograph draws that go to GCompris' and Palapeli's pictures
 WEBP_REDUCTION = 1.6  # GCompris' WebP pictures are reduced at least this much (down to 224 px),
                       # so their compression does not show in what the model learns is clean
 # Never used for training: the evaluation sets are made from these (models/README.md)
 # and from the eight wallpapers scripts/make_tiny.sh names.
 EVAL_PHOTOS = ["chelsea.png", "coffee.png", "rocket.jpg"]
 
-DATA_VERSION = 6    # bump when the data generation changes (names the cache file)
+DATA_VERSION = 7    # bump when the data generation changes (names the cache file)
 SIZE = 224          # model input
 STORE = 176         # stored centre crop of the 224 image; training crops TRAIN_CROP from it
 TRAIN_CROP = 160
