@@ -174,7 +174,7 @@ WEBP_REDUCTION = 1.6  # GCompris' WebP pictures are reduced at least this much (
 # and from the eight wallpapers scripts/make_tiny.sh names.
 EVAL_PHOTOS = ["chelsea.png", "coffee.png", "rocket.jpg"]
 
-DATA_VERSION = 7    # bump when the data generation changes (names the cache file)
+DATA_VERSION = 7    # bump when the data generation code changes (names the cache file)
 SIZE = 224          # model input
 STORE = 176         # stored centre crop of the 224 image; training crops TRAIN_CROP from it
 TRAIN_CROP = 160
@@ -842,7 +842,9 @@ def main():
     if a.threads:
         torch.set_num_threads(a.threads)
     t0 = time.time()
-    cache = Path(a.cache) / f"data-v{DATA_VERSION}-seed{a.seed}-groups{a.groups}.npz" if a.cache else None
+    # The name holds everything the data depends on besides the code (DATA_VERSION).
+    name = f"data-v{DATA_VERSION}-share{ADDED_SHARE:g}-seed{a.seed}-groups{a.groups}.npz"
+    cache = Path(a.cache) / name if a.cache else None
     if cache and cache.is_file():
         with np.load(cache) as z:
             images, meta, caps = z["images"], z["meta"], [str(c) for c in z["caps"]]
