@@ -119,20 +119,29 @@ DEBIAN_PHOTOS = [
         ("TwoWings", "a flower"), ("Wood", "wood"), ("YellowFlower", "a flower")]),
 ]
 # Photographs inside GCompris' Qt resource files (gcompris-qt-data; GPL-3+, some CC-BY-SA
-# or public domain, per its debian/copyright): (resource file, folder inside it, names,
-# what the caption calls them). Only photographs; the paintings and drawings are left out.
+# or public domain, per its debian/copyright): the folder of each resource file that holds
+# them, then (resource file, names, what the caption calls them). Only photographs; the
+# paintings and drawings are left out.
 GCOMPRIS = Path("/usr/share/gcompris-qt/rcc")
+GCOMPRIS_FOLDERS = {
+    "erase": "gcompris/src/activities/erase/resource/",
+    "explore_world_animals": "gcompris/src/activities/explore_world_animals/resource/animals/",
+    "explore_farm_animals": "gcompris/src/activities/explore_farm_animals/resource/animals/",
+    "explore_monuments": "gcompris/src/activities/explore_monuments/resource/",
+    "details": "gcompris/src/activities/details/resource/image/",
+    "explore_world_music": "gcompris/src/activities/explore_world_music/resource/music/",
+    "clickgame": "gcompris/src/activities/clickgame/resource/",
+}
 GCOMPRIS_PHOTOS = [
-    ("erase", "gcompris/src/activities/erase/resource/", """alpaca bee butterfly calf camels caterpillar
+    ("erase", """alpaca bee butterfly calf camels caterpillar
      chamaeleon cheetah crab dolphin flying_fox gibbon giraffe goat gorilla gosling heron horse kingfisher
      long_nosed_monkey macaque meerkats northern_harrier nubian_ibex pika rhinoceros spoonbills squirrel
      swans""", "an animal"),
-    ("explore_world_animals", "gcompris/src/activities/explore_world_animals/resource/animals/", """bison
+    ("explore_world_animals", """bison
      chameleon crocodile dragon giraffe hedgehog jaguar kangaroo lemur narwhal panda polar_bear
      scarlet_macaw""", "an animal"),
-    ("explore_farm_animals", "gcompris/src/activities/explore_farm_animals/resource/animals/",
-     "cat chicken cow dog duck horse owl pig", "a farm animal"),
-    ("explore_monuments", "gcompris/src/activities/explore_monuments/resource/", """egypt/bentPyramid
+    ("explore_farm_animals", "cat chicken cow dog duck horse owl pig", "a farm animal"),
+    ("explore_monuments", """egypt/bentPyramid
      egypt/greatPyramidOfGiza egypt/meidumPyramid egypt/redPyramid france/arlesAmphitheater
      france/chateaudeChambord france/chateaudeChenonceau france/citedeCarcassonne france/eiffelTower
      france/palaisdesPapes france/pontduGard france/reimsCathedral france/rocamadour germany/aulaPalatina
@@ -143,24 +152,21 @@ GCOMPRIS_PHOTOS = [
      usa/castillodeSanMarcos usa/castleClinton usa/fortSumter usa/georgeWashingtonBirthplace
      usa/lincolnMemorial usa/navajo usa/statueofLiberty wonders/chichenItza wonders/christTheRedeemer
      wonders/greatWallofChina wonders/machuPicchu wonders/petra wonders/tajMahal""", "a monument"),
-    ("details", "gcompris/src/activities/details/resource/image/", """Chenonceau_background
+    ("details", """Chenonceau_background
      EgeskovSlotSpejling_background EilanDonanCastle_background FanoeWindmill_background
      GizahPyramids_background NDP_background Nagoya_background Neuschwanstein_background
      OperaSidney_background TajMahal_background TowerBridgeLondon_background""", "a monument"),
-    ("explore_world_music", "gcompris/src/activities/explore_world_music/resource/music/",
-     "africa america australia ireland italy japan mexico middleeast", "musicians"),
-    ("clickgame", "gcompris/src/activities/clickgame/resource/", "sea1 sea2 sea3 sea4 sea5 sea6",
-     "a coral reef"),
+    ("explore_world_music", "africa america australia ireland italy japan mexico middleeast", "musicians"),
+    ("clickgame", "sea1 sea2 sea3 sea4 sea5 sea6", "a coral reef"),
 ]
 # Never used for training: GCompris photographs kept aside for the third evaluation set of
 # scripts/make_tiny.sh (`--write-held-out`).
 GCOMPRIS_HELD_OUT = [
-    ("erase", "gcompris/src/activities/erase/resource/", "kitten penguin red_panda toucan"),
-    ("explore_world_animals", "gcompris/src/activities/explore_world_animals/resource/animals/", "koala moose"),
-    ("explore_farm_animals", "gcompris/src/activities/explore_farm_animals/resource/animals/", "sheep"),
-    ("explore_monuments", "gcompris/src/activities/explore_monuments/resource/",
-     "france/montStMichel india/hawaMahal usa/mountRushmore wonders/colosseum"),
-    ("explore_world_music", "gcompris/src/activities/explore_world_music/resource/music/", "orchestra"),
+    ("erase", "kitten penguin red_panda toucan"),
+    ("explore_world_animals", "koala moose"),
+    ("explore_farm_animals", "sheep"),
+    ("explore_monuments", "france/montStMichel india/hawaMahal usa/mountRushmore wonders/colosseum"),
+    ("explore_world_music", "orchestra"),
 ]
 # Palapeli's puzzle photographs (palapeli-data; public domain or GNU FDL).
 PALAPELI_PHOTOS = [("castle-maintenon", "a castle"), ("cincinnati-bridge", "a bridge at night"),
@@ -289,13 +295,18 @@ def load_photo(path):
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
-def training_photos():
-    """[(path, caption content, colour?, from GCompris or Palapeli?)] for every training photograph."""
+def photo_sources():
+    """[(path, caption content, from GCompris or Palapeli?)] for every training photograph."""
     out = [(SKIMAGE_DATA / f, content, False) for f, content in TRAIN_PHOTOS]
     out += [(SHARE / rel, content, False) for rel, content in DEBIAN_PHOTOS]
     out += [(path, content, True) for path, content in gcompris_pictures(GCOMPRIS_PHOTOS)]
     out += [(SHARE / "palapeli/collection" / f"{n}.jpg", content, True) for n, content in PALAPELI_PHOTOS]
-    return [(path, content, is_colour(load_photo(path)), added) for path, content, added in out]
+    return out
+
+
+def training_photos():
+    """[(path, caption content, colour?, from GCompris or Palapeli?)] for every training photograph."""
+    return [(path, content, is_colour(load_photo(path)), added) for path, content, added in photo_sources()]
 
 
 def is_colour(img):
@@ -304,12 +315,12 @@ def is_colour(img):
 
 def gcompris_pictures(table):
     """[(load_photo path, caption content or None)] of a GCOMPRIS_PHOTOS-like table."""
-    return [(f"rcc:{row[0]}:{row[1]}{n}.webp", row[3] if len(row) > 3 else None)
-            for row in table for n in row[2].split()]
+    return [(f"rcc:{row[0]}:{GCOMPRIS_FOLDERS[row[0]]}{n}.webp", row[2] if len(row) > 2 else None)
+            for row in table for n in row[1].split()]
 
 
 def manifest_names(table):
-    return [f"gcompris:{row[0]}/{n}" for row in table for n in row[2].split()]
+    return [f"gcompris:{row[0]}/{n}" for row in table for n in row[1].split()]
 
 
 def write_held_out(out):
@@ -851,9 +862,7 @@ def main():
         log(f"data: loaded {cache}")
     else:
         # (The photographs are read in the workers only: OpenCV's thread pool does not survive a fork.)
-        n_photos = (len(TRAIN_PHOTOS) + len(DEBIAN_PHOTOS) + len(PALAPELI_PHOTOS)
-                    + len(gcompris_pictures(GCOMPRIS_PHOTOS)))
-        log(f"data: {a.groups} groups x 4 images from {n_photos} photographs "
+        log(f"data: {a.groups} groups x 4 images from {len(photo_sources())} photographs "
             "and dead-leaves pictures")
         images, meta, caps = build_dataset(a.groups, a.workers, a.seed)
         if cache:
