@@ -10,7 +10,8 @@
 #   5. the bundle is installed at OUT and evaluated on two distortion sets made from
 #      photographs it never saw (three scikit-image ones; eight photographs from Debian's
 #      mate-backgrounds and lomiri-wallpapers-16.04, reduced to 768 px wide; twelve GCompris
-#      photographs kept aside, reduced as for training; global and crops:4 views), reports in WORK/.
+#      photographs kept aside, reduced as for training; the eight wallpapers again at a
+#      broadcast frame's 1080 px; global and crops:4 views), reports in WORK/.
 # Usage: scripts/make_tiny.sh [OUT]   (env: WORK=target/tiny SEED=0 STEPS=2400 TRAIN_GROUPS=12000;
 #        REUSE_BASE=1 skips step 1 when WORK/base holds a bundle)
 set -euo pipefail
@@ -75,7 +76,9 @@ done
 rm -rf "$WORK/heldout-gcompris" "$WORK/heldout-gcompris-src"
 "$PY" scripts/train_tiny.py --write-held-out "$WORK/heldout-gcompris-src"
 "$SQ" distort --out "$WORK/heldout-gcompris" --seed "$SEED" "$WORK"/heldout-gcompris-src/*.png
-for set in heldout heldout-photos heldout-gcompris; do
+rm -rf "$WORK/heldout-hd"
+"$SQ" distort --out "$WORK/heldout-hd" --seed "$SEED" --size 1080 "${EVAL_WALLPAPERS[@]}"
+for set in heldout heldout-photos heldout-gcompris heldout-hd; do
     for views in global crops:4; do
         "$SQ" eval --model "$OUT" --labels "$WORK/$set/labels.csv" --views "$views" \
             | tee "$WORK/$set-${views/:/}.txt"
