@@ -7,7 +7,7 @@
 #   3. its image embeddings (`streamiq eval --save-embeddings`);
 #   4. meta-prompt pre-training of the context vectors (`streamiq-adapt pretrain`,
 #      checkpoint chosen on held-out distortion types);
-#   5. the bundle is installed at OUT and evaluated on two distortion sets made from
+#   5. the bundle is installed at OUT and evaluated on four distortion sets made from
 #      photographs it never saw (three scikit-image ones; eight photographs from Debian's
 #      mate-backgrounds and lomiri-wallpapers-16.04, reduced to 768 px wide; twelve GCompris
 #      photographs kept aside, reduced as for training; the eight wallpapers again at a
