@@ -40,6 +40,8 @@ Meta-prompt pre-training (`streamiq-adapt pretrain`) runs afterwards on this bun
 """
 import argparse
 import functools
+import hashlib
+import inspect
 import json
 import math
 import os
@@ -180,11 +182,11 @@ WEBP_REDUCTION = 1.6  # GCompris' WebP pictures are reduced at least this much (
 # and from the eight wallpapers scripts/make_tiny.sh names.
 EVAL_PHOTOS = ["chelsea.png", "coffee.png", "rocket.jpg"]
 
-DATA_VERSION = 7    # bump when the data generation code changes (names the cache file)
 SIZE = 224          # model input
 STORE = 176         # stored centre crop of the 224 image; training crops TRAIN_CROP from it
 TRAIN_CROP = 160
 SCALES = [224, 256, 320, 384, 448, 544, 672]  # crop side before reduction to 224
+CHUNKS = 8          # the data is made in this many seeded chunks, whatever the worker count
 CONTEXT = 32
 WIDTH, LAYERS, HEADS, EMBED = 128, 3, 4, 128
 
@@ -565,7 +567,7 @@ def make_chunk(args):
 
 
 def build_dataset(groups, workers, seed):
-    chunks = max(workers * 4, 8)
+    chunks = CHUNKS
     per = [groups // chunks + (i < groups % chunks) for i in range(chunks)]
     # 12 dead-leaves pictures per chunk (fewer for tiny test runs; same data otherwise).
     args = [(seed * 1000 + i, n, min(12, max(1, n // 50))) for i, n in enumerate(per)]
@@ -577,6 +579,21 @@ def build_dataset(groups, workers, seed):
             images.append(im), meta.append(me), caps.extend(ca)
             log(f"data: chunk {i + 1}/{chunks}, {done}/{groups} groups")
     return np.concatenate(images), np.concatenate(meta), caps
+
+
+def data_fingerprint():
+    """Short hash of what the generated data depends on besides the seed, the group count
+    and the photographs' bytes: the data constants and the source of the functions that
+    make it (so a cached data file is never reused after either changes)."""
+    h = hashlib.sha256()
+    h.update(repr([TRAIN_PHOTOS, DEBIAN_PHOTOS, GCOMPRIS_FOLDERS, GCOMPRIS_PHOTOS, PALAPELI_PHOTOS,
+                   PHOTO_SIDE, ADDED_SHARE, WEBP_REDUCTION, SIZE, STORE, SCALES, CHUNKS, TABLES,
+                   sorted(LOG_INTERP), KIND_WORDS, SEVERITY]).encode())
+    for f in (rcc_entries, gcompris_resource, read_resource, load_photo, photo_sources, training_photos,
+              is_colour, gcompris_pictures, dead_leaves, param, motion_kernel, distort, h264_batch,
+              severity_word, caption, to_input, make_chunk, build_dataset):
+        h.update(inspect.getsource(f).encode())
+    return h.hexdigest()[:12]
 
 
 # ---------------------------------------------------------------------------------------
@@ -853,8 +870,7 @@ def main():
     if a.threads:
         torch.set_num_threads(a.threads)
     t0 = time.time()
-    # The name holds everything the data depends on besides the code (DATA_VERSION).
-    name = f"data-v{DATA_VERSION}-share{ADDED_SHARE:g}-seed{a.seed}-groups{a.groups}.npz"
+    name = f"data-{data_fingerprint()}-seed{a.seed}-groups{a.groups}.npz"
     cache = Path(a.cache) / name if a.cache else None
     if cache and cache.is_file():
         with np.load(cache) as z:
