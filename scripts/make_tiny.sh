@@ -11,8 +11,7 @@
 #      photographs it never saw (three scikit-image ones; eight photographs from Debian's
 #      mate-backgrounds and lomiri-wallpapers-16.04, reduced to 768 px wide; twelve GCompris
 #      photographs kept aside, reduced as for training; the eight wallpapers again at a
-#      broadcast frame's 1080 px; global and crops:4 views, and crops:16 for the 1080-px
-#      set), reports in WORK/.
+#      broadcast frame's 1080 px; global and crops:4 views), reports in WORK/.
 # Usage: scripts/make_tiny.sh [OUT]   (env: WORK=target/tiny SEED=0 STEPS=2400 TRAIN_GROUPS=12000;
 #        REUSE_BASE=1 skips step 1 when WORK/base holds a bundle)
 set -euo pipefail
@@ -80,10 +79,7 @@ rm -rf "$WORK/heldout-gcompris" "$WORK/heldout-gcompris-src"
 rm -rf "$WORK/heldout-hd"
 "$SQ" distort --out "$WORK/heldout-hd" --seed "$SEED" --size 1080 "${EVAL_WALLPAPERS[@]}"
 for set in heldout heldout-photos heldout-gcompris heldout-hd; do
-    views_list=(global crops:4)
-    # A 1080-px frame needs more crops to be covered (16 over its 1008x672 working size).
-    if [[ $set == heldout-hd ]]; then views_list+=(crops:16); fi
-    for views in "${views_list[@]}"; do
+    for views in global crops:4; do
         "$SQ" eval --model "$OUT" --labels "$WORK/$set/labels.csv" --views "$views" \
             | tee "$WORK/$set-${views/:/}.txt"
     done

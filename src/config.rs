@@ -284,7 +284,8 @@ pub enum WhenFull {
 pub enum Views {
     /// The whole frame, resized to the model's input.
     Global,
-    /// N crops at (close to) native scale, scores averaged.
+    /// N crops at (close to) native scale, the most detailed N of a grid of 2N, scores
+    /// averaged.
     Crops(NonZeroUsize),
 }
 

@@ -326,7 +326,7 @@ async fn thumbnail(
 /// views, the whole working frame for `crops:N`.
 pub fn encode_jpeg(sf: &ScoredFrame, normaliser: &Normaliser) -> Vec<u8> {
     let img = &sf.frame.image;
-    let (x0, y0, w, h) = if normaliser.views_per_frame() == 1 {
+    let (x0, y0, w, h) = if normaliser.is_global() {
         let s = normaliser.size();
         let (x0, y0) = normaliser.crop_origin(img);
         (x0, y0, s.min(img.width), s.min(img.height))

@@ -9,8 +9,13 @@ use crate::score::bundle::{InputSpec, ResizeRule};
 
 /// For `crops:N`, frames are delivered with their shorter side at most this many times
 /// the model's input size (native resolution when smaller), so each crop sees the
-/// picture at native or moderately reduced scale.
-pub const CROP_SCALE: u32 = 3;
+/// picture at native or moderately reduced scale. 2 rather than 3: on 1080-px frames
+/// the shipped model ranks distortions better with crops of a 448-px frame than of a
+/// 672-px one, at every crop count tried (models/README.md).
+pub const CROP_SCALE: u32 = 2;
+
+/// For `crops:N`, the grid holds this many candidate regions per crop scored.
+pub const CANDIDATES_PER_CROP: usize = 2;
 
 /// Normalisation lookup tables: `lut[c][v] = (v / 255 - mean[c]) / std[c]`.
 #[derive(Debug, Clone)]
@@ -44,30 +49,74 @@ impl Normaliser {
         }
     }
 
+    /// Whether the model sees one centred region (`global`) rather than crops.
+    pub fn is_global(&self) -> bool {
+        self.views == Views::Global
+    }
+
     /// Top-left corners of the `size x size` regions the model sees in `img`: the centre
-    /// for `global`; for `crops:N`, N regions spread evenly over a grid of about the
-    /// frame's aspect ratio (row-major, deterministic).
+    /// for `global`; for `crops:N`, the N most detailed (largest luma standard deviation)
+    /// of `CANDIDATES_PER_CROP * N` regions spread over the frame, in grid order. Flat
+    /// regions (sky, a soft background, letterbox bars) say little about blur or
+    /// compression and pull a clean frame's score down (models/README.md).
     pub fn view_origins(&self, img: &RgbImage) -> Vec<(usize, usize)> {
         let n = match self.views {
             Views::Global => return vec![self.crop_origin(img)],
             Views::Crops(n) => n.get(),
         };
+        let grid = self.grid_origins(img, CANDIDATES_PER_CROP * n);
+        let detail: Vec<f64> = grid
+            .iter()
+            .map(|&(x, y)| self.luma_spread(img, x, y))
+            .collect();
+        let mut order: Vec<usize> = (0..grid.len()).collect();
+        order.sort_by(|&a, &b| detail[b].total_cmp(&detail[a]).then(a.cmp(&b)));
+        order.truncate(n);
+        order.sort_unstable();
+        order.into_iter().map(|i| grid[i]).collect()
+    }
+
+    /// `k` regions spread evenly over a grid of about `img`'s aspect ratio (row-major,
+    /// deterministic; corners included).
+    pub fn grid_origins(&self, img: &RgbImage, k: usize) -> Vec<(usize, usize)> {
         let s = self.size;
         let aspect = img.width as f64 / img.height.max(1) as f64;
-        let cols = ((n as f64 * aspect).sqrt().round() as usize).clamp(1, n);
-        let rows = n.div_ceil(cols);
+        let cols = ((k as f64 * aspect).sqrt().round() as usize).clamp(1, k.max(1));
+        let rows = k.div_ceil(cols);
         let (free_x, free_y) = (img.width.saturating_sub(s), img.height.saturating_sub(s));
         let spread = |i: usize, k: usize, free: usize| {
             if k == 1 { free / 2 } else { free * i / (k - 1) }
         };
-        (0..n)
+        (0..k)
             .map(|i| {
                 let (r, c) = (i / cols, i % cols);
-                // The last row may hold fewer crops: spread those over the full width too.
-                let in_row = if r == rows - 1 { n - r * cols } else { cols };
+                // The last row may hold fewer regions: spread those over the full width too.
+                let in_row = if r == rows - 1 { k - r * cols } else { cols };
                 (spread(c, in_row, free_x), spread(r, rows, free_y))
             })
             .collect()
+    }
+
+    /// Standard deviation of the luma (BT.601 weights, 0-255) of the region at `(x0, y0)`.
+    fn luma_spread(&self, img: &RgbImage, x0: usize, y0: usize) -> f64 {
+        let w = self.size.min(img.width.saturating_sub(x0));
+        let h = self.size.min(img.height.saturating_sub(y0));
+        let (mut sum, mut squares, mut count) = (0u64, 0u64, 0u64);
+        for y in y0..y0 + h {
+            for px in img.row(y)[3 * x0..3 * (x0 + w)].chunks_exact(3) {
+                let l = (77 * px[0] as u64 + 150 * px[1] as u64 + 29 * px[2] as u64) >> 8;
+                sum += l;
+                squares += l * l;
+                count += 1;
+            }
+        }
+        if count == 0 {
+            return 0.0;
+        }
+        let mean = sum as f64 / count as f64;
+        (squares as f64 / count as f64 - mean * mean)
+            .max(0.0)
+            .sqrt()
     }
 
     /// Writes every view of `img` (`views_per_frame` planes of `[3, size, size]`).
@@ -229,10 +278,10 @@ mod tests {
         let squash = working_size(ResizeRule::Squash, g, 224, 1920, 1080, (1, 1));
         assert_eq!(squash, (224, 224));
         let c = Views::Crops(std::num::NonZeroUsize::new(5).unwrap());
-        // 1080p: shorter side capped at 3 x 224; 480p: native; tiny: never below 224.
+        // 1080p: shorter side capped at 2 x 224; 400p: native; tiny: never below 224.
         let big = working_size(ResizeRule::Squash, c, 224, 1920, 1080, (1, 1));
-        assert_eq!(big, (1195, 672));
-        assert_eq!(working_size(r, c, 224, 854, 480, (1, 1)), (854, 480));
+        assert_eq!(big, (796, 448));
+        assert_eq!(working_size(r, c, 224, 712, 400, (1, 1)), (712, 400));
         assert_eq!(working_size(r, c, 224, 160, 120, (1, 1)), (299, 224));
     }
 
@@ -241,18 +290,48 @@ mod tests {
         let five = Views::Crops(std::num::NonZeroUsize::new(5).unwrap());
         let n = Normaliser::new(&spec(4), five);
         let img = RgbImage::from_packed(16, 8, (0..16 * 8 * 3).map(|i| (i % 251) as u8).collect());
-        let o = n.view_origins(&img);
+        let o = n.grid_origins(&img, 5);
         assert_eq!(o.len(), 5);
         assert!(o.iter().all(|&(x, y)| x + 4 <= 16 && y + 4 <= 8), "{o:?}");
         assert!(
             o.contains(&(0, 0)) && o.contains(&(12, 4)),
             "corners covered: {o:?}"
         );
+        let o = n.view_origins(&img);
+        assert_eq!(o.len(), 5, "{o:?}");
         let mut out = vec![0.0; 5 * n.plane_len()];
         n.write_views(&img, &mut out);
         let mut one = vec![0.0; n.plane_len()];
         let (x, y) = o[4];
         n.write_at(&img, x, y, &mut one);
         assert_eq!(&out[4 * n.plane_len()..], &one[..]);
+    }
+
+    #[test]
+    fn crops_are_the_most_detailed_regions() {
+        // 32x8: the left half flat grey, the right half a checkerboard. Of the 2 x 2
+        // candidates of crops:2 (8x8 each, a 4 x 1 grid), the two on the right are kept.
+        let mut data = Vec::new();
+        for y in 0..8usize {
+            for x in 0..32usize {
+                let v = if x < 16 {
+                    128
+                } else if (x + y) % 2 == 0 {
+                    40
+                } else {
+                    220
+                };
+                data.extend([v, v, v]);
+            }
+        }
+        let img = RgbImage::from_packed(32, 8, data);
+        let two = Views::Crops(std::num::NonZeroUsize::new(2).unwrap());
+        let n = Normaliser::new(&spec(8), two);
+        assert_eq!(n.grid_origins(&img, 4), [(0, 0), (8, 0), (16, 0), (24, 0)]);
+        assert_eq!(n.view_origins(&img), [(16, 0), (24, 0)]);
+        // A flat frame keeps the first regions of the grid (deterministic).
+        let flat = RgbImage::from_packed(32, 8, vec![90; 32 * 8 * 3]);
+        assert_eq!(n.view_origins(&flat), [(0, 0), (8, 0)]);
+        assert!(Normaliser::new(&spec(8), Views::Global).is_global() && !n.is_global());
     }
 }
