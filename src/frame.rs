@@ -45,6 +45,12 @@ pub struct RgbImage {
     pub pixels: Pixels,
 }
 
+/// BT.601 luma of one packed RGB pixel in 1/256 steps: 77 R + 150 G + 29 B (the weights
+/// sum to 256, so the result lies in 0..=255 * 256).
+pub fn luma256(px: &[u8]) -> u32 {
+    77 * px[0] as u32 + 150 * px[1] as u32 + 29 * px[2] as u32
+}
+
 impl RgbImage {
     /// Row `y` as packed RGB bytes.
     pub fn row(&self, y: usize) -> &[u8] {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::config::QcSettings;
-use crate::frame::RgbImage;
+use crate::frame::{RgbImage, luma256};
 
 /// A finished (or, at end of input, closed) segment in stream seconds.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -104,13 +104,12 @@ pub struct FrameStats {
 
 /// Share of pixels with BT.601 luma (0..1) at most `luma_max`.
 pub fn dark_ratio(img: &RgbImage, luma_max: f32) -> f32 {
-    // Integer luma in 0..=255*256: 77 R + 150 G + 29 B (sums to 256).
+    // Integer luma in 0..=255*256 (`luma256`).
     let limit = (luma_max * 255.0 * 256.0) as u32;
     let mut dark = 0usize;
     for y in 0..img.height {
         for px in img.row(y).chunks_exact(3) {
-            let l = 77 * px[0] as u32 + 150 * px[1] as u32 + 29 * px[2] as u32;
-            dark += (l <= limit) as usize;
+            dark += (luma256(px) <= limit) as usize;
         }
     }
     dark as f32 / (img.width * img.height).max(1) as f32

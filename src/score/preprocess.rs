@@ -4,7 +4,7 @@
 //! batch tensor.
 
 use crate::config::Views;
-use crate::frame::RgbImage;
+use crate::frame::{RgbImage, luma256};
 use crate::score::bundle::{InputSpec, ResizeRule};
 
 /// For `crops:N`, frames are delivered with their shorter side at most this many times
@@ -104,7 +104,7 @@ impl Normaliser {
         let (mut sum, mut squares, mut count) = (0u64, 0u64, 0u64);
         for y in y0..y0 + h {
             for px in img.row(y)[3 * x0..3 * (x0 + w)].chunks_exact(3) {
-                let l = (77 * px[0] as u64 + 150 * px[1] as u64 + 29 * px[2] as u64) >> 8;
+                let l = u64::from(luma256(px) >> 8);
                 sum += l;
                 squares += l * l;
                 count += 1;
