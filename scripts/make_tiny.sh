@@ -11,9 +11,11 @@
 #      photographs it never saw (three scikit-image ones; eight photographs from Debian's
 #      mate-backgrounds and lomiri-wallpapers-16.04, reduced to 768 px wide; twelve GCompris
 #      photographs kept aside, reduced as for training; the eight wallpapers again at a
-#      broadcast frame's 1080 px; global and crops:4 views), reports in WORK/.
+#      broadcast frame's 1080 px; global and crops:4 views; the sets are made with seed 0 whatever SEED is,
+#      so figures of different seeds compare), reports in WORK/.
 # Usage: scripts/make_tiny.sh [OUT]   (env: WORK=target/tiny SEED=0 STEPS=2400 TRAIN_GROUPS=12000;
-#        REUSE_BASE=1 skips step 1 when WORK/base holds a bundle)
+#        REUSE_BASE=1 skips step 1 when WORK/base holds a bundle; MSCN=1 trains the image-tower
+#        variant that also sees MSCN luma, measured in models/README.md and not shipped)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${STREAMIQ_VENV:-/opt/streamiq/venv}/bin/python
@@ -32,6 +34,9 @@ BG=/usr/share/backgrounds
 EVAL_WALLPAPERS=("$BG"/mate/nature/{Storm,LadyBird}.jpg "$BG"/{Wine_by_Jakkub_Mede,Bridge_by_Sander_Klootwijk}.jpg
     "$BG"/{aitzgorri,life,friends}_by_Aitzol_Berasategi.jpg "$BG"/Picture_0B_by_freespace.jpg)
 
+VARIANT=()
+if [[ ${MSCN:-0} == 1 ]]; then VARIANT=(--mscn); fi
+
 step() { echo "== make_tiny $(date +%H:%M:%S): $*"; }
 for bin in "$SQ" "$ADAPT"; do
     [[ -x $bin ]] || { echo "make_tiny: $bin is missing; run make build first" >&2; exit 2; }
@@ -44,7 +49,7 @@ else
     step "1/5 contrastive pre-training ($TRAIN_GROUPS groups, $STEPS steps)"
     rm -rf "$WORK/base"
     "$PY" scripts/train_tiny.py --out "$WORK/base" --seed "$SEED" --groups "$TRAIN_GROUPS" --steps "$STEPS" \
-        --cache "$WORK/cache"
+        --cache "$WORK/cache" "${VARIANT[@]}"
 fi
 
 step "2/5 distortion tasks from ${#TASK_PHOTOS[@]} training photographs"
@@ -66,18 +71,18 @@ cp -r "$WORK/meta" "$OUT.new"
 rm -rf "$OUT"
 mv "$OUT.new" "$OUT"
 rm -rf "$WORK/heldout"
-"$SQ" distort --out "$WORK/heldout" --seed "$SEED" "${EVAL_PHOTOS[@]/#/$SK/}"
+"$SQ" distort --out "$WORK/heldout" --seed 0 "${EVAL_PHOTOS[@]/#/$SK/}"
 rm -rf "$WORK/heldout-photos" "$WORK/heldout-photos-src"
 mkdir -p "$WORK/heldout-photos-src"
 for f in "${EVAL_WALLPAPERS[@]}"; do
     ffmpeg -v error -y -i "$f" -vf scale=768:-2:flags=area "$WORK/heldout-photos-src/$(basename "${f%.*}").png"
 done
-"$SQ" distort --out "$WORK/heldout-photos" --seed "$SEED" "$WORK"/heldout-photos-src/*.png
+"$SQ" distort --out "$WORK/heldout-photos" --seed 0 "$WORK"/heldout-photos-src/*.png
 rm -rf "$WORK/heldout-gcompris" "$WORK/heldout-gcompris-src"
 "$PY" scripts/train_tiny.py --write-held-out "$WORK/heldout-gcompris-src"
-"$SQ" distort --out "$WORK/heldout-gcompris" --seed "$SEED" "$WORK"/heldout-gcompris-src/*.png
+"$SQ" distort --out "$WORK/heldout-gcompris" --seed 0 "$WORK"/heldout-gcompris-src/*.png
 rm -rf "$WORK/heldout-hd"
-"$SQ" distort --out "$WORK/heldout-hd" --seed "$SEED" --size 1080 "${EVAL_WALLPAPERS[@]}"
+"$SQ" distort --out "$WORK/heldout-hd" --seed 0 --size 1080 "${EVAL_WALLPAPERS[@]}"
 for set in heldout heldout-photos heldout-gcompris heldout-hd; do
     for views in global crops:4; do
         "$SQ" eval --model "$OUT" --labels "$WORK/$set/labels.csv" --views "$views" \

@@ -614,12 +614,49 @@ def pool_stats(x):
     return torch.cat([m, (v + 1e-6).sqrt(), p4], dim=1)
 
 
-class TinyVisual(nn.Module):
-    """pixels [N,3,H,W] (CLIP-normalised) -> projected features [N,D]."""
+def gaussian_window(size=7, sigma=7 / 6):
+    """BRISQUE's normalised 2-D Gaussian window, [1,1,size,size]."""
+    t = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
+    g = torch.exp(-t * t / (2 * sigma * sigma))
+    g = g / g.sum()
+    return (g[:, None] * g[None, :]).view(1, 1, size, size)
 
-    def __init__(self, dim=EMBED):
+
+class Mscn(nn.Module):
+    """Mean-subtracted, contrast-normalised luma (BRISQUE's MSCN coefficients, a divisive
+    normalisation): (Y - mu) / (sigma + c) over a 7x7 Gaussian window, Y in [0, 1]
+    recovered from the CLIP-normalised pixels. Local contrast is divided out, so a dark
+    or flat picture that is sharp gives the statistics of a sharp one."""
+
+    def __init__(self, c=0.01):
         super().__init__()
-        self.s1 = conv(3, 32, 2)
+        self.register_buffer("window", gaussian_window())
+        self.register_buffer("mean", torch.tensor(cc.MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(cc.STD).view(1, 3, 1, 1))
+        self.register_buffer("luma", torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1))
+        self.c = c
+
+    def forward(self, pixels):
+        y = ((pixels * self.std + self.mean) * self.luma).sum(dim=1, keepdim=True)
+        pad = self.window.shape[-1] // 2
+
+        def smooth(t):
+            return F.conv2d(F.pad(t, (pad, pad, pad, pad), mode="replicate"), self.window)
+
+        mu = smooth(y)
+        sigma = (smooth(y * y) - mu * mu).clamp(min=0).sqrt()
+        return (y - mu) / (sigma + self.c)
+
+
+class TinyVisual(nn.Module):
+    """pixels [N,3,H,W] (CLIP-normalised) -> projected features [N,D]. With `mscn` the
+    first stage also sees the pixels' MSCN luma (`Mscn`; `--mscn`, a variant measured in
+    models/README.md, not the shipped model)."""
+
+    def __init__(self, dim=EMBED, mscn=False):
+        super().__init__()
+        self.mscn = Mscn() if mscn else None
+        self.s1 = conv(4 if mscn else 3, 32, 2)
         self.s2 = nn.Sequential(conv(32, 48, 2), conv(48, 48, 1))
         self.s3 = conv(48, 96, 2)
         self.s4 = nn.Sequential(conv(96, 128, 2), conv(128, 128, 1))
@@ -628,7 +665,8 @@ class TinyVisual(nn.Module):
                                   nn.Linear(256, dim))
 
     def forward(self, pixels):
-        feats, x = [], pixels
+        x = pixels if self.mscn is None else torch.cat([pixels, self.mscn(pixels)], dim=1)
+        feats = []
         for stage in (self.s1, self.s2, self.s3, self.s4, self.s5):
             x = stage(x)
             feats.append(pool_stats(x))
@@ -728,11 +766,11 @@ def group_loss(z, u, gid):
     return F.softplus(-diff[pairs]).mean()
 
 
-def train(images, meta, caps, tok, tokens, steps, batch_groups, seed, lr=2e-3):
+def train(images, meta, caps, tok, tokens, steps, batch_groups, seed, lr=2e-3, mscn=False):
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed + 1)
-    visual = TinyVisual().to(memory_format=torch.channels_last)
+    visual = TinyVisual(mscn=mscn).to(memory_format=torch.channels_last)
     text = cc.TextTower(text_config(len(tok.clip_ids)))
     init_text(text)
     logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
@@ -861,6 +899,8 @@ def main():
     ap.add_argument("--write-held-out", metavar="DIR",
                     help="write the GCompris photographs kept aside for evaluation to DIR (PNG) and stop")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    ap.add_argument("--mscn", action="store_true",
+                    help="image tower variant: the first stage also sees the MSCN luma (models/README.md)")
     a = ap.parse_args()
     if a.write_held_out:
         write_held_out(a.write_held_out)
@@ -892,10 +932,10 @@ def main():
     tok = CompactTokenizer(all_texts(caps))
     tokens = cc.build_tokens(tok, CONTEXT)
     log(f"text: vocabulary of {len(tok.clip_ids)} CLIP BPE ids")
-    visual, text, scale = train(images, meta, caps, tok, tokens, a.steps, a.batch_groups, a.seed)
+    visual, text, scale = train(images, meta, caps, tok, tokens, a.steps, a.batch_groups, a.seed, mscn=a.mscn)
     info = OrderedDict(
         generator=f"scripts/train_tiny.py --seed {a.seed} --groups {a.groups} --steps {a.steps} "
-                  f"--batch-groups {a.batch_groups}",
+                  f"--batch-groups {a.batch_groups}" + (" --mscn" if a.mscn else ""),
         purpose="streamiq's own quality model, trained on synthetic distortions of freely licensed photographs",
         train_photos=" ".join([f for f, _ in TRAIN_PHOTOS] + [Path(r).parent.parent.parent.name if "/contents/" in r
                                                                    else Path(r).name for r, _ in DEBIAN_PHOTOS]

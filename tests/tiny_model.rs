@@ -77,6 +77,17 @@ fn shipped_model_loads_everywhere_and_orders_a_blur_and_noise_ladder() {
 
 #[test]
 fn train_tiny_recipe_runs_end_to_end_in_a_tiny_configuration() {
+    tiny_recipe(&[]);
+}
+
+#[test]
+fn train_tiny_mscn_variant_runs_end_to_end_in_a_tiny_configuration() {
+    tiny_recipe(&["--mscn"]);
+}
+
+/// Runs train_tiny.py on 8 groups for 2 steps (with `extra` options), then checks the
+/// bundle: its files, text parity with libtorch, and a score from the daemon's code.
+fn tiny_recipe(extra: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("bundle");
     let log = run(Command::new(venv_python())
@@ -92,8 +103,16 @@ fn train_tiny_recipe_runs_end_to_end_in_a_tiny_configuration() {
             "2",
             "--workers",
             "1",
-        ]));
+        ])
+        .args(extra));
     assert!(log.contains("step 2/2"), "{log}");
+    let manifest = std::fs::read_to_string(out.join("manifest.toml")).unwrap();
+    for option in extra {
+        assert!(
+            manifest.contains(option),
+            "{option} not recorded: {manifest}"
+        );
+    }
     for f in [
         "manifest.toml",
         "visual.onnx",
