@@ -11,8 +11,8 @@
 #      photographs it never saw (three scikit-image ones; eight photographs from Debian's
 #      mate-backgrounds and lomiri-wallpapers-16.04, reduced to 768 px wide; twelve GCompris
 #      photographs kept aside, reduced as for training; the eight wallpapers again at a
-#      broadcast frame's 1080 px; global and crops:4 views; the sets are made with seed 0 whatever SEED is,
-#      so figures of different seeds compare), reports in WORK/.
+#      broadcast frame's 1080 px; global and crops:4 views; the sets are distorted with
+#      seed 0 whatever SEED is, so figures of different seeds compare), reports in WORK/.
 # Usage: scripts/make_tiny.sh [OUT]   (env: WORK=target/tiny SEED=0 STEPS=2400 TRAIN_GROUPS=12000;
 #        REUSE_BASE=1 skips step 1 when WORK/base holds a bundle; MSCN=1 trains the image-tower
 #        variant that also sees MSCN luma, measured in models/README.md and not shipped)
