@@ -631,8 +631,8 @@ class Mscn(nn.Module):
     def __init__(self, c=0.01):
         super().__init__()
         self.register_buffer("window", gaussian_window())
-        self.register_buffer("mean", torch.tensor(cc.MEAN).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(cc.STD).view(1, 3, 1, 1))
+        self.register_buffer("mean", MEAN.clone())
+        self.register_buffer("std", STD.clone())
         self.register_buffer("luma", torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1))
         self.c = c
 
