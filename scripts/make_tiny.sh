@@ -14,8 +14,10 @@
 #      broadcast frame's 1080 px; global and crops:4 views; the sets are distorted with
 #      seed 0 whatever SEED is, so figures of different seeds compare), reports in WORK/.
 # Usage: scripts/make_tiny.sh [OUT]   (env: WORK=target/tiny SEED=0 STEPS=2400 TRAIN_GROUPS=12000;
-#        REUSE_BASE=1 skips step 1 when WORK/base holds a bundle; MSCN=1 trains the image-tower
-#        variant that also sees MSCN luma, measured in models/README.md and not shipped)
+#        REUSE_BASE=1 skips step 1 when WORK/base holds a bundle; variants measured in
+#        models/README.md and not shipped: MSCN=1 an image tower that also sees the MSCN luma
+#        (MSCN_C=0.01 its constant), VIDEO=SHARE that share of the groups H.264-encoded as
+#        a whole, GRAIN=SHARE that share of the images with faint grain)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${STREAMIQ_VENV:-/opt/streamiq/venv}/bin/python
@@ -35,7 +37,9 @@ EVAL_WALLPAPERS=("$BG"/mate/nature/{Storm,LadyBird}.jpg "$BG"/{Wine_by_Jakkub_Me
     "$BG"/{aitzgorri,life,friends}_by_Aitzol_Berasategi.jpg "$BG"/Picture_0B_by_freespace.jpg)
 
 VARIANT=()
-if [[ ${MSCN:-0} == 1 ]]; then VARIANT=(--mscn); fi
+if [[ ${MSCN:-0} == 1 ]]; then VARIANT+=(--mscn ${MSCN_C:-0.01}); fi
+if [[ ${VIDEO:-0} != 0 ]]; then VARIANT+=(--video "$VIDEO"); fi
+if [[ ${GRAIN:-0} != 0 ]]; then VARIANT+=(--grain "$GRAIN"); fi
 
 step() { echo "== make_tiny $(date +%H:%M:%S): $*"; }
 for bin in "$SQ" "$ADAPT"; do

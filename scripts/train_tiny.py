@@ -15,8 +15,11 @@ models/README.md); nothing is downloaded.
    re-implementations of the 13 standard `streamiq distort` kinds at continuous levels
    0.5-5.5 (H.264 through ffmpeg/libx264), and reduced to the 224-pixel model input.
    A group is a clean crop with three distorted versions of it (two levels of one kind,
-   one of another). `color_cast` is never made: it is the family kept for few-shot
-   evidence. EVAL_PHOTOS and the eight wallpapers of make_tiny's evaluation are never read.
+   one of another; with `--video SHARE`, that share of the groups is also H.264-encoded
+   as a whole at a mild quantiser, as stream frames are; with `--grain SHARE`, that share
+   of the images gets faint grain). `color_cast` is never made: it
+   is the family kept for few-shot evidence. EVAL_PHOTOS and the eight wallpapers of
+   make_tiny's evaluation are never read.
 2. Captions name the content and the degradation ("a heavily blurry photo of a cat.",
    "a high quality photo of a rocket.") and are tokenised with the real CLIP BPE; the
    text tower's vocabulary is the set of BPE ids those captions and the bundle's
@@ -187,6 +190,8 @@ STORE = 176         # stored centre crop of the 224 image; training crops TRAIN_
 TRAIN_CROP = 160
 SCALES = [224, 256, 320, 384, 448, 544, 672]  # crop side before reduction to 224
 CHUNKS = 8          # the data is made in this many seeded chunks, whatever the worker count
+VIDEO_QP = (16, 26)  # `--video`: the mild encode's quantiser range, below the h264 kind's level 1 (30)
+GRAIN_SIGMA = (0.002, 0.008)  # `--grain`: 0.5-2 of 255; the noise kind's level 0.5 is 0.0106
 CONTEXT = 32
 WIDTH, LAYERS, HEADS, EMBED = 128, 3, 4, 128
 
@@ -504,8 +509,20 @@ def to_input(img, rng):
 
 def make_chunk(args):
     """One worker's share: `n` groups from seed `seed`. Returns images [n*4,S,S,3] uint8,
-    per-image (kind index or -1, level u), captions and group ids."""
-    seed, n, n_leaves = args
+    per-image (kind index or -1, level u), captions and group ids. A `video` share of the
+    groups is encoded as a whole (clean picture and distorted ones alike, after their
+    distortion; `--video`) with all-intra H.264 at a mild quantiser from VIDEO_QP, as every
+    frame of a stream is; targets and captions stay those of the distortion. A `grain`
+    share of the images (any of the four) gets faint Gaussian grain (sigma from GRAIN_SIGMA,
+    below the first noise level) before the reduction, with unchanged targets and
+    captions (`--grain`)."""
+    seed, n, n_leaves, video, grain = args
+
+    def finish(img):
+        # (No draw at all without --grain.)
+        if grain and rng.random() < grain:
+            img = img + float(rng.uniform(*GRAIN_SIGMA)) * rng.standard_normal(img.shape).astype(np.float32)
+        return to_input(img, rng)
     rng = np.random.default_rng(seed)
     cv2.setNumThreads(1)
     listed = training_photos()
@@ -540,20 +557,28 @@ def make_chunk(args):
         k1, k2 = rng.choice(len(kinds), 2, replace=False)
         u1, u2 = sorted(rng.uniform(0.5, 5.5, 2))
         jobs = [(None, 0.0), (kinds[k1], u1), (kinds[k1], u2), (kinds[k2], float(rng.uniform(0.5, 5.5)))]
+        # (No draw at all without --video: the shipped recipe's data stay as they were.)
+        vqp = int(rng.integers(VIDEO_QP[0], VIDEO_QP[1] + 1)) if video and rng.random() < video else None
         for kind, u in jobs:
             idx = len(images)
             up = None
-            if kind is None:
-                images.append(to_input(base, rng))
-            elif kind == "h264":
+            if kind == "h264":
                 images.append(None)
                 pending.append((idx, base, int(round(np.clip(param("h264", u), 20, 51)))))
             else:
-                if kind == "brightness":
-                    state = rng.bit_generator.state
-                    up = rng.random() < 0.5
-                    rng.bit_generator.state = state  # distort() draws the same direction
-                images.append(to_input(distort(base, kind, u, rng), rng))
+                if kind is None:
+                    out = base
+                else:
+                    if kind == "brightness":
+                        state = rng.bit_generator.state
+                        up = rng.random() < 0.5
+                        rng.bit_generator.state = state  # distort() draws the same direction
+                    out = distort(base, kind, u, rng)
+                if vqp is None:
+                    images.append(finish(out))
+                else:
+                    images.append(None)
+                    pending.append((idx, out, vqp))
             meta.append((KINDS.index(kind) if kind else -1, u, g))
             caps.append(caption(content, kind, u, rng, up))
     # H.264 in batches of equal size and quantiser.
@@ -562,15 +587,15 @@ def make_chunk(args):
         by_key.setdefault((base.shape[0], qp), []).append((idx, base))
     for (_, qp), items in sorted(by_key.items()):
         for (idx, _), out in zip(items, h264_batch([b for _, b in items], qp)):
-            images[idx] = to_input(out, rng)
+            images[idx] = finish(out)
     return np.stack(images), np.array(meta, np.float32), caps
 
 
-def build_dataset(groups, workers, seed):
+def build_dataset(groups, workers, seed, video=0.0, grain=0.0):
     chunks = CHUNKS
     per = [groups // chunks + (i < groups % chunks) for i in range(chunks)]
     # 12 dead-leaves pictures per chunk (fewer for tiny test runs; same data otherwise).
-    args = [(seed * 1000 + i, n, min(12, max(1, n // 50))) for i, n in enumerate(per)]
+    args = [(seed * 1000 + i, n, min(12, max(1, n // 50)), video, grain) for i, n in enumerate(per)]
     images, meta, caps, done = [], [], [], 0
     with Pool(workers) as pool:
         for i, (im, me, ca) in enumerate(pool.imap(make_chunk, args)):
@@ -587,7 +612,8 @@ def data_fingerprint():
     make it (so a cached data file is never reused after either changes)."""
     h = hashlib.sha256()
     h.update(repr([TRAIN_PHOTOS, DEBIAN_PHOTOS, GCOMPRIS_FOLDERS, GCOMPRIS_PHOTOS, PALAPELI_PHOTOS,
-                   PHOTO_SIDE, ADDED_SHARE, WEBP_REDUCTION, SIZE, STORE, SCALES, CHUNKS, TABLES,
+                   PHOTO_SIDE, ADDED_SHARE, WEBP_REDUCTION, SIZE, STORE, SCALES, CHUNKS, VIDEO_QP, GRAIN_SIGMA,
+                   TABLES,
                    sorted(LOG_INTERP), KIND_WORDS, SEVERITY]).encode())
     for f in (rcc_entries, gcompris_resource, read_resource, load_photo, photo_sources, training_photos,
               is_colour, gcompris_pictures, dead_leaves, param, motion_kernel, distort, h264_batch,
@@ -649,14 +675,14 @@ class Mscn(nn.Module):
 
 
 class TinyVisual(nn.Module):
-    """pixels [N,3,H,W] (CLIP-normalised) -> projected features [N,D]. With `mscn` the
-    first stage also sees the pixels' MSCN luma (`Mscn`; `--mscn`, a variant measured in
-    models/README.md, not the shipped model)."""
+    """pixels [N,3,H,W] (CLIP-normalised) -> projected features [N,D]. With `mscn` (its
+    constant c) the first stage also sees the pixels' MSCN luma (`Mscn`; `--mscn`, a
+    variant measured in models/README.md, not the shipped model)."""
 
-    def __init__(self, dim=EMBED, mscn=False):
+    def __init__(self, dim=EMBED, mscn=None):
         super().__init__()
-        self.mscn = Mscn() if mscn else None
-        self.s1 = conv(4 if mscn else 3, 32, 2)
+        self.mscn = None if mscn is None else Mscn(mscn)
+        self.s1 = conv(3 if mscn is None else 4, 32, 2)
         self.s2 = nn.Sequential(conv(32, 48, 2), conv(48, 48, 1))
         self.s3 = conv(48, 96, 2)
         self.s4 = nn.Sequential(conv(96, 128, 2), conv(128, 128, 1))
@@ -766,7 +792,7 @@ def group_loss(z, u, gid):
     return F.softplus(-diff[pairs]).mean()
 
 
-def train(images, meta, caps, tok, tokens, steps, batch_groups, seed, lr=2e-3, mscn=False):
+def train(images, meta, caps, tok, tokens, steps, batch_groups, seed, lr=2e-3, mscn=None):
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed + 1)
@@ -899,9 +925,21 @@ def main():
     ap.add_argument("--write-held-out", metavar="DIR",
                     help="write the GCompris photographs kept aside for evaluation to DIR (PNG) and stop")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
-    ap.add_argument("--mscn", action="store_true",
-                    help="image tower variant: the first stage also sees the MSCN luma (models/README.md)")
+    ap.add_argument("--mscn", nargs="?", type=float, const=0.01, default=None, metavar="C",
+                    help="image tower variant: the first stage also sees the MSCN luma, with the "
+                         "stabilising constant C (default 0.01; luma in 0..1) (models/README.md)")
+    ap.add_argument("--video", type=float, default=0.0, metavar="SHARE",
+                    help="data variant: this share of the groups is H.264-encoded as a whole at a mild "
+                         "quantiser, clean picture included (models/README.md)")
+    ap.add_argument("--grain", type=float, default=0.0, metavar="SHARE",
+                    help="data variant: this share of the images gets faint grain, targets unchanged "
+                         "(models/README.md)")
     a = ap.parse_args()
+    if a.mscn is not None and not a.mscn > 0:
+        ap.error(f"--mscn {a.mscn}: the constant must be positive")
+    for opt in ("video", "grain"):
+        if not 0 <= getattr(a, opt) <= 1:
+            ap.error(f"--{opt} {getattr(a, opt)}: the share must be between 0 and 1")
     if a.write_held_out:
         write_held_out(a.write_held_out)
         return
@@ -910,7 +948,8 @@ def main():
     if a.threads:
         torch.set_num_threads(a.threads)
     t0 = time.time()
-    name = f"data-{data_fingerprint()}-seed{a.seed}-groups{a.groups}.npz"
+    variant = (f"-video{a.video:g}" if a.video else "") + (f"-grain{a.grain:g}" if a.grain else "")
+    name = f"data-{data_fingerprint()}-seed{a.seed}-groups{a.groups}{variant}.npz"
     cache = Path(a.cache) / name if a.cache else None
     if cache and cache.is_file():
         with np.load(cache) as z:
@@ -920,7 +959,7 @@ def main():
         # (The photographs are read in the workers only: OpenCV's thread pool does not survive a fork.)
         log(f"data: {a.groups} groups x 4 images from {len(photo_sources())} photographs "
             "and dead-leaves pictures")
-        images, meta, caps = build_dataset(a.groups, a.workers, a.seed)
+        images, meta, caps = build_dataset(a.groups, a.workers, a.seed, a.video, a.grain)
         if cache:
             cache.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache.with_suffix(".tmp.npz")
@@ -935,7 +974,9 @@ def main():
     visual, text, scale = train(images, meta, caps, tok, tokens, a.steps, a.batch_groups, a.seed, mscn=a.mscn)
     info = OrderedDict(
         generator=f"scripts/train_tiny.py --seed {a.seed} --groups {a.groups} --steps {a.steps} "
-                  f"--batch-groups {a.batch_groups}" + (" --mscn" if a.mscn else ""),
+                  f"--batch-groups {a.batch_groups}"
+                  + ("" if a.mscn is None else " --mscn" if a.mscn == 0.01 else f" --mscn {a.mscn:g}")
+                  + (f" --video {a.video:g}" if a.video else "") + (f" --grain {a.grain:g}" if a.grain else ""),
         purpose="streamiq's own quality model, trained on synthetic distortions of freely licensed photographs",
         train_photos=" ".join([f for f, _ in TRAIN_PHOTOS] + [Path(r).parent.parent.parent.name if "/contents/" in r
                                                                    else Path(r).name for r, _ in DEBIAN_PHOTOS]
