@@ -17,9 +17,9 @@ models/README.md); nothing is downloaded.
    A group is a clean crop with three distorted versions of it (two levels of one kind,
    one of another; with `--video SHARE`, that share of the groups is also H.264-encoded
    as a whole at a mild quantiser, as stream frames are; with `--grain SHARE`, that share
-   of the images gets faint grain). `color_cast` is never made: it
-   is the family kept for few-shot evidence. EVAL_PHOTOS and the eight wallpapers of
-   make_tiny's evaluation are never read.
+   of the images gets faint grain). `color_cast` is never made: it is the family kept
+   for few-shot evidence. EVAL_PHOTOS and the eight wallpapers of make_tiny's evaluation
+   are never read.
 2. Captions name the content and the degradation ("a heavily blurry photo of a cat.",
    "a high quality photo of a rocket.") and are tokenised with the real CLIP BPE; the
    text tower's vocabulary is the set of BPE ids those captions and the bundle's
@@ -192,6 +192,7 @@ SCALES = [224, 256, 320, 384, 448, 544, 672]  # crop side before reduction to 22
 CHUNKS = 8          # the data is made in this many seeded chunks, whatever the worker count
 VIDEO_QP = (16, 26)  # `--video`: the mild encode's quantiser range, below the h264 kind's level 1 (30)
 GRAIN_SIGMA = (0.002, 0.008)  # `--grain`: 0.5-2 of 255; the noise kind's level 0.5 is 0.0106
+MSCN_C = 0.01       # `--mscn`: the MSCN constant unless one is given (luma in 0..1)
 CONTEXT = 32
 WIDTH, LAYERS, HEADS, EMBED = 128, 3, 4, 128
 
@@ -517,13 +518,14 @@ def make_chunk(args):
     below the first noise level) before the reduction, with unchanged targets and
     captions (`--grain`)."""
     seed, n, n_leaves, video, grain = args
+    rng = np.random.default_rng(seed)
 
     def finish(img):
         # (No draw at all without --grain.)
         if grain and rng.random() < grain:
             img = img + float(rng.uniform(*GRAIN_SIGMA)) * rng.standard_normal(img.shape).astype(np.float32)
         return to_input(img, rng)
-    rng = np.random.default_rng(seed)
+
     cv2.setNumThreads(1)
     listed = training_photos()
     photos = [(load_photo(f), content, colour) for f, content, colour, _ in listed]
@@ -613,8 +615,7 @@ def data_fingerprint():
     h = hashlib.sha256()
     h.update(repr([TRAIN_PHOTOS, DEBIAN_PHOTOS, GCOMPRIS_FOLDERS, GCOMPRIS_PHOTOS, PALAPELI_PHOTOS,
                    PHOTO_SIDE, ADDED_SHARE, WEBP_REDUCTION, SIZE, STORE, SCALES, CHUNKS, VIDEO_QP, GRAIN_SIGMA,
-                   TABLES,
-                   sorted(LOG_INTERP), KIND_WORDS, SEVERITY]).encode())
+                   TABLES, sorted(LOG_INTERP), KIND_WORDS, SEVERITY]).encode())
     for f in (rcc_entries, gcompris_resource, read_resource, load_photo, photo_sources, training_photos,
               is_colour, gcompris_pictures, dead_leaves, param, motion_kernel, distort, h264_batch,
               severity_word, caption, to_input, make_chunk, build_dataset):
@@ -654,7 +655,7 @@ class Mscn(nn.Module):
     recovered from the CLIP-normalised pixels. Local contrast is divided out, so a dark
     or flat picture that is sharp gives the statistics of a sharp one."""
 
-    def __init__(self, c=0.01):
+    def __init__(self, c=MSCN_C):
         super().__init__()
         self.register_buffer("window", gaussian_window())
         self.register_buffer("mean", MEAN.clone())
@@ -925,9 +926,9 @@ def main():
     ap.add_argument("--write-held-out", metavar="DIR",
                     help="write the GCompris photographs kept aside for evaluation to DIR (PNG) and stop")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
-    ap.add_argument("--mscn", nargs="?", type=float, const=0.01, default=None, metavar="C",
+    ap.add_argument("--mscn", nargs="?", type=float, const=MSCN_C, default=None, metavar="C",
                     help="image tower variant: the first stage also sees the MSCN luma, with the "
-                         "stabilising constant C (default 0.01; luma in 0..1) (models/README.md)")
+                         f"stabilising constant C (default {MSCN_C}; luma in 0..1) (models/README.md)")
     ap.add_argument("--video", type=float, default=0.0, metavar="SHARE",
                     help="data variant: this share of the groups is H.264-encoded as a whole at a mild "
                          "quantiser, clean picture included (models/README.md)")
@@ -975,7 +976,7 @@ def main():
     info = OrderedDict(
         generator=f"scripts/train_tiny.py --seed {a.seed} --groups {a.groups} --steps {a.steps} "
                   f"--batch-groups {a.batch_groups}"
-                  + ("" if a.mscn is None else " --mscn" if a.mscn == 0.01 else f" --mscn {a.mscn:g}")
+                  + ("" if a.mscn is None else f" --mscn {a.mscn:g}")
                   + (f" --video {a.video:g}" if a.video else "") + (f" --grain {a.grain:g}" if a.grain else ""),
         purpose="streamiq's own quality model, trained on synthetic distortions of freely licensed photographs",
         train_photos=" ".join([f for f, _ in TRAIN_PHOTOS] + [Path(r).parent.parent.parent.name if "/contents/" in r

@@ -28,6 +28,15 @@ fn parity(model: &Path) -> String {
     out
 }
 
+/// The folder of photographs inside the scikit-image wheel of the project's venv.
+fn skimage_data() -> PathBuf {
+    let out = run(Command::new(venv_python()).args([
+        "-c",
+        "import pathlib, skimage; print(pathlib.Path(skimage.__file__).parent / 'data')",
+    ]));
+    PathBuf::from(out.trim())
+}
+
 /// Scores of `images` under `model`, in order.
 fn scores(model: &Path, images: &[PathBuf]) -> Vec<f64> {
     let out = run(Command::new(env!("CARGO_BIN_EXE_streamiq"))
@@ -47,11 +56,6 @@ fn shipped_model_loads_everywhere_and_orders_a_blur_and_noise_ladder() {
     // A photograph the model never saw in training (models/README.md), distorted by
     // `streamiq distort`: the score must fall as blur and noise grow.
     let dir = tempfile::tempdir().unwrap();
-    let py = venv_python();
-    let photo = run(Command::new(&py).args([
-        "-c",
-        "import pathlib, skimage; print(pathlib.Path(skimage.__file__).parent / 'data' / 'chelsea.png')",
-    ]));
     run(Command::new(env!("CARGO_BIN_EXE_streamiq"))
         .args([
             "distort",
@@ -60,7 +64,7 @@ fn shipped_model_loads_everywhere_and_orders_a_blur_and_noise_ladder() {
             "--out",
         ])
         .arg(dir.path())
-        .arg(photo.trim()));
+        .arg(skimage_data().join("chelsea.png")));
     for kind in ["gaussian_blur", "gaussian_noise"] {
         let images: Vec<PathBuf> =
             std::iter::once(dir.path().join("images/chelsea_reference_0.png"))
@@ -84,12 +88,7 @@ fn faint_grain_does_not_make_blurred_photographs_look_sharp() {
     // grain as sharpness (the MSCN variants did, by up to 0.55; models/README.md) rates
     // blurred streams as sharp.
     let dir = tempfile::tempdir().unwrap();
-    let py = venv_python();
-    let data = run(Command::new(&py).args([
-        "-c",
-        "import pathlib, skimage; print(pathlib.Path(skimage.__file__).parent / 'data')",
-    ]));
-    let data = PathBuf::from(data.trim());
+    let data = skimage_data();
     run(Command::new(env!("CARGO_BIN_EXE_streamiq"))
         .args(["distort", "--kinds", "gaussian_blur", "--out"])
         .arg(dir.path())
@@ -119,7 +118,7 @@ fn faint_grain_does_not_make_blurred_photographs_look_sharp() {
              cv2.imwrite({b:?}, np.clip(x + rng.normal(0, 1.5, x.shape), 0, 255).round().astype(np.uint8))\n"
         );
     }
-    run(Command::new(&py).args(["-c", &script]));
+    run(Command::new(venv_python()).args(["-c", &script]));
     let (s, g) = (scores(&tiny(), &plain), scores(&tiny(), &grainy));
     println!("blurred {s:.3?}\nwith grain {g:.3?}");
     for ((a, b), p) in s.iter().zip(&g).zip(&plain) {
