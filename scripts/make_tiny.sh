@@ -16,8 +16,9 @@
 # Usage: scripts/make_tiny.sh [OUT]   (env: WORK=target/tiny SEED=0 STEPS=2400 TRAIN_GROUPS=12000;
 #        REUSE_BASE=1 skips step 1 when WORK/base holds a bundle; variants measured in
 #        models/README.md and not shipped: MSCN=1 an image tower that also sees the MSCN luma
-#        (MSCN_C=C its constant, else train_tiny's), VIDEO=SHARE that share of the groups
-#        H.264-encoded as a whole, GRAIN=SHARE that share of the images with faint grain)
+#        (MSCN_C=C its constant, else train_tiny's; MSCN_CORE=T its deviation cored by T),
+#        VIDEO=SHARE that share of the groups H.264-encoded as a whole, GRAIN=SHARE that
+#        share of the images with faint grain)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${STREAMIQ_VENV:-/opt/streamiq/venv}/bin/python
@@ -37,7 +38,7 @@ EVAL_WALLPAPERS=("$BG"/mate/nature/{Storm,LadyBird}.jpg "$BG"/{Wine_by_Jakkub_Me
     "$BG"/{aitzgorri,life,friends}_by_Aitzol_Berasategi.jpg "$BG"/Picture_0B_by_freespace.jpg)
 
 VARIANT=()
-if [[ ${MSCN:-0} == 1 ]]; then VARIANT+=(--mscn ${MSCN_C:+"$MSCN_C"}); fi
+if [[ ${MSCN:-0} == 1 ]]; then VARIANT+=(--mscn ${MSCN_C:+"$MSCN_C"} ${MSCN_CORE:+--mscn-core "$MSCN_CORE"}); fi
 if [[ ${VIDEO:-0} != 0 ]]; then VARIANT+=(--video "$VIDEO"); fi
 if [[ ${GRAIN:-0} != 0 ]]; then VARIANT+=(--grain "$GRAIN"); fi
 

@@ -193,6 +193,7 @@ CHUNKS = 8          # the data is made in this many seeded chunks, whatever the 
 VIDEO_QP = (16, 26)  # `--video`: the mild encode's quantiser range, below the h264 kind's level 1 (30)
 GRAIN_SIGMA = (0.002, 0.008)  # `--grain`: 0.5-2 of 255; the noise kind's level 0.5 is 0.0106
 MSCN_C = 0.01       # `--mscn`: the MSCN constant unless one is given (luma in 0..1)
+MSCN_CORE = 0.01    # `--mscn-core`: the coring threshold unless one is given (about 2.5 of 255)
 CONTEXT = 32
 WIDTH, LAYERS, HEADS, EMBED = 128, 3, 4, 128
 
@@ -653,15 +654,19 @@ class Mscn(nn.Module):
     """Mean-subtracted, contrast-normalised luma (BRISQUE's MSCN coefficients, a divisive
     normalisation): (Y - mu) / (sigma + c) over a 7x7 Gaussian window, Y in [0, 1]
     recovered from the CLIP-normalised pixels. Local contrast is divided out, so a dark
-    or flat picture that is sharp gives the statistics of a sharp one."""
+    or flat picture that is sharp gives the statistics of a sharp one. With `core` > 0
+    the deviation Y - mu is cored first (shrunk towards 0 by `core`, values within it
+    dropped): faint grain on the flat regions a blur leaves is then no longer as large a
+    signal as real detail (`--mscn-core`, models/README.md)."""
 
-    def __init__(self, c=MSCN_C):
+    def __init__(self, c=MSCN_C, core=0.0):
         super().__init__()
         self.register_buffer("window", gaussian_window())
         self.register_buffer("mean", MEAN.clone())
         self.register_buffer("std", STD.clone())
         self.register_buffer("luma", torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1))
         self.c = c
+        self.core = core
 
     def forward(self, pixels):
         y = ((pixels * self.std + self.mean) * self.luma).sum(dim=1, keepdim=True)
@@ -672,17 +677,20 @@ class Mscn(nn.Module):
 
         mu = smooth(y)
         sigma = (smooth(y * y) - mu * mu).clamp(min=0).sqrt()
-        return (y - mu) / (sigma + self.c)
+        d = y - mu
+        if self.core > 0:
+            d = d - d.clamp(-self.core, self.core)
+        return d / (sigma + self.c)
 
 
 class TinyVisual(nn.Module):
     """pixels [N,3,H,W] (CLIP-normalised) -> projected features [N,D]. With `mscn` (its
-    constant c) the first stage also sees the pixels' MSCN luma (`Mscn`; `--mscn`, a
-    variant measured in models/README.md, not the shipped model)."""
+    constant c) the first stage also sees the pixels' MSCN luma (`Mscn`, cored by
+    `mscn_core`; `--mscn`, a variant measured in models/README.md, not the shipped model)."""
 
-    def __init__(self, dim=EMBED, mscn=None):
+    def __init__(self, dim=EMBED, mscn=None, mscn_core=0.0):
         super().__init__()
-        self.mscn = None if mscn is None else Mscn(mscn)
+        self.mscn = None if mscn is None else Mscn(mscn, mscn_core)
         self.s1 = conv(3 if mscn is None else 4, 32, 2)
         self.s2 = nn.Sequential(conv(32, 48, 2), conv(48, 48, 1))
         self.s3 = conv(48, 96, 2)
@@ -793,11 +801,11 @@ def group_loss(z, u, gid):
     return F.softplus(-diff[pairs]).mean()
 
 
-def train(images, meta, caps, tok, tokens, steps, batch_groups, seed, lr=2e-3, mscn=None):
+def train(images, meta, caps, tok, tokens, steps, batch_groups, seed, lr=2e-3, mscn=None, mscn_core=0.0):
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed + 1)
-    visual = TinyVisual(mscn=mscn).to(memory_format=torch.channels_last)
+    visual = TinyVisual(mscn=mscn, mscn_core=mscn_core).to(memory_format=torch.channels_last)
     text = cc.TextTower(text_config(len(tok.clip_ids)))
     init_text(text)
     logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
@@ -929,6 +937,9 @@ def main():
     ap.add_argument("--mscn", nargs="?", type=float, const=MSCN_C, default=None, metavar="C",
                     help="image tower variant: the first stage also sees the MSCN luma, with the "
                          f"stabilising constant C (default {MSCN_C}; luma in 0..1) (models/README.md)")
+    ap.add_argument("--mscn-core", nargs="?", type=float, const=MSCN_CORE, default=0.0, metavar="T",
+                    help="with --mscn: core the MSCN deviation by T first, so faint grain is not read "
+                         f"as detail (default {MSCN_CORE}; luma in 0..1) (models/README.md)")
     ap.add_argument("--video", type=float, default=0.0, metavar="SHARE",
                     help="data variant: this share of the groups is H.264-encoded as a whole at a mild "
                          "quantiser, clean picture included (models/README.md)")
@@ -938,6 +949,8 @@ def main():
     a = ap.parse_args()
     if a.mscn is not None and not a.mscn > 0:
         ap.error(f"--mscn {a.mscn}: the constant must be positive")
+    if a.mscn_core and (a.mscn is None or not 0 < a.mscn_core < 1):
+        ap.error(f"--mscn-core {a.mscn_core}: needs --mscn and a threshold between 0 and 1")
     for opt in ("video", "grain"):
         if not 0 <= getattr(a, opt) <= 1:
             ap.error(f"--{opt} {getattr(a, opt)}: the share must be between 0 and 1")
@@ -972,11 +985,13 @@ def main():
     tok = CompactTokenizer(all_texts(caps))
     tokens = cc.build_tokens(tok, CONTEXT)
     log(f"text: vocabulary of {len(tok.clip_ids)} CLIP BPE ids")
-    visual, text, scale = train(images, meta, caps, tok, tokens, a.steps, a.batch_groups, a.seed, mscn=a.mscn)
+    visual, text, scale = train(images, meta, caps, tok, tokens, a.steps, a.batch_groups, a.seed,
+                                 mscn=a.mscn, mscn_core=a.mscn_core)
     info = OrderedDict(
         generator=f"scripts/train_tiny.py --seed {a.seed} --groups {a.groups} --steps {a.steps} "
                   f"--batch-groups {a.batch_groups}"
                   + ("" if a.mscn is None else f" --mscn {a.mscn:g}")
+                  + (f" --mscn-core {a.mscn_core:g}" if a.mscn_core else "")
                   + (f" --video {a.video:g}" if a.video else "") + (f" --grain {a.grain:g}" if a.grain else ""),
         purpose="streamiq's own quality model, trained on synthetic distortions of freely licensed photographs",
         train_photos=" ".join([f for f, _ in TRAIN_PHOTOS] + [Path(r).parent.parent.parent.name if "/contents/" in r

@@ -137,8 +137,17 @@ fn train_tiny_recipe_runs_end_to_end_in_a_tiny_configuration() {
 
 #[test]
 fn train_tiny_variants_run_end_to_end_in_a_tiny_configuration() {
-    // The MSCN image tower, and data with mildly encoded groups and faint grain.
-    tiny_recipe(&["--mscn", "0.02", "--video", "0.5", "--grain", "0.25"]);
+    // The MSCN image tower (cored), and data with mildly encoded groups and faint grain.
+    tiny_recipe(&[
+        "--mscn",
+        "0.02",
+        "--mscn-core",
+        "0.01",
+        "--video",
+        "0.5",
+        "--grain",
+        "0.25",
+    ]);
 }
 
 /// Runs train_tiny.py on 8 groups for 2 steps (with `extra` options), then checks the
