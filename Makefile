@@ -54,7 +54,7 @@ test: bundle demo lint
 bench: build
 	scripts/bench.sh
 
-# Retrains the shipped model models/streamiq-tiny from scratch (about 45 minutes on 2
+# Retrains the shipped model models/streamiq-tiny from scratch (45-75 minutes on 2
 # cores; see models/README.md). Not part of `make test`.
 tiny: build
 	scripts/make_tiny.sh models/streamiq-tiny

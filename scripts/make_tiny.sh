@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds models/streamiq-tiny from nothing but this repository and freely licensed
 # photographs (the scikit-image wheel; Debian packages that scripts/setup.sh installs)
-# (`make tiny`; about 45 minutes on 2 cores):
+# (`make tiny`; 45-75 minutes on 2 cores, by machine):
 #   1. contrastive pre-training of the dual encoder (scripts/train_tiny.py);
 #   2. a `streamiq distort` task set from training photographs;
 #   3. its image embeddings (`streamiq eval --save-embeddings`);
