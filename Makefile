@@ -11,7 +11,7 @@ export LIBTORCH := $(VENV)/torch
 export LIBTORCH_CXX11_ABI := 1
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: all setup bundle demo build run test lint bench tiny few-shot-evidence clean
+.PHONY: all setup bundle demo build build-daemon run test lint bench tiny few-shot-evidence clean
 
 all: build
 
@@ -34,21 +34,30 @@ $(DEMO)/clean/00300.jpg: scripts/make_pan_clip.py | setup
 
 demo: $(DEMO)/clean/00300.jpg
 
+# Both binaries: the daemon (this package) and the sidecar (adapt/, the only one that
+# links libtorch). `build-daemon` builds the daemon alone, with no libtorch anywhere.
 build: bundle
-	cargo build --release --locked --bins
+	cargo build --release --locked --workspace --bins
+
+build-daemon: setup
+	cargo build --release --locked -p streamiq --bins
 
 run: build demo
 	target/release/streamiq run --config $(CONFIG)
 
 lint: setup
-	cargo fmt --check
-	cargo clippy --locked --all-targets -- -D warnings
-	RUSTDOCFLAGS="-D warnings" cargo doc --locked --no-deps --quiet
+	cargo fmt --all --check
+	cargo clippy --locked --workspace --all-targets -- -D warnings
+	RUSTDOCFLAGS="-D warnings" cargo doc --locked --workspace --no-deps --quiet
+	@# The daemon crate must never depend on libtorch, also through feature unification.
+	@if cargo tree --locked -p streamiq -e normal,build --prefix none | grep -E '^(tch|torch-sys) '; then \
+		echo "lint: the streamiq crate depends on libtorch (above)" >&2; exit 1; \
+	else echo "lint: cargo tree -p streamiq has no tch / torch-sys"; fi
 
 test: bundle demo lint
 	promtool check rules config/alerts/streamiq.rules.yml
 	promtool test rules config/alerts/streamiq.rules.test.yml
-	set -o pipefail; cargo test --locked --lib --bins --tests -- --test-threads=2 2>&1 | tee target/test.log
+	set -o pipefail; cargo test --locked --workspace --lib --bins --tests -- --test-threads=2 2>&1 | tee target/test.log
 	@awk '/^test result:/ {p += $$4; f += $$6} END {printf "tests: %d passed, %d failed\n", p, f}' target/test.log
 
 bench: build

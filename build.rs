@@ -1,6 +1,6 @@
-//! Records where ONNX Runtime was found at build time (the project's Python venv), and
-//! gives `streamiq-adapt` an rpath to libtorch, so that the release binaries run from
-//! the repo root with no environment variable set.
+//! Records where ONNX Runtime was found at build time (the project's Python venv), so
+//! that the release binary runs from the repo root with no environment variable set.
+//! (libtorch is the sidecar's alone: `adapt/build.rs`.)
 
 use std::path::{Path, PathBuf};
 
@@ -28,23 +28,7 @@ fn find_onnxruntime(venv: &Path) -> Option<PathBuf> {
     None
 }
 
-/// libtorch for the sidecar only: an rpath to the torch lib dir tch was built against,
-/// and libtorch_cuda linked even though no symbol of it is referenced (otherwise
-/// `--as-needed` drops it and CUDA is never found; tch issue 980).
-fn link_libtorch() {
-    if let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") {
-        let bin = "streamiq-adapt";
-        println!("cargo:rustc-link-arg-bin={bin}=-Wl,-rpath,{lib}");
-        if std::path::Path::new(&lib).join("libtorch_cuda.so").exists() {
-            println!("cargo:rustc-link-arg-bin={bin}=-Wl,--no-as-needed");
-            println!("cargo:rustc-link-arg-bin={bin}=-ltorch_cuda");
-            println!("cargo:rustc-link-arg-bin={bin}=-Wl,--as-needed");
-        }
-    }
-}
-
 fn main() {
-    link_libtorch();
     println!("cargo:rerun-if-env-changed=STREAMIQ_VENV");
     println!("cargo:rerun-if-env-changed=ORT_DYLIB_PATH");
     let venv = std::env::var_os("STREAMIQ_VENV")

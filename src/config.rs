@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::qc::{PerKind, SegmentKind};
+
 /// A configuration that could not be read or is invalid.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -159,6 +161,8 @@ pub struct QcConfig {
     pub freeze_mad_max: f64,
     /// A frozen run becomes a segment once it has lasted this long.
     pub freeze_min_duration: String,
+    /// Colour bars (SMPTE / EBU test pattern) become a segment once shown this long.
+    pub bars_min_duration: String,
     /// No frame for this long: the stream is down and its pipeline is rebuilt.
     pub stall_timeout: String,
 }
@@ -172,6 +176,7 @@ impl Default for QcConfig {
             black_min_duration: "2s".into(),
             freeze_mad_max: 0.002,
             freeze_min_duration: "2s".into(),
+            bars_min_duration: "2s".into(),
             stall_timeout: "5s".into(),
         }
     }
@@ -290,7 +295,7 @@ pub enum Views {
 }
 
 /// One validated stream.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct StreamSettings {
     /// Metric label and API id.
     pub id: String,
@@ -303,7 +308,7 @@ pub struct StreamSettings {
 }
 
 /// Validated `[scorer]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ScorerSettings {
     /// Largest batch.
     pub max_batch: NonZeroUsize,
@@ -318,7 +323,7 @@ pub struct ScorerSettings {
 }
 
 /// Validated `[qc]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct QcSettings {
     /// Quality window.
     pub window: Duration,
@@ -326,18 +331,16 @@ pub struct QcSettings {
     pub black_luma_max: f32,
     /// Share of dark pixels that makes a frame black.
     pub black_pixel_ratio: f32,
-    /// Minimum black duration.
-    pub black_min_duration: Duration,
     /// Frozen-frame MAD threshold, 0..1.
     pub freeze_mad_max: f32,
-    /// Minimum frozen duration.
-    pub freeze_min_duration: Duration,
+    /// Minimum duration of a segment, per kind (`qc.{kind}_min_duration`).
+    pub min_duration: PerKind<Duration>,
     /// No-frame timeout.
     pub stall_timeout: Duration,
 }
 
 /// Validated `[model]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ModelSettings {
     /// Bundle directory.
     pub bundle: PathBuf,
@@ -374,7 +377,7 @@ impl ExecutionProvider {
 }
 
 /// Validated `[server]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ServerSettings {
     /// Bind address.
     pub listen: SocketAddr,
@@ -384,8 +387,57 @@ pub struct ServerSettings {
     pub shutdown_timeout: Duration,
 }
 
+/// Where the sidecar runs libtorch (`adapt.device`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TorchDevice {
+    /// The CPU.
+    Cpu,
+    /// CUDA device N.
+    Cuda(u32),
+}
+
+impl TorchDevice {
+    /// Parses `"cpu"` or `"cuda:N"`; the error names `key`.
+    pub fn parse(key: &str, value: &str) -> Result<Self, ConfigError> {
+        if value == "cpu" {
+            return Ok(Self::Cpu);
+        }
+        value
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .map(Self::Cuda)
+            .ok_or_else(|| {
+                ConfigError::invalid(key, format!("{value:?}"), "expected \"cpu\" or \"cuda:N\"")
+            })
+    }
+}
+
+impl std::fmt::Display for TorchDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Cpu => f.write_str("cpu"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+/// Validated `[adapt]` (read by the sidecar, `streamiq-adapt`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdaptSettings {
+    /// Fewest labels an adaptation round needs.
+    pub min_labels: usize,
+    /// Share of labels held out for early stopping and promotion, in (0, 1).
+    pub holdout: f64,
+    /// Gradient-regularisation strength, finite and >= 0.
+    pub lambda: f64,
+    /// Upper bound on training epochs.
+    pub max_epochs: NonZeroUsize,
+    /// Where libtorch runs.
+    pub device: TorchDevice,
+}
+
 /// The validated configuration every stage is built from.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
     /// HTTP server.
     pub server: ServerSettings,
@@ -399,12 +451,10 @@ pub struct Settings {
     pub recent_frames: NonZeroUsize,
     /// Label store path.
     pub labels_db: PathBuf,
-    /// Adaptation parameters, as read.
-    pub adapt: AdaptConfig,
+    /// Few-shot adaptation (the sidecar's).
+    pub adapt: AdaptSettings,
     /// Streams, in config order.
     pub streams: Vec<StreamSettings>,
-    /// The configuration as read (for `check-config`).
-    pub raw: Config,
 }
 
 impl Config {
@@ -446,6 +496,11 @@ impl Config {
 
     /// Validates into [`Settings`]; relative paths are kept relative to the working directory.
     pub fn validate(self) -> Result<Settings, ConfigError> {
+        self.settings()
+    }
+
+    /// Validates a borrowed configuration (the caller keeps it, e.g. to print it).
+    pub fn settings(&self) -> Result<Settings, ConfigError> {
         let server = ServerSettings {
             listen: self.server.listen.parse().map_err(|_| {
                 ConfigError::invalid("server.listen", &self.server.listen, "expected IP:PORT")
@@ -458,7 +513,7 @@ impl Config {
         let qc = self.validate_qc()?;
         let recent_frames = NonZeroUsize::new(self.labels.recent_frames)
             .ok_or_else(|| ConfigError::invalid("labels.recent_frames", 0, "must be at least 1"))?;
-        self.validate_adapt()?;
+        let adapt = self.validate_adapt()?;
         let streams = self.validate_streams()?;
         Ok(Settings {
             server,
@@ -467,9 +522,8 @@ impl Config {
             qc,
             recent_frames,
             labels_db: self.labels.db.clone(),
-            adapt: self.adapt.clone(),
+            adapt,
             streams,
-            raw: self,
         })
     }
 
@@ -553,18 +607,26 @@ impl Config {
                 "must be at least 100ms",
             ));
         }
+        let mut min_duration = PerKind::<Duration>::default();
+        for kind in SegmentKind::ALL {
+            let value = match kind {
+                SegmentKind::Black => &q.black_min_duration,
+                SegmentKind::Freeze => &q.freeze_min_duration,
+                SegmentKind::Bars => &q.bars_min_duration,
+            };
+            min_duration[kind] = duration(&format!("qc.{}_min_duration", kind.name()), value)?;
+        }
         Ok(QcSettings {
             window,
             black_luma_max: unit("qc.black_luma_max", q.black_luma_max)?,
             black_pixel_ratio: unit("qc.black_pixel_ratio", q.black_pixel_ratio)?,
-            black_min_duration: duration("qc.black_min_duration", &q.black_min_duration)?,
             freeze_mad_max: unit("qc.freeze_mad_max", q.freeze_mad_max)?,
-            freeze_min_duration: duration("qc.freeze_min_duration", &q.freeze_min_duration)?,
+            min_duration,
             stall_timeout,
         })
     }
 
-    fn validate_adapt(&self) -> Result<(), ConfigError> {
+    fn validate_adapt(&self) -> Result<AdaptSettings, ConfigError> {
         let a = &self.adapt;
         if !(a.holdout > 0.0 && a.holdout < 1.0) {
             return Err(ConfigError::invalid(
@@ -580,25 +642,15 @@ impl Config {
                 "must be finite and >= 0",
             ));
         }
-        if a.max_epochs == 0 {
-            return Err(ConfigError::invalid(
-                "adapt.max_epochs",
-                0,
-                "must be at least 1",
-            ));
-        }
-        let device_ok = a.device == "cpu"
-            || a.device
-                .strip_prefix("cuda:")
-                .is_some_and(|n| n.parse::<u32>().is_ok());
-        if !device_ok {
-            return Err(ConfigError::invalid(
-                "adapt.device",
-                format!("{:?}", a.device),
-                "expected \"cpu\" or \"cuda:N\"",
-            ));
-        }
-        Ok(())
+        let max_epochs = NonZeroUsize::new(a.max_epochs)
+            .ok_or_else(|| ConfigError::invalid("adapt.max_epochs", 0, "must be at least 1"))?;
+        Ok(AdaptSettings {
+            min_labels: a.min_labels,
+            holdout: a.holdout,
+            lambda: a.lambda,
+            max_epochs,
+            device: TorchDevice::parse("adapt.device", &a.device)?,
+        })
     }
 
     fn validate_streams(&self) -> Result<Vec<StreamSettings>, ConfigError> {
@@ -652,22 +704,28 @@ impl Config {
                     ));
                 }
             };
-            if !(s.sample_fps >= 0.0 && s.sample_fps <= 240.0) {
-                return Err(ConfigError::invalid(
-                    key("sample_fps"),
-                    s.sample_fps,
-                    "must be within 0..240 (0 = every frame)",
-                ));
-            }
             out.push(StreamSettings {
                 id: s.id.clone(),
                 source,
-                sample_fps: (s.sample_fps > 0.0).then_some(s.sample_fps),
+                sample_fps: sample_fps(&key("sample_fps"), s.sample_fps)?,
                 realtime: s.realtime,
             });
         }
         Ok(out)
     }
+}
+
+/// The one sampling-rate rule (config and `scan --sample-fps`): 0 means every frame
+/// (`None`), otherwise up to 240 frames per second.
+pub fn sample_fps(key: &str, value: f64) -> Result<Option<f64>, ConfigError> {
+    if !(0.0..=240.0).contains(&value) {
+        return Err(ConfigError::invalid(
+            key,
+            value,
+            "must be within 0..240 (0 = every frame)",
+        ));
+    }
+    Ok((value > 0.0).then_some(value))
 }
 
 /// Whether `id` matches `[a-z0-9_-]{1,64}`.

@@ -28,6 +28,8 @@
 //!   and the engine (batcher + model threads).
 //! - [`qc`]: windowed quality, black / freeze segment detection.
 //! - [`state`]: per-stream runtime state shared by ingest, scoring and HTTP.
+//! - [`registry`]: the daemon's streams at run time (add / replace / remove one stream
+//!   without touching the others) and the engine's sink into them.
 //! - [`metrics`]: every Prometheus metric, declared once.
 //! - [`http`]: axum routes; the bearer token that guards write routes.
 //! - [`labels`]: operator labels (rating + the frame's embedding and thumbnail) in the
@@ -35,12 +37,15 @@
 //! - [`distort`]: synthetic distortions (13 kinds x 5 levels, plus `color_cast` on request)
 //!   for training and evaluation sets.
 //! - [`scan`]: file scan mode (CDN / VOD); [`eval`]: SRCC / PLCC against labels.
-//! - [`app`]: the daemon's wiring and ordered shutdown; [`shutdown`]: signals.
+//! - [`app`]: the daemon's wiring and ordered shutdown; [`shutdown`]: signals;
+//!   [`reload`]: SIGHUP re-reads the config into the registry.
+//! - [`error`]: the errors that end a command, each with its exit status.
 
 pub mod app;
 pub mod batch;
 pub mod config;
 pub mod distort;
+pub mod error;
 pub mod eval;
 pub mod frame;
 pub mod http;
@@ -48,9 +53,12 @@ pub mod ingest;
 pub mod labels;
 pub mod metrics;
 pub mod qc;
+pub mod registry;
+pub mod reload;
 pub mod scan;
 pub mod score;
 pub mod shutdown;
 pub mod state;
 
-pub use app::run;
+pub use app::{RunOptions, run, run_with};
+pub use error::Error;

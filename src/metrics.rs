@@ -2,6 +2,7 @@
 //! Per-stream children are resolved once per stream into [`StreamMetrics`] so the hot
 //! path does no label lookups.
 
+use crate::qc::PerKind;
 use prometheus::{
     Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -41,10 +42,8 @@ pub struct Metrics {
     dropped: IntCounterVec,
     quality: GaugeVec,
     attribute: GaugeVec,
-    black_active: IntGaugeVec,
-    freeze_active: IntGaugeVec,
-    black_events: IntCounterVec,
-    freeze_events: IntCounterVec,
+    segment_active: PerKind<IntGaugeVec>,
+    segment_events: PerKind<IntCounterVec>,
     last_frame: GaugeVec,
     /// Frames per model call.
     pub batch_size: Histogram,
@@ -64,6 +63,10 @@ pub struct Metrics {
     pub prompt_rejects: IntCounterVec,
     /// Model calls that failed, by error kind.
     pub inference_errors: IntCounterVec,
+    /// 1 if the last configuration reload (or the start) succeeded, else 0.
+    pub config_reload_successful: IntGauge,
+    /// Unix time of the last successful configuration load (start or reload).
+    pub config_reload_success_time: Gauge,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> T {
@@ -158,20 +161,15 @@ impl Metrics {
                 "Mean attribute score over qc.window, in [0,1].",
                 &["stream", "attribute"],
             ),
-            black_active: gauge(&r, "streamiq_black_active", "1 during a black segment.", s),
-            freeze_active: gauge(
-                &r,
-                "streamiq_freeze_active",
-                "1 during a frozen segment.",
-                s,
-            ),
-            black_events: counter(&r, "streamiq_black_events_total", "Black segments seen.", s),
-            freeze_events: counter(
-                &r,
-                "streamiq_freeze_events_total",
-                "Frozen segments seen.",
-                s,
-            ),
+            segment_active: PerKind::from_fn(|k| {
+                let name = format!("streamiq_{}_active", k.name());
+                gauge(&r, &name, &format!("1 during {}.", k.describe()), s)
+            }),
+            segment_events: PerKind::from_fn(|k| {
+                let name = format!("streamiq_{}_events_total", k.name());
+                let help = format!("Segments of {} seen.", k.describe());
+                counter(&r, &name, &help, s)
+            }),
             last_frame: fgauge(
                 &r,
                 "streamiq_last_frame_timestamp_seconds",
@@ -234,6 +232,22 @@ impl Metrics {
                 "Model calls that failed, by error kind.",
                 &["kind"],
             ),
+            config_reload_successful: reg(
+                &r,
+                IntGauge::new(
+                    "streamiq_config_last_reload_successful",
+                    "Whether the last configuration reload attempt was successful.",
+                )
+                .expect("valid metric"),
+            ),
+            config_reload_success_time: reg(
+                &r,
+                Gauge::new(
+                    "streamiq_config_last_reload_success_timestamp_seconds",
+                    "Timestamp of the last successful configuration reload.",
+                )
+                .expect("valid metric"),
+            ),
             registry: r,
         }
     }
@@ -258,13 +272,39 @@ impl Metrics {
             dropped_stale: dropped(DropReason::Stale),
             dropped_error: dropped(DropReason::Error),
             quality: self.quality.with_label_values(&[stream]),
-            black_active: self.black_active.with_label_values(&[stream]),
-            freeze_active: self.freeze_active.with_label_values(&[stream]),
-            black_events: self.black_events.with_label_values(&[stream]),
-            freeze_events: self.freeze_events.with_label_values(&[stream]),
+            segment_active: self
+                .segment_active
+                .map(|_, m| m.with_label_values(&[stream])),
+            segment_events: self
+                .segment_events
+                .map(|_, m| m.with_label_values(&[stream])),
             last_frame: self.last_frame.with_label_values(&[stream]),
             attribute_family: self.attribute.clone(),
             stream: stream.to_string(),
+        }
+    }
+
+    /// Removes every series of `stream` (a stream taken out at run time), including its
+    /// `attributes`' series.
+    pub fn remove_stream(&self, stream: &str, attributes: &[String]) {
+        let one = [stream];
+        let _ = self.stream_up.remove_label_values(&one);
+        let _ = self.restarts.remove_label_values(&one);
+        let _ = self.decoded.remove_label_values(&one);
+        let _ = self.scored.remove_label_values(&one);
+        let _ = self.quality.remove_label_values(&one);
+        let _ = self.last_frame.remove_label_values(&one);
+        for (_, m) in self.segment_active.iter() {
+            let _ = m.remove_label_values(&one);
+        }
+        for (_, m) in self.segment_events.iter() {
+            let _ = m.remove_label_values(&one);
+        }
+        for r in [DropReason::QueueFull, DropReason::Stale, DropReason::Error] {
+            let _ = self.dropped.remove_label_values(&[stream, r.as_str()]);
+        }
+        for a in attributes {
+            let _ = self.attribute.remove_label_values(&[stream, a.as_str()]);
         }
     }
 
@@ -300,14 +340,10 @@ pub struct StreamMetrics {
     dropped_error: IntCounter,
     /// `streamiq_quality_score`.
     pub quality: Gauge,
-    /// `streamiq_black_active`.
-    pub black_active: IntGauge,
-    /// `streamiq_freeze_active`.
-    pub freeze_active: IntGauge,
-    /// `streamiq_black_events_total`.
-    pub black_events: IntCounter,
-    /// `streamiq_freeze_events_total`.
-    pub freeze_events: IntCounter,
+    /// `streamiq_{kind}_active` (`streamiq_black_active`, `streamiq_freeze_active`, ...).
+    pub segment_active: PerKind<IntGauge>,
+    /// `streamiq_{kind}_events_total`.
+    pub segment_events: PerKind<IntCounter>,
     /// `streamiq_last_frame_timestamp_seconds`.
     pub last_frame: Gauge,
     attribute_family: GaugeVec,

@@ -1,5 +1,12 @@
-//! Quality control on sampled frames: the windowed quality mean, and black- and
-//! frozen-picture segments.
+//! Quality control on sampled frames: the windowed quality mean, and picture segments
+//! (black, frozen, colour bars).
+//!
+//! The segment detectors are a table indexed by [`SegmentKind`]: each kind's metrics
+//! (`streamiq_{name}_active`, `streamiq_{name}_events_total`), API fields
+//! (`{name}_active` in `/api/v1/streams`) and `scan` report fields (`{name}_segments`)
+//! are made from its name, and its `[qc]` keys are `{name}_*` (config.rs). Adding a
+//! detector is a variant here, its per-frame test in [`PictureDetectors::update`] and
+//! its keys in config.rs.
 //!
 //! Segments are found in stream time (seconds). A run of matching frames becomes an
 //! *active* segment as soon as it has lasted the minimum duration (not when it ends);
@@ -7,13 +14,100 @@
 //! its first frame (the anchor), not only frame to frame, so that slow motion never
 //! adds up to a freeze; black frames never count as frozen.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
+use std::ops::{Index, IndexMut};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
 use crate::config::QcSettings;
 use crate::frame::{RgbImage, luma256};
+
+/// A kind of picture segment a stream can be in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SegmentKind {
+    /// A black (or nearly black) picture.
+    Black,
+    /// A frozen picture: unchanged against the run's first frame.
+    Freeze,
+    /// Colour bars (SMPTE / EBU test pattern): a source that is not on air.
+    Bars,
+}
+
+impl SegmentKind {
+    /// Every kind, in table order.
+    pub const ALL: [SegmentKind; 3] = [Self::Black, Self::Freeze, Self::Bars];
+
+    /// The name in metric names, API fields and `[qc]` keys.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Black => "black",
+            Self::Freeze => "freeze",
+            Self::Bars => "bars",
+        }
+    }
+
+    /// What a segment of this kind is, for metric help texts.
+    pub const fn describe(self) -> &'static str {
+        match self {
+            Self::Black => "a black picture",
+            Self::Freeze => "a frozen picture",
+            Self::Bars => "colour bars",
+        }
+    }
+}
+
+/// One value per [`SegmentKind`], indexed by it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PerKind<T>([T; SegmentKind::ALL.len()]);
+
+impl<T> PerKind<T> {
+    /// The value of each kind from `f`.
+    pub fn from_fn(mut f: impl FnMut(SegmentKind) -> T) -> Self {
+        Self(SegmentKind::ALL.map(&mut f))
+    }
+
+    /// Each kind with its value, in table order.
+    pub fn iter(&self) -> impl Iterator<Item = (SegmentKind, &T)> {
+        SegmentKind::ALL.into_iter().zip(&self.0)
+    }
+
+    /// Each kind with its value, mutable.
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = (SegmentKind, &mut T)> {
+        SegmentKind::ALL.into_iter().zip(&mut self.0)
+    }
+
+    /// A value of another type per kind.
+    pub fn map<U>(&self, mut f: impl FnMut(SegmentKind, &T) -> U) -> PerKind<U> {
+        PerKind::from_fn(|k| f(k, &self[k]))
+    }
+
+    /// The values keyed `{name}{suffix}` (e.g. `black_active`), for JSON fields.
+    pub fn named<U>(&self, suffix: &str, mut f: impl FnMut(&T) -> U) -> BTreeMap<String, U> {
+        self.iter()
+            .map(|(k, v)| (format!("{}{suffix}", k.name()), f(v)))
+            .collect()
+    }
+}
+
+impl<T: Default> Default for PerKind<T> {
+    fn default() -> Self {
+        Self::from_fn(|_| T::default())
+    }
+}
+
+impl<T> Index<SegmentKind> for PerKind<T> {
+    type Output = T;
+    fn index(&self, k: SegmentKind) -> &T {
+        &self.0[k as usize]
+    }
+}
+
+impl<T> IndexMut<SegmentKind> for PerKind<T> {
+    fn index_mut(&mut self, k: SegmentKind) -> &mut T {
+        &mut self.0[k as usize]
+    }
+}
 
 /// A finished (or, at end of input, closed) segment in stream seconds.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -95,13 +189,6 @@ impl SegmentDetector {
     }
 }
 
-/// Per-frame statistics the detectors need.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct FrameStats {
-    /// Share of pixels whose luma is at most `black_luma_max`.
-    pub dark_ratio: f32,
-}
-
 /// Share of pixels with BT.601 luma (0..1) at most `luma_max`.
 pub fn dark_ratio(img: &RgbImage, luma_max: f32) -> f32 {
     // Integer luma in 0..=255*256 (`luma256`).
@@ -132,24 +219,76 @@ pub fn mean_abs_diff(a: &RgbImage, b: &RgbImage) -> Option<f32> {
     Some(sum as f32 / (a.width * a.height * 3).max(1) as f32 / 255.0)
 }
 
-/// Events produced by one frame, for metrics.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct QcEvents {
-    /// Black transition.
-    pub black: Transition,
-    /// Freeze transition.
-    pub freeze: Transition,
+/// Which of R, G, B are lit in each of the seven colour bars, left to right.
+const BAR_CHANNELS: [[bool; 3]; 7] = [
+    [true, true, true],
+    [true, true, false],
+    [false, true, true],
+    [false, true, false],
+    [true, false, true],
+    [true, false, false],
+    [false, false, true],
+];
+
+/// Whether `img` shows colour bars: across the upper part of the picture, seven
+/// vertical bars of even colour in the SMPTE / EBU order (grey or white, yellow, cyan,
+/// green, magenta, red, blue), whatever their level (75 % or 100 %, studio or full
+/// range). A natural picture practically never has seven flat bands with exactly this
+/// pattern of colour channels.
+pub fn looks_like_bars(img: &RgbImage) -> bool {
+    let (w, h) = (img.width, img.height);
+    if w < 28 || h < 8 {
+        return false;
+    }
+    // SMPTE bars fill the top two thirds; EBU bars the whole height.
+    let (y0, y1) = (h / 10, h * 6 / 10);
+    let mut means = [[0f32; 3]; 7];
+    for (bar, mean) in means.iter_mut().enumerate() {
+        // The middle 60 % of each bar, away from its edges (scaling blurs them).
+        let (x0, x1) = (w * (5 * bar + 1) / 35, w * (5 * bar + 4) / 35);
+        let n = ((x1 - x0) * (y1 - y0)) as f32;
+        let mut sum = [0u64; 3];
+        for y in y0..y1 {
+            for px in img.row(y)[3 * x0..3 * x1].chunks_exact(3) {
+                (0..3).for_each(|c| sum[c] += px[c] as u64);
+            }
+        }
+        *mean = sum.map(|s| s as f32 / n);
+        let mut dev = 0f32;
+        for y in y0..y1 {
+            for px in img.row(y)[3 * x0..3 * x1].chunks_exact(3) {
+                dev += (0..3).map(|c| (px[c] as f32 - mean[c]).abs()).sum::<f32>();
+            }
+        }
+        // An even bar: within 4 grey levels per channel on average.
+        if dev / (3.0 * n) > 4.0 {
+            return false;
+        }
+    }
+    (0..3).all(|c| {
+        let on = means.iter().map(|m| m[c]).fold(f32::MIN, f32::max);
+        let off = means.iter().map(|m| m[c]).fold(f32::MAX, f32::min);
+        // Lit and unlit channels at least 96 grey levels apart, and each bar's channel
+        // clearly at one of the two levels.
+        on - off >= 96.0
+            && means.iter().zip(BAR_CHANNELS).all(|(m, p)| {
+                let level = (m[c] - off) / (on - off);
+                if p[c] { level > 0.8 } else { level < 0.2 }
+            })
+    })
 }
 
-/// Black and freeze detection for one stream. Holds the freeze anchor frame.
+/// Events produced by one frame, per kind.
+pub type QcEvents = PerKind<Transition>;
+
+/// Picture-segment detection for one stream (black, freeze, colour bars). Holds the
+/// freeze anchor frame.
 pub struct PictureDetectors<A> {
     luma_max: f32,
     pixel_ratio: f32,
     mad_max: f32,
-    /// Black segments.
-    pub black: SegmentDetector,
-    /// Frozen segments.
-    pub freeze: SegmentDetector,
+    /// One segment detector per kind.
+    pub segments: PerKind<SegmentDetector>,
     anchor: Option<(f64, A)>,
     last_end: Option<f64>,
 }
@@ -161,47 +300,53 @@ impl<A: AsRef<RgbImage>> PictureDetectors<A> {
             luma_max: qc.black_luma_max,
             pixel_ratio: qc.black_pixel_ratio,
             mad_max: qc.freeze_mad_max,
-            black: SegmentDetector::new(qc.black_min_duration),
-            freeze: SegmentDetector::new(qc.freeze_min_duration),
+            segments: qc.min_duration.map(|_, d| SegmentDetector::new(*d)),
             anchor: None,
             last_end: None,
         }
     }
 
+    /// Whether a segment of `kind` is active.
+    pub fn is_active(&self, kind: SegmentKind) -> bool {
+        self.segments[kind].is_active()
+    }
+
     /// Feeds one frame at stream time `t` lasting `duration` seconds (if known).
-    /// `frame` is kept as the freeze anchor when it starts a new still run.
+    /// `frame` is kept as the freeze anchor when it starts a new still run. A black
+    /// picture or colour bars are never also a freeze: each is its own diagnosis.
     pub fn update(&mut self, t: f64, duration: Option<f64>, frame: A) -> QcEvents {
         let end = t + duration.unwrap_or(0.0);
         self.last_end = Some(end);
-        let is_black = dark_ratio(frame.as_ref(), self.luma_max) >= self.pixel_ratio;
-        let black = self.black.update(t, end, is_black.then_some(t));
-        if is_black {
+        let img = frame.as_ref();
+        let black = dark_ratio(img, self.luma_max) >= self.pixel_ratio;
+        let bars = !black && looks_like_bars(img);
+        let still = if black || bars {
             self.anchor = None;
-            return QcEvents {
-                black,
-                freeze: self.freeze.update(t, end, None),
-            };
-        }
-        let still = self.anchor.as_ref().and_then(|(t0, a)| {
-            mean_abs_diff(a.as_ref(), frame.as_ref())
-                .filter(|mad| *mad <= self.mad_max)
-                .map(|_| *t0)
+            None
+        } else {
+            let still = self.anchor.as_ref().and_then(|(t0, a)| {
+                mean_abs_diff(a.as_ref(), img)
+                    .filter(|mad| *mad <= self.mad_max)
+                    .map(|_| *t0)
+            });
+            if still.is_none() {
+                self.anchor = Some((t, frame));
+            }
+            still
+        };
+        let runs = PerKind::from_fn(|k| match k {
+            SegmentKind::Black => black.then_some(t),
+            SegmentKind::Freeze => still,
+            SegmentKind::Bars => bars.then_some(t),
         });
-        let freeze = self.freeze.update(t, end, still);
-        if still.is_none() {
-            self.anchor = Some((t, frame));
-        }
-        QcEvents { black, freeze }
+        PerKind::from_fn(|k| self.segments[k].update(t, end, runs[k]))
     }
 
     /// Closes open segments at the end of input (the last frame's end).
     pub fn finish(&mut self) -> QcEvents {
         let t = self.last_end.unwrap_or(0.0);
         self.anchor = None;
-        QcEvents {
-            black: self.black.close(t),
-            freeze: self.freeze.close(t),
-        }
+        PerKind::from_fn(|k| self.segments[k].close(t))
     }
 }
 
@@ -251,9 +396,8 @@ mod tests {
             window: Duration::from_secs(10),
             black_luma_max: 0.1,
             black_pixel_ratio: 0.98,
-            black_min_duration: Duration::from_secs(2),
             freeze_mad_max: 0.002,
-            freeze_min_duration: Duration::from_secs(2),
+            min_duration: PerKind::from_fn(|_| Duration::from_secs(2)),
             stall_timeout: Duration::from_secs(5),
         }
     }
@@ -306,10 +450,10 @@ mod tests {
         let mut black = Vec::new();
         let mut freeze = Vec::new();
         let mut record = |ev: QcEvents| {
-            if let Transition::Ended(s) = ev.black {
+            if let Transition::Ended(s) = ev[SegmentKind::Black] {
                 black.push(s);
             }
-            if let Transition::Ended(s) = ev.freeze {
+            if let Transition::Ended(s) = ev[SegmentKind::Freeze] {
                 freeze.push(s);
             }
         };
@@ -344,11 +488,78 @@ mod tests {
             det.update(i as f64 * 0.1, Some(0.1), solid(0));
         }
         let ev = det.finish();
-        match ev.black {
+        match ev[SegmentKind::Black] {
             Transition::Ended(s) => assert!(s.start == 0.0 && (s.end - 3.0).abs() < 1e-9),
             other => panic!("{other:?}"),
         }
-        assert_eq!(ev.freeze, Transition::None, "black is never also frozen");
+        assert_eq!(
+            ev[SegmentKind::Freeze],
+            Transition::None,
+            "black is never also frozen"
+        );
+    }
+
+    /// Seven vertical bars over the top two thirds (SMPTE layout) at `level` (191 =
+    /// 75 %, 255 = 100 %) on `floor` (0 full range, 16 studio range), dark below.
+    fn bars(w: usize, h: usize, level: u8, floor: u8) -> RgbImage {
+        bars_in_order(w, h, level, floor, |i| i)
+    }
+
+    fn bars_in_order(
+        w: usize,
+        h: usize,
+        level: u8,
+        floor: u8,
+        order: impl Fn(usize) -> usize,
+    ) -> RgbImage {
+        let mut data = Vec::with_capacity(w * h * 3);
+        for y in 0..h {
+            for x in 0..w {
+                let bar = BAR_CHANNELS[order(x * 7 / w)];
+                for on in bar {
+                    data.push(if y < h * 2 / 3 && on { level } else { floor });
+                }
+            }
+        }
+        RgbImage::from_packed(w, h, data)
+    }
+
+    #[test]
+    fn colour_bars_are_recognised_and_natural_pictures_are_not() {
+        assert!(looks_like_bars(&bars(398, 224, 191, 0)));
+        assert!(looks_like_bars(&bars(224, 224, 255, 16)));
+        assert!(looks_like_bars(&bars(64, 36, 180, 16)));
+        // Bars in another order, a grey ramp, noise, a flat grey: not bars.
+        assert!(!looks_like_bars(&bars_in_order(398, 224, 191, 0, |i| 6 - i)));
+        let ramp: Vec<u8> = (0..224 * 398 * 3)
+            .map(|i| ((i / 3) % 398 * 255 / 398) as u8)
+            .collect();
+        assert!(!looks_like_bars(&RgbImage::from_packed(398, 224, ramp)));
+        assert!(!looks_like_bars(&moving(3).0));
+        assert!(!looks_like_bars(&solid(128).0));
+        assert!(!looks_like_bars(&bars(20, 20, 191, 0)), "too small to tell");
+    }
+
+    #[test]
+    fn bars_make_a_segment_of_their_own_never_a_freeze() {
+        let mut det = PictureDetectors::new(&qc());
+        let img = || Img(bars(112, 64, 191, 16));
+        let mut events = Vec::new();
+        for i in 0..30 {
+            let ev = det.update(i as f64 * 0.1, Some(0.1), img());
+            assert_eq!(ev[SegmentKind::Freeze], Transition::None);
+            assert_eq!(ev[SegmentKind::Black], Transition::None);
+            events.push(ev[SegmentKind::Bars]);
+        }
+        assert!(
+            events.contains(&Transition::Started { start: 0.0 }),
+            "{events:?}"
+        );
+        assert!(det.is_active(SegmentKind::Bars));
+        match det.finish()[SegmentKind::Bars] {
+            Transition::Ended(s) => assert!(s.start == 0.0 && (s.end - 3.0).abs() < 1e-9),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! File scan mode for CDN / VOD pipelines: decode files as fast as scoring allows
 //! (backpressure, no drops, no pacing), score every frame (or `--sample-fps`), and
-//! report per file: frames scored, mean / min / p5 score, black and freeze segments.
+//! report per file: frames scored, mean / min / p5 score, black, freeze and bars segments.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -11,15 +11,14 @@ use gstreamer as gst;
 use gstreamer::prelude::*;
 use serde::Serialize;
 
-use crate::app::{LoadedModel, StartupError, load_model};
-use crate::config::{Settings, Source, WhenFull};
+use crate::config::{Settings, Source};
+use crate::error::Error;
 use crate::frame::{Frame, ScoredFrame};
 use crate::ingest::{Handoff, PipelineSpec, pipeline};
 use crate::metrics::{DropReason, Metrics};
-use crate::qc::Segment;
-use crate::score::preprocess::Normaliser;
+use crate::qc::{PerKind, Segment};
 use crate::score::prompts::PromptSet;
-use crate::score::{EngineParts, ScoreSink, ScoringEngine};
+use crate::score::{Engine, ScoreSink};
 use crate::state::StreamState;
 
 /// Options of `streamiq scan`.
@@ -51,14 +50,27 @@ pub struct FileReport {
     /// The file's image embedding: the normalised mean over its frames (not printed).
     #[serde(skip)]
     pub embedding: Option<Vec<f32>>,
-    /// Black segments, seconds.
-    pub black_segments: Vec<Segment>,
-    /// Frozen segments, seconds.
-    pub freeze_segments: Vec<Segment>,
+    /// Segments per kind, seconds: `black_segments`, `freeze_segments`,
+    /// `bars_segments` in JSON.
+    #[serde(serialize_with = "segments_as_fields", flatten)]
+    pub segments: PerKind<Vec<Segment>>,
     /// Why the file could not be read, if it could not.
     pub error: Option<String>,
     /// Below `--fail-below`.
     pub failed: bool,
+}
+
+/// Writes each kind's segments as a `{kind}_segments` field.
+fn segments_as_fields<S: serde::Serializer>(
+    segments: &PerKind<Vec<Segment>>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let mut map = s.serialize_map(Some(crate::qc::SegmentKind::ALL.len()))?;
+    for (kind, segs) in segments.iter() {
+        map.serialize_entry(&format!("{}_segments", kind.name()), segs)?;
+    }
+    map.end()
 }
 
 /// Scores per file, and attribute sums per file.
@@ -91,7 +103,7 @@ impl ScoreSink for ScanSink {
         }
     }
 
-    fn dropped(&self, frames: Vec<Frame>, reason: DropReason) {
+    fn dropped(&self, frames: &[Frame], reason: DropReason) {
         tracing::error!(
             frames = frames.len(),
             reason = reason.as_str(),
@@ -101,14 +113,14 @@ impl ScoreSink for ScanSink {
 }
 
 /// Scans the files and returns one report per file, in order.
-pub fn scan(settings: &Settings, opts: &ScanOptions) -> Result<Vec<FileReport>, StartupError> {
-    pipeline::init().map_err(|e| StartupError(e.to_string()))?;
-    let LoadedModel {
-        bundle,
-        model,
-        prompts,
-    } = load_model(settings)?;
-    let metrics = Metrics::new();
+pub fn scan(settings: &Settings, opts: &ScanOptions) -> Result<Vec<FileReport>, Error> {
+    pipeline::init()?;
+    let loaded = crate::score::load(&settings.model)?;
+    let bundle = loaded.bundle.clone();
+    let prompts = Arc::new(ArcSwap::from_pointee(loaded.prompts.clone()));
+    // Scan's metrics are its own registry, never exported: the engine and the per-file
+    // detectors count into it as the daemon's do.
+    let metrics = Arc::new(Metrics::new());
     let states: Vec<Arc<StreamState>> = opts
         .files
         .iter()
@@ -127,23 +139,9 @@ pub fn scan(settings: &Settings, opts: &ScanOptions) -> Result<Vec<FileReport>, 
     let sink = Arc::new(ScanSink {
         files: Mutex::new(vec![FileScores::default(); opts.files.len()]),
     });
-    let (handoff, rx) = Handoff::new(
-        settings.scorer.queue_capacity.get(),
-        WhenFull::DropOldest,
-        Arc::new(|_: &Frame| {}),
-    );
-    let engine = ScoringEngine::start(
-        rx,
-        EngineParts {
-            model,
-            normaliser: Normaliser::new(&bundle.manifest.input, settings.scorer.views),
-            prompts: Arc::new(ArcSwap::from_pointee(prompts)),
-            logit_scale: bundle.manifest.logit_scale,
-            scorer: settings.scorer.clone(),
-            sink: sink.clone(),
-            metrics: None,
-        },
-    );
+    let engine = Engine::start(loaded, prompts, &settings.scorer, sink.clone(), metrics)
+        .map_err(|e| Error::runtime("starting the scoring threads", e))?;
+    let handoff = engine.handoff();
     let mut errors: Vec<Option<String>> = Vec::with_capacity(opts.files.len());
     for (path, state) in opts.files.iter().zip(&states) {
         let spec = PipelineSpec {
@@ -171,7 +169,7 @@ pub fn scan(settings: &Settings, opts: &ScanOptions) -> Result<Vec<FileReport>, 
         errors.push(err);
     }
     drop(handoff);
-    engine.join();
+    engine.stop();
     let scores = std::mem::take(&mut *sink.files.lock().unwrap_or_else(|e| e.into_inner()));
     Ok(opts
         .files
@@ -180,8 +178,8 @@ pub fn scan(settings: &Settings, opts: &ScanOptions) -> Result<Vec<FileReport>, 
         .zip(scores)
         .zip(errors)
         .map(|(((path, state), scores), error)| {
-            let (black, freeze) = state.segments();
-            report(path, scores, black, freeze, error, opts.fail_below)
+            let segments = state.segments();
+            report(path, scores, segments, error, opts.fail_below)
         })
         .collect())
 }
@@ -189,8 +187,7 @@ pub fn scan(settings: &Settings, opts: &ScanOptions) -> Result<Vec<FileReport>, 
 fn report(
     path: &Path,
     file: FileScores,
-    black_segments: Vec<Segment>,
-    freeze_segments: Vec<Segment>,
+    segments: PerKind<Vec<Segment>>,
     error: Option<String>,
     fail_below: Option<f64>,
 ) -> FileReport {
@@ -215,8 +212,7 @@ fn report(
         p5_score: p5,
         attributes,
         embedding,
-        black_segments,
-        freeze_segments,
+        segments,
         error,
         failed,
     }
@@ -330,7 +326,8 @@ pub fn format_text(r: &FileReport) -> String {
         f(r.p5_score),
         if r.failed { "  BELOW THRESHOLD" } else { "" }
     );
-    for (kind, segs) in [("black", &r.black_segments), ("freeze", &r.freeze_segments)] {
+    for (kind, segs) in r.segments.iter() {
+        let kind = kind.name();
         for seg in segs {
             let _ = writeln!(s, "  {kind} {:.2}s - {:.2}s", seg.start, seg.end);
         }

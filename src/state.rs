@@ -12,7 +12,7 @@ use serde::Serialize;
 use crate::config::QcSettings;
 use crate::frame::{Frame, RgbImage, ScoredFrame};
 use crate::metrics::StreamMetrics;
-use crate::qc::{PictureDetectors, QcEvents, QualityWindow, Segment, Transition};
+use crate::qc::{PerKind, PictureDetectors, QcEvents, QualityWindow, Segment, Transition};
 
 /// Closed segments kept per kind for the API.
 const SEGMENT_HISTORY: usize = 1000;
@@ -50,12 +50,10 @@ pub struct Qc {
     pub window: QualityWindow,
     /// Per-attribute windows, by name.
     pub attributes: Vec<(String, QualityWindow)>,
-    /// Black / freeze detectors.
+    /// Picture-segment detectors (black, freeze, bars).
     pub detectors: PictureDetectors<Arc<RgbImage>>,
-    /// Closed black segments (most recent last).
-    pub black_segments: VecDeque<Segment>,
-    /// Closed freeze segments (most recent last).
-    pub freeze_segments: VecDeque<Segment>,
+    /// Closed segments per kind (most recent last).
+    pub history: PerKind<VecDeque<Segment>>,
 }
 
 /// One stream's shared state.
@@ -132,8 +130,7 @@ impl StreamState {
             window: QualityWindow::new(qc.window),
             attributes: Vec::new(),
             detectors: PictureDetectors::new(qc),
-            black_segments: VecDeque::new(),
-            freeze_segments: VecDeque::new(),
+            history: PerKind::default(),
         }
     }
 
@@ -152,32 +149,19 @@ impl StreamState {
 
     fn apply(&self, qc: &mut Qc, ev: QcEvents) {
         let m = &self.metrics;
-        for (kind, tr, active, events, history) in [
-            (
-                "black",
-                ev.black,
-                &m.black_active,
-                &m.black_events,
-                &mut qc.black_segments,
-            ),
-            (
-                "freeze",
-                ev.freeze,
-                &m.freeze_active,
-                &m.freeze_events,
-                &mut qc.freeze_segments,
-            ),
-        ] {
-            match tr {
+        for (kind, tr) in ev.iter() {
+            let name = kind.name();
+            match *tr {
                 Transition::None => {}
                 Transition::Started { start } => {
-                    active.set(1);
-                    events.inc();
-                    tracing::info!(stream = %self.id, start, kind, "Segment started");
+                    m.segment_active[kind].set(1);
+                    m.segment_events[kind].inc();
+                    tracing::info!(stream = %self.id, start, kind = name, "Segment started");
                 }
                 Transition::Ended(seg) => {
-                    active.set(0);
-                    tracing::info!(stream = %self.id, start = seg.start, end = seg.end, kind, "Segment ended");
+                    m.segment_active[kind].set(0);
+                    tracing::info!(stream = %self.id, start = seg.start, end = seg.end, kind = name, "Segment ended");
+                    let history = &mut qc.history[kind];
                     if history.len() == SEGMENT_HISTORY {
                         history.pop_front();
                     }
@@ -307,27 +291,32 @@ impl StreamState {
         lock(&self.status).clone()
     }
 
+    /// The attribute names this stream has published (its `streamiq_quality_attribute`
+    /// series).
+    pub fn attribute_names(&self) -> Vec<String> {
+        lock(&self.qc)
+            .attributes
+            .iter()
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
     /// Window mean quality, if any frame was scored within the window.
     pub fn quality(&self) -> Option<f64> {
         lock(&self.qc).window.mean()
     }
 
-    /// Whether black / freeze segments are active now.
-    pub fn alarms(&self) -> (bool, bool) {
+    /// Which segments are active now, per kind.
+    pub fn alarms(&self) -> PerKind<bool> {
         let qc = lock(&self.qc);
-        (
-            qc.detectors.black.is_active(),
-            qc.detectors.freeze.is_active(),
-        )
+        PerKind::from_fn(|k| qc.detectors.is_active(k))
     }
 
-    /// Closed segments (black, freeze).
-    pub fn segments(&self) -> (Vec<Segment>, Vec<Segment>) {
-        let qc = lock(&self.qc);
-        (
-            qc.black_segments.iter().copied().collect(),
-            qc.freeze_segments.iter().copied().collect(),
-        )
+    /// Closed segments, per kind.
+    pub fn segments(&self) -> PerKind<Vec<Segment>> {
+        lock(&self.qc)
+            .history
+            .map(|_, h| h.iter().copied().collect())
     }
 
     /// Recent scored frames, oldest first.

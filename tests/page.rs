@@ -35,7 +35,7 @@ fn json_at(addr: SocketAddr, path: &str) -> Value {
 struct Daemon {
     addr: SocketAddr,
     token: CancellationToken,
-    handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    handle: Option<tokio::task::JoinHandle<Result<(), streamiq::Error>>>,
     rt: tokio::runtime::Runtime,
 }
 

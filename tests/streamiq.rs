@@ -32,7 +32,7 @@ fn text(addr: SocketAddr, path: &str) -> String {
 struct Daemon {
     addr: SocketAddr,
     token: CancellationToken,
-    handle: tokio::task::JoinHandle<anyhow::Result<()>>,
+    handle: tokio::task::JoinHandle<Result<(), streamiq::Error>>,
 }
 
 async fn start(settings: Settings) -> Daemon {
@@ -318,6 +318,23 @@ fn make_clip(dir: &Path) -> PathBuf {
     out
 }
 
+/// `streamiq scan --json` of one file, which must succeed; its report.
+fn scan_json(cfg: &Path, clip: &Path, extra: &[&str]) -> serde_json::Value {
+    let out = Command::new(bin())
+        .args(["scan", "--json", "--config"])
+        .arg(cfg)
+        .args(extra)
+        .arg(clip)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 fn write_config(dir: &Path, text: &str) -> PathBuf {
     let p = dir.join("streamiq.toml");
     std::fs::write(&p, text).unwrap();
@@ -329,18 +346,7 @@ fn scan_finds_black_and_freeze_segments() {
     let dir = tempfile::tempdir().unwrap();
     let clip = make_clip(dir.path());
     let cfg = write_config(dir.path(), &config_text("", ""));
-    let out = Command::new(bin())
-        .args(["scan", "--json", "--config"])
-        .arg(&cfg)
-        .arg(&clip)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r = scan_json(&cfg, &clip, &[]);
     assert_eq!(r["frames_scored"], 300, "{r}");
     let segs = |k: &str| -> Vec<(f64, f64)> {
         r[k].as_array()
@@ -365,17 +371,47 @@ fn scan_finds_black_and_freeze_segments() {
     assert!((0.0..=1.0).contains(&mean));
 
     // Sampling at 5 fps finds the same segments, within a sample period.
-    let out = Command::new(bin())
-        .args(["scan", "--json", "--sample-fps", "5", "--config"])
-        .arg(&cfg)
-        .arg(&clip)
-        .output()
-        .unwrap();
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r = scan_json(&cfg, &clip, &["--sample-fps", "5"]);
     let n = r["frames_scored"].as_u64().unwrap();
     assert!((59..=61).contains(&n), "{r}");
     assert_eq!(r["black_segments"].as_array().unwrap().len(), 1, "{r}");
     assert_eq!(r["freeze_segments"].as_array().unwrap().len(), 1, "{r}");
+}
+
+/// Colour bars (ffmpeg's SMPTE pattern, H.264-encoded) over a moving picture from 5 s
+/// to 8 s are one bars segment, and never also a freeze though the pattern is still.
+#[test]
+fn scan_finds_colour_bars_as_a_segment_of_their_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let clip = dir.path().join("bars.mp4");
+    common::synth(
+        "testsrc2=size=640x360:rate=25:duration=10",
+        &[
+            "-filter_complex",
+            "smptebars=size=640x360:rate=25[b];[0][b]overlay=enable='between(t,5,7.99)':shortest=1",
+            "-c:v",
+            "libx264",
+            "-preset",
+            "veryfast",
+            "-pix_fmt",
+            "yuv420p",
+        ],
+        &clip,
+    );
+    let cfg = write_config(dir.path(), &config_text("", ""));
+    let r = scan_json(&cfg, &clip, &["--sample-fps", "5"]);
+    let bars = r["bars_segments"].as_array().unwrap();
+    assert_eq!(bars.len(), 1, "{r}");
+    let (start, end) = (
+        bars[0]["start"].as_f64().unwrap(),
+        bars[0]["end"].as_f64().unwrap(),
+    );
+    assert!(
+        (start - 5.0).abs() <= 0.25 && (end - 8.0).abs() <= 0.25,
+        "{r}"
+    );
+    assert_eq!(r["freeze_segments"].as_array().unwrap().len(), 0, "{r}");
+    assert_eq!(r["black_segments"].as_array().unwrap().len(), 0, "{r}");
 }
 
 #[test]
@@ -762,21 +798,10 @@ fn crops_view_scores_every_frame_at_native_scale() {
         &["-pix_fmt", "yuv420p"],
         &clip,
     );
-    let cfg = write_config(dir.path(), &config_text("", ""));
-    let scan = |views: &str| -> serde_json::Value {
-        let out = Command::new(bin())
-            .args(["scan", "--json", "--config"])
-            .arg(&cfg)
-            .arg(&clip)
-            .env("STREAMIQ__SCORER__VIEWS", views)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{views}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
+    let scan = |views: &str| {
+        let extra = format!("[scorer]\nviews = \"{views}\"");
+        let cfg = write_config(dir.path(), &config_text("", &extra));
+        scan_json(&cfg, &clip, &[])
     };
     let (global, crops) = (scan("global"), scan("crops:4"));
     assert_eq!(global["frames_scored"], 20);
@@ -1071,4 +1096,105 @@ pipeline = "videotestsrc is-live=true ! video/x-raw,width=160,height=120,framera
         stderr.contains("server.api_token_file") && stderr.contains(&*token_file.to_string_lossy()),
         "{stderr}"
     );
+}
+
+/// The stream registry on real GStreamer pipelines: replacing one stream restarts only
+/// that stream (the other's counters never reset and keep counting), removing one
+/// takes its series off `/metrics`, and `apply` reports what it changed.
+#[test]
+fn registry_restarts_only_the_stream_that_changed() {
+    use std::sync::Arc;
+    use streamiq::config::{Source, StreamSettings, WhenFull};
+    use streamiq::ingest::Handoff;
+    use streamiq::metrics::Metrics;
+    use streamiq::registry::{StreamContext, StreamRegistry, StreamSlots};
+    use streamiq::score::bundle::ResizeRule;
+
+    streamiq::ingest::pipeline::init().unwrap();
+    let s = settings(&config_text("", ""));
+    let metrics = Arc::new(Metrics::new());
+    let (handoff, rx) = Handoff::new(64, WhenFull::DropOldest, Arc::new(|_: &_| {}));
+    // The scoring side is not under test: frames are taken off the queue and dropped.
+    let drain = std::thread::spawn(move || rx.iter().count());
+    let shutdown = CancellationToken::new();
+    let registry = StreamRegistry::new(
+        StreamContext {
+            metrics: metrics.clone(),
+            qc: s.qc.clone(),
+            recent_frames: 4,
+            input_size: 64,
+            resize: ResizeRule::ShorterSideCrop,
+            views: s.scorer.views,
+            shutdown: shutdown.clone(),
+        },
+        Arc::new(StreamSlots::default()),
+        handoff,
+    );
+    let stream = |id: &str, pattern: &str| StreamSettings {
+        id: id.into(),
+        source: Source::Pipeline(format!(
+            "videotestsrc is-live=true pattern={pattern} ! video/x-raw,width=160,height=120,framerate=20/1"
+        )),
+        sample_fps: Some(10.0),
+        realtime: true,
+    };
+    let decoded = |id: &str| registry.get(id).map(|st| st.metrics.decoded.get());
+    let wait_for = |what: &str, ok: &dyn Fn() -> bool| {
+        let t0 = Instant::now();
+        while !ok() {
+            assert!(t0.elapsed() < Duration::from_secs(30), "timed out: {what}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+
+    let report = registry
+        .apply(&[stream("a", "ball"), stream("b", "smpte")])
+        .unwrap();
+    assert_eq!(report.added, ["a", "b"]);
+    wait_for("frames from both streams", &|| {
+        decoded("a").unwrap() >= 5 && decoded("b").unwrap() >= 5
+    });
+    let slot_b = registry.get("b").unwrap().index;
+    let a_before = decoded("a").unwrap();
+
+    // Change b only: a keeps its state object, its counter and its pipeline.
+    let a_state = registry.get("a").unwrap();
+    let report = registry
+        .apply(&[stream("a", "ball"), stream("b", "snow")])
+        .unwrap();
+    assert_eq!(report.restarted, ["b"]);
+    assert_eq!(report.unchanged, ["a"]);
+    assert!(Arc::ptr_eq(&a_state, &registry.get("a").unwrap()));
+    assert_eq!(registry.get("b").unwrap().index, slot_b, "b keeps its slot");
+    let b_after_restart = decoded("b").unwrap();
+    wait_for("frames from b after its restart", &|| {
+        decoded("b").unwrap() >= b_after_restart + 5
+    });
+    assert!(decoded("a").unwrap() > a_before, "a never stopped counting");
+
+    // Same settings again: nothing restarts.
+    let report = registry
+        .apply(&[stream("a", "ball"), stream("b", "snow")])
+        .unwrap();
+    assert_eq!(report.unchanged, ["a", "b"]);
+    assert!(report.added.is_empty() && report.restarted.is_empty() && report.removed.is_empty());
+
+    // Add a twice: refused, nothing changed.
+    assert!(registry.add(stream("a", "ball")).is_err());
+    // Remove b: its series leave the exposition, a's stay.
+    let report = registry.apply(&[stream("a", "ball")]).unwrap();
+    assert_eq!(report.removed, ["b"]);
+    let exposition = metrics.encode();
+    assert!(!exposition.contains("stream=\"b\""), "{exposition}");
+    assert!(exposition.contains("streamiq_frames_decoded_total{stream=\"a\"}"));
+    assert!(registry.get("b").is_none() && registry.len() == 1);
+    assert!(registry.remove("b").is_err());
+
+    shutdown.cancel();
+    registry.shutdown();
+    assert!(
+        registry.add(stream("c", "ball")).is_err(),
+        "no change after shutdown"
+    );
+    assert!(drain.join().unwrap() > 0);
 }

@@ -8,7 +8,6 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use streamiq::app::StartupError;
 use streamiq::config::{Config, ConfigError, Settings};
 use streamiq::scan::{self, ScanOptions};
 use streamiq::score::bundle::Bundle;
@@ -273,7 +272,7 @@ fn eval_cmd(
     };
     let reports = match scan::scan(s, &opts) {
         Ok(r) => r,
-        Err(e) => return fail(2, e),
+        Err(e) => return fail(e.exit_code(), e),
     };
     let scores: Vec<Option<f64>> = reports.iter().map(|r| r.mean_score).collect();
     let errors = reports
@@ -324,16 +323,19 @@ fn run(config: PathBuf) -> ExitCode {
     let token = CancellationToken::new();
     let deadline = s.server.shutdown_timeout;
     rt.spawn(streamiq::shutdown::on_signals(token.clone(), deadline));
-    match rt.block_on(streamiq::run(s, token, None)) {
+    let opts = streamiq::RunOptions {
+        config_path: Some(config),
+        bound: None,
+    };
+    match rt.block_on(streamiq::run_with(s, opts, token)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) if e.downcast_ref::<StartupError>().is_some() => fail(2, e),
-        Err(e) => fail(1, format!("{e:#}")),
+        Err(e) => fail(e.exit_code(), e),
     }
 }
 
 fn check_config(config: PathBuf) -> ExitCode {
-    let s = match settings(&config) {
-        Ok(s) => s,
+    let (raw, s) = match Config::load(&config).and_then(|c| c.settings().map(|s| (c, s))) {
+        Ok(both) => both,
         Err(e) => return fail(2, e),
     };
     let bundle = match Bundle::open(&s.model.bundle) {
@@ -343,7 +345,7 @@ fn check_config(config: PathBuf) -> ExitCode {
     if let Err(e) = PromptSet::load(&bundle.prompts_path(), bundle.manifest.embed_dim) {
         return fail(2, format!("model.bundle: {e}"));
     }
-    match toml::to_string_pretty(&s.raw) {
+    match toml::to_string_pretty(&raw) {
         Ok(text) => {
             print!("{text}");
             eprintln!(
@@ -365,9 +367,11 @@ fn scan_cmd(
     fail_below: Option<f64>,
     json: bool,
 ) -> ExitCode {
-    if let Some(f) = sample_fps.filter(|f| !(*f > 0.0 && *f <= 240.0)) {
-        return fail(2, format!("--sample-fps {f}: must be within (0, 240]"));
-    }
+    let sample_fps = match sample_fps.map(|f| streamiq::config::sample_fps("--sample-fps", f)) {
+        Some(Err(e)) => return fail(2, e),
+        Some(Ok(f)) => f,
+        None => None,
+    };
     let opts = ScanOptions {
         files,
         sample_fps,
@@ -375,7 +379,7 @@ fn scan_cmd(
     };
     let reports = match scan::scan(s, &opts) {
         Ok(r) => r,
-        Err(e) => return fail(2, e),
+        Err(e) => return fail(e.exit_code(), e),
     };
     for r in &reports {
         if json {
@@ -395,7 +399,7 @@ fn score_cmd(s: &Settings, images: Vec<PathBuf>, json: bool) -> ExitCode {
     };
     let reports = match scan::scan(s, &opts) {
         Ok(r) => r,
-        Err(e) => return fail(2, e),
+        Err(e) => return fail(e.exit_code(), e),
     };
     for r in &reports {
         match (r.mean_score, json) {

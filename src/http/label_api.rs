@@ -59,7 +59,7 @@ pub(super) async fn create(
     let req = req
         .validate()
         .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.message, e.field))?;
-    let (st, sf) = find_frame(&s.streams, req.frame_id).ok_or_else(|| {
+    let (st, sf) = find_frame(&s.streams.all(), req.frame_id).ok_or_else(|| {
         ApiError::not_found(
             format!(
                 "no recent frame {}; label one of /api/v1/streams/{{id}}/frames",
@@ -263,7 +263,8 @@ pub(super) async fn summary(State(s): State<AppState>) -> Result<Json<Summary>, 
         .await
         .map_err(join_error)?
         .map_err(store_error)?;
-    let ids: Vec<&str> = s.streams.iter().map(|st| st.id.as_str()).collect();
+    let streams = s.streams.all();
+    let ids: Vec<&str> = streams.iter().map(|st| st.id.as_str()).collect();
     Ok(Json(summarise(
         &labels,
         &s.provenance.model_sha256,

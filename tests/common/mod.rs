@@ -6,9 +6,34 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// The repository root.
+pub mod default_run;
+
+/// The repository root (the workspace's, also for tests of the `adapt/` crate).
 pub fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest
+        .ancestors()
+        .find(|d| d.join("Cargo.lock").is_file())
+        .unwrap_or(&manifest)
+        .to_path_buf()
+}
+
+/// A binary of the workspace (`streamiq` or `streamiq-adapt`) in the target directory
+/// this test runs from. A test of one crate that runs the other crate's binary uses
+/// this; `cargo test --workspace` (what `make test` runs) builds both.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("tests run from target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: build the workspace's binaries first (`cargo test --workspace` and `make test` do)",
+        path.display()
+    );
+    path
 }
 
 /// The generated test bundle (`make bundle`).
@@ -48,13 +73,18 @@ pub fn run_ok(cmd: &mut std::process::Command) -> Ran {
 
 /// The project venv's Python (`scripts/setup.sh`).
 pub fn venv_python() -> PathBuf {
-    let venv = std::env::var_os("STREAMIQ_VENV")
+    python_of("STREAMIQ_VENV", "/opt/streamiq/venv")
+}
+
+/// `bin/python` of the venv that `var` names, else of `default`; it must exist.
+fn python_of(var: &str, default: &str) -> PathBuf {
+    let venv = std::env::var_os(var)
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/opt/streamiq/venv"));
+        .unwrap_or_else(|| PathBuf::from(default));
     let py = venv.join("bin/python");
     assert!(
         py.is_file(),
-        "{} is missing: run scripts/setup.sh",
+        "{} is missing: run scripts/setup.sh (make test does)",
         py.display()
     );
     py

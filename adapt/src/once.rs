@@ -63,7 +63,7 @@ pub fn run(config: &Path, lambda: Option<f64>) -> anyhow::Result<()> {
         lambda >= 0.0 && lambda.is_finite(),
         "--lambda {lambda}: must be finite and >= 0"
     );
-    let dev = crate::device(&a.device)?;
+    let dev = crate::torch_device(a.device)?;
     // A round killed mid-write leaves its temporary file behind (never a partial
     // version: see `write_atomic`); clear those of writers that are gone.
     let prompt_dir = PromptDir::new(&settings.model.prompts_dir);
@@ -126,7 +126,7 @@ pub fn run(config: &Path, lambda: Option<f64>) -> anyhow::Result<()> {
         a.device,
         parent.version
     );
-    let ts = TrainSettings::round(lambda, a.max_epochs, scale, 10);
+    let ts = TrainSettings::round(lambda, a.max_epochs.get(), scale, 10);
     let out = adapt::train(
         &mut student,
         &teacher,

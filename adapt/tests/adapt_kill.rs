@@ -22,6 +22,7 @@ use sha2::{Digest, Sha256};
 use streamiq::score::prompt_store::{PromptDir, PromptManager};
 use streamiq::score::prompts::PromptSet;
 
+#[path = "../../tests/common/mod.rs"]
 mod common;
 use common::{run_ok, venv_python};
 

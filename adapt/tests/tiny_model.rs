@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use streamiq::eval::spearman;
 
+#[path = "../../tests/common/mod.rs"]
 mod common;
 use common::{repo, run_ok, venv_python};
 
@@ -39,7 +40,7 @@ fn skimage_data() -> PathBuf {
 
 /// Scores of `images` under `model`, in order.
 fn scores(model: &Path, images: &[PathBuf]) -> Vec<f64> {
-    let out = run(Command::new(env!("CARGO_BIN_EXE_streamiq"))
+    let out = run(Command::new(common::bin("streamiq"))
         .arg("score")
         .arg("--model")
         .arg(model)
@@ -56,7 +57,7 @@ fn shipped_model_loads_everywhere_and_orders_a_blur_and_noise_ladder() {
     // A photograph the model never saw in training (models/README.md), distorted by
     // `streamiq distort`: the score must fall as blur and noise grow.
     let dir = tempfile::tempdir().unwrap();
-    run(Command::new(env!("CARGO_BIN_EXE_streamiq"))
+    run(Command::new(common::bin("streamiq"))
         .args([
             "distort",
             "--kinds",
@@ -89,7 +90,7 @@ fn faint_grain_does_not_make_blurred_photographs_look_sharp() {
     // blurred streams as sharp.
     let dir = tempfile::tempdir().unwrap();
     let data = skimage_data();
-    run(Command::new(env!("CARGO_BIN_EXE_streamiq"))
+    run(Command::new(common::bin("streamiq"))
         .args(["distort", "--kinds", "gaussian_blur", "--out"])
         .arg(dir.path())
         .args(["chelsea.png", "coffee.png", "rocket.jpg"].map(|f| data.join(f))));
@@ -233,7 +234,9 @@ fn default_config_scan_puts_degraded_photo_pans_below_their_clean_twins() {
             "yuv420p",
         ])
         .arg(&degraded));
-    let out = run(Command::new(env!("CARGO_BIN_EXE_streamiq"))
+    // From the repository root: the shipped config's paths are relative to it.
+    let out = run(Command::new(common::bin("streamiq"))
+        .current_dir(repo())
         .args(["scan", "--json", "--sample-fps", "4", "--config"])
         .arg(repo().join("config/streamiq.toml"))
         .arg(&clean)
@@ -271,7 +274,7 @@ const SIX_KINDS: [&str; 6] = [
 /// and kind is at least 0.88; returns the mean per-kind SRCC pooled across the pictures.
 fn six_kind_check(sources: &[(String, PathBuf)], dir: &Path) -> f64 {
     let set = dir.join("set");
-    run(Command::new(env!("CARGO_BIN_EXE_streamiq"))
+    run(Command::new(common::bin("streamiq"))
         .args([
             "distort",
             "--seed",

@@ -7,6 +7,7 @@
 use std::path::Path;
 use std::process::Command;
 
+#[path = "../../tests/common/mod.rs"]
 mod common;
 use common::{Daemon, HiddenDirectionLabels, http, metric, run_ok, venv_python, wait_until};
 
@@ -22,7 +23,8 @@ fn adapt(args: &[&str], model: &Path) -> std::process::Output {
 #[test]
 fn converted_clip_bundles_load_in_the_sidecar_and_the_daemon() {
     let dir = tempfile::tempdir().unwrap();
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let repo = common::repo();
+    let repo = repo.as_path();
     let out = Command::new(venv_python())
         .arg(repo.join("scripts/tests/test_convert_clip.py"))
         .arg("--keep")
@@ -66,7 +68,7 @@ fn converted_clip_bundles_load_in_the_sidecar_and_the_daemon() {
         assert_eq!(diffs.len(), 5, "quality + 4 attribute pairs: {text}");
         assert!(diffs.iter().all(|d| *d <= 1e-4), "{name}: {diffs:?}");
 
-        let o = Command::new(env!("CARGO_BIN_EXE_streamiq"))
+        let o = Command::new(common::bin("streamiq"))
             .args(["score", "--json", "--model"])
             .arg(&bundle)
             .arg(&frame)
@@ -131,7 +133,7 @@ fn few_shot_round_hot_swaps_into_a_running_daemon(bundle: &Path) {
         ),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_streamiq"))
+    let mut child = Command::new(common::bin("streamiq"))
         .args(["run", "--config"])
         .arg(&cfg)
         .env("NO_COLOR", "1")
@@ -266,7 +268,7 @@ fn few_shot_protocol_bench(bundle: &Path, source: &Path) {
     let work = tempfile::tempdir().unwrap();
     let run = |cmd: &mut Command| run_ok(cmd).text();
     let set = work.path().join("set");
-    run(Command::new(env!("CARGO_BIN_EXE_streamiq"))
+    run(Command::new(common::bin("streamiq"))
         .args([
             "distort",
             "--size",
@@ -278,7 +280,7 @@ fn few_shot_protocol_bench(bundle: &Path, source: &Path) {
         .arg(&set)
         .arg(source));
     let emb = work.path().join("emb.safetensors");
-    run(Command::new(env!("CARGO_BIN_EXE_streamiq"))
+    run(Command::new(common::bin("streamiq"))
         .args(["eval", "--model"])
         .arg(bundle)
         .arg("--labels")

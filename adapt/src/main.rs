@@ -1,26 +1,11 @@
-//! `streamiq-adapt`: the libtorch sidecar.
-//!
-//! - `once`: one few-shot adaptation round from the label store ([`adapt`]); writes a
-//!   new prompt set atomically and promotes it only if held-out SRCC did not get worse.
-//! - `check`: recomputes a bundle's prompt features with the libtorch text tower
-//!   ([`clip`]) and compares them with the ones the daemon uses (parity).
-//! - `pretrain`: meta-prompt pre-training of the context vectors over distortion-type
-//!   tasks ([`pretrain`]), writing a new bundle.
-//! - `bench`: the few-shot evaluation protocol ([`mod@bench`]).
-
-mod adapt;
-mod bench;
-mod clip;
-mod once;
-mod pretrain;
+//! `streamiq-adapt`: the libtorch sidecar's command line (the logic is the
+//! `streamiq_adapt` library).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
-use streamiq::score::bundle::Bundle;
-use tch::{Device, Kind};
+use streamiq_adapt::{bench, check, device, once, pretrain};
 
 #[derive(Parser)]
 #[command(
@@ -117,66 +102,6 @@ enum Command {
         #[arg(long, default_value_t = 1e-4)]
         tolerance: f64,
     },
-}
-
-/// Parses "cpu" or "cuda:N".
-pub fn device(name: &str) -> anyhow::Result<Device> {
-    match name {
-        "cpu" => Ok(Device::Cpu),
-        other => {
-            let n: usize = other
-                .strip_prefix("cuda:")
-                .and_then(|n| n.parse().ok())
-                .with_context(|| format!("device {other:?}: expected \"cpu\" or \"cuda:N\""))?;
-            anyhow::ensure!(
-                tch::Cuda::is_available(),
-                "device {other}: CUDA is not available"
-            );
-            Ok(Device::Cuda(n))
-        }
-    }
-}
-
-/// Max abs difference between recomputed and stored prompt features, per pair.
-fn check(model: &std::path::Path, dev: Device, tolerance: f64) -> anyhow::Result<bool> {
-    let bundle = Bundle::open(model)?;
-    let tokens = clip::load_tokens(&bundle)?;
-    let text = clip::TextEncoder::load(&bundle, dev)?;
-    let prompts = bundle.prompts_path();
-    let ctx = clip::read_tensor(&prompts, "ctx")?.to(dev);
-    let width = text.spec.width as i64;
-    anyhow::ensure!(
-        ctx.size() == [text.spec.n_ctx as i64, width],
-        "{}: ctx has shape {:?}, expected [{}, {width}]",
-        prompts.display(),
-        ctx.size(),
-        text.spec.n_ctx
-    );
-    let mut ok = true;
-    let groups = std::iter::once(("quality".to_string(), &tokens.quality)).chain(
-        tokens
-            .attributes
-            .iter()
-            .map(|(k, v)| (format!("attr.{k}"), v)),
-    );
-    let _guard = tch::no_grad_guard();
-    for (name, group) in groups {
-        let got = text.forward(&group.batch(dev), Some(&ctx)).to(Device::Cpu);
-        let want = clip::read_tensor(&prompts, &name)?;
-        let diff = (&got - &want).abs().max().double_value(&[]);
-        let scale = want.abs().max().double_value(&[]);
-        println!("{name:<16} max abs diff {diff:.3e} (values up to {scale:.3})");
-        ok &= diff <= tolerance;
-    }
-    let scenes = text.forward(&tokens.scenes.batch(dev), None);
-    let finite = scenes.isfinite().all().int64_value(&[]) == 1;
-    println!(
-        "scenes           {} prompts, features {:?}, finite {finite}",
-        tokens.scenes.names.len(),
-        scenes.size()
-    );
-    ok &= finite && scenes.kind() == Kind::Float;
-    Ok(ok)
 }
 
 fn main() -> ExitCode {
