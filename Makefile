@@ -11,7 +11,7 @@ export LIBTORCH := $(VENV)/torch
 export LIBTORCH_CXX11_ABI := 1
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: all setup bundle demo build build-daemon run test lint bench tiny few-shot-evidence clean
+.PHONY: all setup bundle demo build build-daemon run test lint bench peers tiny few-shot-evidence clean
 
 all: build
 
@@ -62,6 +62,12 @@ test: bundle demo lint
 
 bench: build
 	scripts/bench.sh
+
+# The classic blind IQA peers (BRISQUE, NIQE) on any `streamiq eval` label CSV, reported
+# as `streamiq eval` reports the model: `make peers LABELS=set/labels.csv`.
+peers: setup
+	@test -n "$(LABELS)" || { echo "usage: make peers LABELS=path/to/labels.csv" >&2; exit 2; }
+	scripts/peers.py --labels $(LABELS)
 
 # Retrains the shipped model models/streamiq-tiny from scratch (45-75 minutes on 2
 # cores; see models/README.md). Not part of `make test`.

@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
 # Install what streamiq needs to build, run and test, idempotently.
-#   scripts/setup.sh            system packages + Python venv
-#   scripts/setup.sh apt|venv   one part only
+#   scripts/setup.sh            system packages + Python venv + the peers' venv
+#   scripts/setup.sh apt|venv|peers   one part only
 # The venv lives at a fixed place ($STREAMIQ_VENV, default /opt/streamiq/venv) so that a
 # fresh clone on the same machine reuses it; a stamp file records what it holds.
+# The classic IQA peers that scripts/peers.py runs (BRISQUE, NIQE) get a venv of their own
+# ($STREAMIQ_PEERS_VENV, default /opt/streamiq/peers-venv), because they need an old
+# numpy: scikit-video's NIQE still uses the `np.float`-era API (gone in numpy 1.24) and
+# scipy.misc.imresize (gone from SciPy; peers.py supplies a bicubic one with Pillow), and
+# opencv-contrib's cv2.quality (BRISQUE) is pinned with it. BRISQUE's trained LIVE model
+# (brisque_model_live.yml, brisque_range_live.yml) comes with Debian's opencv-data under
+# /usr/share/opencv4/quality.
 set -euo pipefail
 
 VENV=${STREAMIQ_VENV:-/opt/streamiq/venv}
-APT_PACKAGES=(pkg-config libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev
+PEERS_VENV=${STREAMIQ_PEERS_VENV:-/opt/streamiq/peers-venv}
+APT_PACKAGES=(opencv-data pkg-config libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev
   gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad
   gstreamer1.0-plugins-ugly gstreamer1.0-libav gstreamer1.0-tools ffmpeg prometheus sqlite3 chromium curl
   mate-backgrounds lomiri-wallpapers-16.04 lomiri-wallpapers-20.04 plasma-workspace-wallpapers opencv-doc
@@ -20,6 +28,8 @@ APT_PACKAGES=(pkg-config libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev
 PY_PACKAGES=(torch==2.11.0 torchvision==0.26.0 onnxruntime==1.31.1 onnx==1.23.2 numpy safetensors
   opencv-python-headless prometheus_client pillow scikit-image==0.26.0
   open_clip_torch==3.3.0 ftfy==6.3.1 regex==2026.11.19 transformers==5.24.0)
+PEERS_PY_PACKAGES=(numpy==1.23.5 scipy==1.11.4 pillow==10.4.0 opencv-contrib-python-headless==4.8.1.78
+  scikit-video==1.1.11)
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 
@@ -37,21 +47,33 @@ setup_apt() {
   need_sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
-setup_venv() {
-  local want stamp="$VENV/.streamiq-stamp"
-  want=$(printf '%s\n' "${PY_PACKAGES[@]}")
-  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$VENV/bin/python" ]; then
-    log "python venv present at $VENV"; return
+# make_venv DIR CHECK PACKAGE...: a venv at DIR holding PACKAGE...; the stamp is written
+# only once the python code CHECK runs in it (else the next run installs again).
+make_venv() {
+  local dir=$1 check=$2; shift 2
+  local want stamp="$dir/.streamiq-stamp"
+  want=$(printf '%s\n' "$@")
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$dir/bin/python" ]; then
+    log "python venv present at $dir"; return
   fi
-  log "installing python packages into $VENV (torch is a large download; this happens once)"
-  mkdir -p "$(dirname "$VENV")"
-  if ! python3 -m venv "$VENV" 2>/dev/null; then
+  log "installing python packages into $dir (this happens once)"
+  mkdir -p "$(dirname "$dir")"
+  if ! python3 -m venv "$dir" 2>/dev/null; then
     need_sudo apt-get install -y -qq python3-venv >/dev/null
-    python3 -m venv "$VENV"
+    python3 -m venv "$dir"
   fi
-  "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q --progress-bar off "${PY_PACKAGES[@]}"
+  "$dir/bin/python" -m pip install -q --upgrade pip
+  "$dir/bin/python" -m pip install -q --progress-bar off "$@"
+  "$dir/bin/python" -c "$check" >/dev/null
   printf '%s\n' "$want" >"$stamp"
+}
+
+# torch is a large download.
+setup_venv() { make_venv "$VENV" 'import torch, onnxruntime' "${PY_PACKAGES[@]}"; }
+
+setup_peers() {
+  make_venv "$PEERS_VENV" 'import cv2; cv2.quality.QualityBRISQUE_create; import skvideo, scipy.io' \
+    "${PEERS_PY_PACKAGES[@]}"
 }
 
 # A version-independent path to the venv's libtorch, for tch's build (.cargo/config.toml).
@@ -64,6 +86,7 @@ link_torch() {
 case "${1:-all}" in
   apt) setup_apt ;;
   venv) setup_venv; link_torch ;;
-  all) setup_apt; setup_venv; link_torch ;;
-  *) echo "usage: $0 [all|apt|venv]" >&2; exit 2 ;;
+  peers) setup_peers ;;
+  all) setup_apt; setup_venv; link_torch; setup_peers ;;
+  *) echo "usage: $0 [all|apt|venv|peers]" >&2; exit 2 ;;
 esac

@@ -1198,3 +1198,179 @@ fn registry_restarts_only_the_stream_that_changed() {
     );
     assert!(drain.join().unwrap() > 0);
 }
+
+/// `scripts/peers.py` (BRISQUE and NIQE on a label CSV, reported as `eval` reports the
+/// model) passes its own tests: both peers rank clean photographs above their heavily
+/// blurred and noised versions, the report's layout, and its errors naming the culprit.
+/// Needs the peers' venv (`scripts/setup.sh peers`, run by `make test`).
+#[test]
+fn peers_script_scores_label_sets_like_eval() {
+    let out = Command::new(common::peers_python())
+        .arg(repo().join("scripts/tests/test_peers.py"))
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("{text}");
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains(" passed, 0 failed"), "{text}");
+}
+
+/// SIGHUP re-reads the config: the edited stream restarts, the other never stops
+/// counting; a broken edit is refused, changes nothing and flips
+/// `streamiq_config_last_reload_successful` to 0; a removed stream leaves `/metrics`.
+#[test]
+fn sighup_reload_restarts_only_the_edited_stream() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let stream = |id: &str, pattern: &str| {
+        format!(
+            "[[streams]]\nid = \"{id}\"\nsample_fps = 5.0\npipeline = \"videotestsrc is-live=true pattern={pattern} ! video/x-raw,width=160,height=120,framerate=10/1\"\n"
+        )
+    };
+    let both = |b: &str| format!("{}{}", stream("a", "ball"), stream("b", b));
+    let cfg = write_config(dir.path(), &config_text(&both("smpte"), ""));
+    // Killed when dropped, also when an assertion fails.
+    let mut child = common::Daemon(
+        Command::new(bin())
+            .args(["run", "--config"])
+            .arg(&cfg)
+            .env("NO_COLOR", "1")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let stderr = child.0.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let log = std::cell::RefCell::new(Vec::<String>::new());
+    let read_log = || log.borrow_mut().extend(rx.try_iter());
+    let t0 = Instant::now();
+    let addr: SocketAddr = loop {
+        read_log();
+        let found = log.borrow().iter().find_map(|l| {
+            l.split("HTTP listening addr=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        });
+        if let Some(a) = found {
+            break a;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "no address logged");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let scored = |id: &str| {
+        sample(
+            &text(addr, "/metrics"),
+            &format!("streamiq_frames_scored_total{{stream=\"{id}\"}}"),
+        )
+    };
+    let gauge = |name: &str| sample(&text(addr, "/metrics"), name).unwrap();
+    let source_of = |id: &str| -> Option<String> {
+        let v: serde_json::Value = serde_json::from_str(&text(addr, "/api/v1/streams")).unwrap();
+        v.as_array()?
+            .iter()
+            .find(|s| s["id"] == id)
+            .map(|s| s["source"].as_str().unwrap().to_string())
+    };
+    // `a`'s counter, sampled throughout: it must never go back.
+    let mut a_seen = Vec::new();
+    let wait = |what: &str, a_seen: &mut Vec<f64>, ok: &dyn Fn() -> bool| {
+        let t0 = Instant::now();
+        loop {
+            a_seen.push(scored("a").unwrap_or(0.0));
+            if ok() {
+                return;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(30), "timed out: {what}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let hup = |child: &common::Daemon| {
+        let ok = Command::new("kill")
+            .args(["-HUP", &child.0.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    };
+    wait("both streams scored", &mut a_seen, &|| {
+        scored("a").unwrap_or(0.0) >= 3.0 && scored("b").unwrap_or(0.0) >= 3.0
+    });
+    assert_eq!(gauge("streamiq_config_last_reload_successful"), 1.0);
+    let started_at = gauge("streamiq_config_last_reload_success_timestamp_seconds");
+    assert!(started_at > 1.7e9, "{started_at}");
+
+    // Edit b only.
+    std::thread::sleep(Duration::from_millis(1100));
+    std::fs::write(&cfg, config_text(&both("snow"), "")).unwrap();
+    hup(&child);
+    wait("b restarted with its new source", &mut a_seen, &|| {
+        source_of("b").is_some_and(|s| s.contains("pattern=snow"))
+    });
+    let b_after = scored("b").unwrap();
+    wait(
+        "frames from the restarted b and from a",
+        &mut a_seen,
+        &|| scored("b").unwrap() >= b_after + 3.0,
+    );
+    assert!(gauge("streamiq_config_last_reload_success_timestamp_seconds") > started_at);
+    read_log();
+    assert!(
+        log.borrow()
+            .iter()
+            .any(|l| l.contains("Configuration reloaded")
+                && l.contains("restarted=[\"b\"]")
+                && l.contains("unchanged=1")),
+        "{:#?}",
+        log.borrow()
+    );
+
+    // A broken edit: refused, nothing changes, the gauge says so.
+    std::fs::write(&cfg, config_text(&both("ball"), "no_such_key = 1")).unwrap();
+    hup(&child);
+    wait("the reload refused", &mut a_seen, &|| {
+        gauge("streamiq_config_last_reload_successful") == 0.0
+    });
+    assert!(source_of("b").unwrap().contains("pattern=snow"));
+    read_log();
+    assert!(
+        log.borrow()
+            .iter()
+            .any(|l| l.contains("Configuration reload refused") && l.contains("no_such_key")),
+        "{:#?}",
+        log.borrow()
+    );
+
+    // Remove b: it leaves the API and /metrics; a runs on.
+    std::fs::write(&cfg, config_text(&stream("a", "ball"), "")).unwrap();
+    hup(&child);
+    wait("b removed", &mut a_seen, &|| source_of("b").is_none());
+    assert_eq!(gauge("streamiq_config_last_reload_successful"), 1.0);
+    assert!(scored("b").is_none(), "b's series left /metrics");
+    let a_last = *a_seen.last().unwrap();
+    wait("a still counting", &mut a_seen, &|| {
+        scored("a").unwrap() >= a_last + 2.0
+    });
+    assert!(
+        a_seen.windows(2).all(|w| w[1] >= w[0]),
+        "a's frames_scored_total went back: {a_seen:?}"
+    );
+    assert!(
+        child.0.try_wait().unwrap().is_none(),
+        "the daemon still runs"
+    );
+}

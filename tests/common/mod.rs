@@ -76,6 +76,11 @@ pub fn venv_python() -> PathBuf {
     python_of("STREAMIQ_VENV", "/opt/streamiq/venv")
 }
 
+/// The Python of the classic IQA peers' venv (`scripts/setup.sh peers`).
+pub fn peers_python() -> PathBuf {
+    python_of("STREAMIQ_PEERS_VENV", "/opt/streamiq/peers-venv")
+}
+
 /// `bin/python` of the venv that `var` names, else of `default`; it must exist.
 fn python_of(var: &str, default: &str) -> PathBuf {
     let venv = std::env::var_os(var)
