@@ -39,7 +39,8 @@
 //! - [`scan`]: file scan mode (CDN / VOD); [`eval`]: SRCC / PLCC against labels.
 //! - [`app`]: the daemon's wiring and ordered shutdown; [`shutdown`]: signals;
 //!   [`reload`]: SIGHUP re-reads the config into the registry.
-//! - [`error`]: the errors that end a command, each with its exit status.
+//! - [`error`]: the errors that end a command, each with its exit status;
+//!   [`redact`]: credentials removed from everything shown or logged.
 
 pub mod app;
 pub mod batch;
@@ -53,6 +54,7 @@ pub mod ingest;
 pub mod labels;
 pub mod metrics;
 pub mod qc;
+pub mod redact;
 pub mod registry;
 pub mod reload;
 pub mod scan;

@@ -101,7 +101,8 @@ impl Reloader {
             }
             Err(e) => {
                 self.metrics.config_reload_successful.set(0);
-                tracing::error!(path = %self.path.display(), error = %e, "Configuration reload refused; nothing changed");
+                let error = crate::redact::redact(&e.to_string());
+                tracing::error!(path = %self.path.display(), %error, "Configuration reload refused; nothing changed");
             }
         }
         result

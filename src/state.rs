@@ -62,7 +62,7 @@ pub struct StreamState {
     pub index: usize,
     /// Stream id (metric label).
     pub id: String,
-    /// Source, with any password removed, for the API.
+    /// Source, with every credential removed ([`crate::redact`]), for the API.
     pub source: String,
     /// Metric children.
     pub metrics: StreamMetrics,
@@ -83,17 +83,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Removes `user:password@` from a URI (only from its authority part).
-pub fn redact(source: &str) -> String {
-    if let Some((scheme, rest)) = source.split_once("://") {
-        let authority = rest.split('/').next().unwrap_or("");
-        if let Some((_, host)) = rest.split_once('@').filter(|_| authority.contains('@')) {
-            return format!("{scheme}://***@{host}");
-        }
-    }
-    source.to_string()
-}
-
 impl StreamState {
     /// Fresh state for a stream.
     pub fn new(
@@ -107,7 +96,7 @@ impl StreamState {
         Self {
             index,
             id: id.to_string(),
-            source: redact(source),
+            source: crate::redact::redact(source),
             metrics,
             qc_settings: qc.clone(),
             qc: Mutex::new(Self::fresh_qc(qc)),
@@ -269,11 +258,12 @@ impl StreamState {
     }
 
     /// Sets the supervisor phase (and error, if given).
+    /// A credential in `error` (an error may quote the URI) is removed first.
     pub fn set_phase(&self, phase: Phase, error: Option<String>) {
         let mut s = lock(&self.status);
         s.phase = phase;
-        if error.is_some() {
-            s.last_error = error;
+        if let Some(e) = error {
+            s.last_error = Some(crate::redact::redact(&e));
         }
         if phase != Phase::Playing {
             self.metrics.up.set(0);
@@ -338,16 +328,4 @@ pub fn unix_seconds(t: SystemTime) -> f64 {
     t.duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_secs_f64()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::redact;
-
-    #[test]
-    fn passwords_are_redacted() {
-        assert_eq!(redact("rtsp://u:p@cam/s1"), "rtsp://***@cam/s1");
-        assert_eq!(redact("file:///a@b.mp4"), "file:///a@b.mp4");
-        assert_eq!(redact("videotestsrc ! x"), "videotestsrc ! x");
-    }
 }

@@ -1224,7 +1224,6 @@ fn peers_script_scores_label_sets_like_eval() {
 /// `streamiq_config_last_reload_successful` to 0; a removed stream leaves `/metrics`.
 #[test]
 fn sighup_reload_restarts_only_the_edited_stream() {
-    use std::io::BufRead;
     let dir = tempfile::tempdir().unwrap();
     let stream = |id: &str, pattern: &str| {
         format!(
@@ -1233,45 +1232,8 @@ fn sighup_reload_restarts_only_the_edited_stream() {
     };
     let both = |b: &str| format!("{}{}", stream("a", "ball"), stream("b", b));
     let cfg = write_config(dir.path(), &config_text(&both("smpte"), ""));
-    // Killed when dropped, also when an assertion fails.
-    let mut child = common::Daemon(
-        Command::new(bin())
-            .args(["run", "--config"])
-            .arg(&cfg)
-            .env("NO_COLOR", "1")
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    let stderr = child.0.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
-    let log = std::cell::RefCell::new(Vec::<String>::new());
-    let read_log = || log.borrow_mut().extend(rx.try_iter());
-    let t0 = Instant::now();
-    let addr: SocketAddr = loop {
-        read_log();
-        let found = log.borrow().iter().find_map(|l| {
-            l.split("HTTP listening addr=")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        });
-        if let Some(a) = found {
-            break a;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(60), "no address logged");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let mut child = LoggedDaemon::start(&cfg);
+    let addr = child.addr;
     let scored = |id: &str| {
         sample(
             &text(addr, "/metrics"),
@@ -1299,9 +1261,9 @@ fn sighup_reload_restarts_only_the_edited_stream() {
             std::thread::sleep(Duration::from_millis(100));
         }
     };
-    let hup = |child: &common::Daemon| {
+    let hup = |child: &LoggedDaemon| {
         let ok = Command::new("kill")
-            .args(["-HUP", &child.0.id().to_string()])
+            .args(["-HUP", &child.process.0.id().to_string()])
             .status()
             .unwrap()
             .success();
@@ -1328,15 +1290,12 @@ fn sighup_reload_restarts_only_the_edited_stream() {
         &|| scored("b").unwrap() >= b_after + 3.0,
     );
     assert!(gauge("streamiq_config_last_reload_success_timestamp_seconds") > started_at);
-    read_log();
+    let log = child.log();
     assert!(
-        log.borrow()
-            .iter()
-            .any(|l| l.contains("Configuration reloaded")
-                && l.contains("restarted=[\"b\"]")
-                && l.contains("unchanged=1")),
-        "{:#?}",
-        log.borrow()
+        log.iter().any(|l| l.contains("Configuration reloaded")
+            && l.contains("restarted=[\"b\"]")
+            && l.contains("unchanged=1")),
+        "{log:#?}"
     );
 
     // A broken edit: refused, nothing changes, the gauge says so.
@@ -1346,13 +1305,11 @@ fn sighup_reload_restarts_only_the_edited_stream() {
         gauge("streamiq_config_last_reload_successful") == 0.0
     });
     assert!(source_of("b").unwrap().contains("pattern=snow"));
-    read_log();
+    let log = child.log();
     assert!(
-        log.borrow()
-            .iter()
+        log.iter()
             .any(|l| l.contains("Configuration reload refused") && l.contains("no_such_key")),
-        "{:#?}",
-        log.borrow()
+        "{log:#?}"
     );
 
     // Remove b: it leaves the API and /metrics; a runs on.
@@ -1370,7 +1327,159 @@ fn sighup_reload_restarts_only_the_edited_stream() {
         "a's frames_scored_total went back: {a_seen:?}"
     );
     assert!(
-        child.0.try_wait().unwrap().is_none(),
+        child.process.0.try_wait().unwrap().is_none(),
         "the daemon still runs"
     );
+}
+
+/// `streamiq run` as a process whose log is collected; killed when dropped.
+struct LoggedDaemon {
+    process: common::Daemon,
+    addr: SocketAddr,
+    lines: std::sync::mpsc::Receiver<String>,
+    log: Vec<String>,
+}
+
+impl LoggedDaemon {
+    /// Starts the daemon on `cfg` and waits (60 s) for its HTTP address in the log.
+    fn start(cfg: &Path) -> Self {
+        use std::io::BufRead;
+        let mut process = common::Daemon(
+            Command::new(bin())
+                .args(["run", "--config"])
+                .arg(cfg)
+                .env("NO_COLOR", "1")
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        let (tx, lines) = std::sync::mpsc::channel::<String>();
+        let stderr = process.0.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let _ = tx.send(line);
+            }
+        });
+        let t0 = Instant::now();
+        let mut log = Vec::new();
+        let addr = loop {
+            log.extend(lines.try_iter());
+            let found = log.iter().find_map(|l: &String| {
+                l.split("HTTP listening addr=")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            });
+            if let Some(a) = found {
+                break a;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "no address logged: {log:#?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        Self {
+            process,
+            addr,
+            lines,
+            log,
+        }
+    }
+
+    /// Everything logged so far.
+    fn log(&mut self) -> Vec<String> {
+        self.log.extend(self.lines.try_iter());
+        self.log.clone()
+    }
+}
+
+/// No form of credential leaves the daemon: not `check-config`'s output (the unit runs
+/// it before every start, into the journal), not `/api/v1/streams` (sources and the
+/// errors of streams that cannot connect), not the log, not a config error.
+#[test]
+fn credentials_never_leave_the_daemon() {
+    const SECRET: &str = "hunter2xyz";
+    let dir = tempfile::tempdir().unwrap();
+    let streams = format!(
+        r#"
+[[streams]]
+id = "userinfo"
+uri = "rtsp://admin:{SECRET}@127.0.0.1:1/live"
+[[streams]]
+id = "srt"
+uri = "srt://127.0.0.1:1?mode=caller&passphrase={SECRET}"
+[[streams]]
+id = "signed"
+uri = "http://127.0.0.1:1/live.m3u8?token={SECRET}&sig={SECRET}&exp=1"
+[[streams]]
+id = "launch"
+pipeline = "rtspsrc location=rtsp://127.0.0.1:1/x user-id=admin user-pw={SECRET} ! decodebin ! videoconvert"
+[[streams]]
+id = "ok"
+pipeline = "videotestsrc is-live=true ! video/x-raw,width=160,height=120,framerate=10/1"
+"#
+    );
+    let cfg = write_config(dir.path(), &config_text(&streams, ""));
+    let out = Command::new(bin())
+        .args(["check-config", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{printed}");
+    assert!(printed.contains("passphrase=***") && printed.contains("user-pw=***"));
+    assert!(!printed.contains(SECRET), "check-config: {printed}");
+
+    // A bad config quoting a secret in its error.
+    let bad = config_text(
+        &format!("[[streams]]\nid = \"x\"\nuri = \"no-scheme?token={SECRET}\"\n"),
+        "",
+    );
+    let bad_cfg = dir.path().join("bad.toml");
+    std::fs::write(&bad_cfg, bad).unwrap();
+    let out = Command::new(bin())
+        .args(["check-config", "--config"])
+        .arg(&bad_cfg)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("streams[0].uri") && !err.contains(SECRET),
+        "{err}"
+    );
+
+    let mut daemon = LoggedDaemon::start(&cfg);
+    // Let the unreachable streams fail and restart at least once.
+    let t0 = Instant::now();
+    let streams = loop {
+        let body = text(daemon.addr, "/api/v1/streams");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let failed = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["restarts"].as_u64().unwrap_or(0) >= 1)
+            .count();
+        if failed >= 4 {
+            break body;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(40), "{body}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(!streams.contains(SECRET), "/api/v1/streams: {streams}");
+    assert!(streams.contains("rtsp://***@127.0.0.1:1/live"), "{streams}");
+    let log = daemon.log().join("\n");
+    assert!(log.contains("Restarting pipeline"), "{log}");
+    assert!(!log.contains(SECRET), "log: {log}");
 }

@@ -139,8 +139,10 @@ fn model_settings(model: PathBuf, views: String) -> Result<Settings, ConfigError
     c.validate()
 }
 
+/// Prints `msg` (credentials removed: a config error may quote a stream's URI) and
+/// returns `code`.
 fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
-    eprintln!("streamiq: {msg}");
+    eprintln!("streamiq: {}", streamiq::redact::redact(&msg.to_string()));
     ExitCode::from(code)
 }
 
@@ -347,7 +349,9 @@ fn check_config(config: PathBuf) -> ExitCode {
     }
     match toml::to_string_pretty(&raw) {
         Ok(text) => {
-            print!("{text}");
+            // The effective config, with stream credentials removed (the unit runs this
+            // before every start, so it goes to the journal).
+            print!("{}", streamiq::redact::redact(&text));
             eprintln!(
                 "streamiq: {}: ok ({} streams, bundle {} verified)",
                 config.display(),

@@ -89,6 +89,8 @@ pub fn supervise(state: Arc<StreamState>, mut sup: Supervision, shutdown: Cancel
                 return;
             }
             RunEnd::Restart(reason) => {
+                // Errors may quote the source, credentials and all.
+                let reason = crate::redact::redact(&reason);
                 if state.had_frame_since(started) && started.elapsed() >= healthy_after {
                     sup.backoff.reset();
                 }
