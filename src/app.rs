@@ -181,14 +181,13 @@ pub async fn run_with(
         let _ = tx.send(addr);
     }
     let http_stop = CancellationToken::new();
-    let http = {
-        let stop = http_stop.clone();
-        tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await
-        })
-    };
+    let http = tokio::spawn(crate::http::serve::serve(
+        listener,
+        app,
+        settings.server.limits,
+        metrics.clone(),
+        http_stop.clone(),
+    ));
 
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     let watchdog = tokio::spawn(watchdog_task(shutdown.clone()));
@@ -224,8 +223,7 @@ pub async fn run_with(
     }
     http_stop.cancel();
     http.await
-        .map_err(|e| Error::runtime("the HTTP server task", e))?
-        .map_err(|e| Error::runtime("the HTTP server", e))?;
+        .map_err(|e| Error::runtime("the HTTP server task", e))?;
     tracing::info!("Stopped");
     Ok(())
 }

@@ -77,6 +77,15 @@ pub struct ServerConfig {
     pub api_token_file: PathBuf,
     /// Longest time the ordered shutdown may take before the process exits anyway.
     pub shutdown_timeout: String,
+    /// Open HTTP connections at most; more are closed at once.
+    pub max_connections: usize,
+    /// Open HTTP connections from one client address at most.
+    pub max_connections_per_ip: usize,
+    /// A connection must send a request's whole header within this time of becoming
+    /// idle (its first request or the end of the previous one), or it is closed.
+    pub header_timeout: String,
+    /// A request (body included) must be answered within this time, or it gets a 408.
+    pub request_timeout: String,
 }
 
 impl Default for ServerConfig {
@@ -85,6 +94,10 @@ impl Default for ServerConfig {
             listen: "127.0.0.1:9790".into(),
             api_token_file: "state/api-token".into(),
             shutdown_timeout: "10s".into(),
+            max_connections: 256,
+            max_connections_per_ip: 32,
+            header_timeout: "10s".into(),
+            request_timeout: "30s".into(),
         }
     }
 }
@@ -376,6 +389,20 @@ impl ExecutionProvider {
     }
 }
 
+/// Limits that keep slow, idle or too many HTTP clients from using up the daemon's
+/// file descriptors (which GStreamer sockets and the label store share).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HttpLimits {
+    /// Open connections at most.
+    pub max_connections: NonZeroUsize,
+    /// Open connections from one client address at most.
+    pub max_connections_per_ip: NonZeroUsize,
+    /// Time to send a request's header, from the moment the connection is idle.
+    pub header_timeout: Duration,
+    /// Time to answer a request, body included.
+    pub request_timeout: Duration,
+}
+
 /// Validated `[server]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServerSettings {
@@ -385,6 +412,8 @@ pub struct ServerSettings {
     pub api_token_file: PathBuf,
     /// Shutdown deadline.
     pub shutdown_timeout: Duration,
+    /// Connection and time limits of the HTTP server.
+    pub limits: HttpLimits,
 }
 
 /// Where the sidecar runs libtorch (`adapt.device`).
@@ -507,6 +536,7 @@ impl Config {
             })?,
             api_token_file: self.server.api_token_file.clone(),
             shutdown_timeout: duration("server.shutdown_timeout", &self.server.shutdown_timeout)?,
+            limits: self.validate_http_limits()?,
         };
         let model = self.validate_model()?;
         let scorer = self.validate_scorer()?;
@@ -524,6 +554,33 @@ impl Config {
             labels_db: self.labels.db.clone(),
             adapt,
             streams,
+        })
+    }
+
+    fn validate_http_limits(&self) -> Result<HttpLimits, ConfigError> {
+        let s = &self.server;
+        let count = |key: &str, n: usize| {
+            NonZeroUsize::new(n).ok_or_else(|| ConfigError::invalid(key, 0, "must be at least 1"))
+        };
+        let positive = |key: &str, value: &str| {
+            let d = duration(key, value)?;
+            if d.is_zero() {
+                return Err(ConfigError::invalid(
+                    key,
+                    format!("{value:?}"),
+                    "must be above 0",
+                ));
+            }
+            Ok(d)
+        };
+        Ok(HttpLimits {
+            max_connections: count("server.max_connections", s.max_connections)?,
+            max_connections_per_ip: count(
+                "server.max_connections_per_ip",
+                s.max_connections_per_ip,
+            )?,
+            header_timeout: positive("server.header_timeout", &s.header_timeout)?,
+            request_timeout: positive("server.request_timeout", &s.request_timeout)?,
         })
     }
 

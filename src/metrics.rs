@@ -63,6 +63,10 @@ pub struct Metrics {
     pub prompt_rejects: IntCounterVec,
     /// Model calls that failed, by error kind.
     pub inference_errors: IntCounterVec,
+    /// Open HTTP connections.
+    pub http_connections: IntGauge,
+    /// HTTP connections closed at once for being over a connection limit.
+    pub http_connections_rejected: IntCounter,
     /// 1 if the last configuration reload (or the start) succeeded, else 0.
     pub config_reload_successful: IntGauge,
     /// Unix time of the last successful configuration load (start or reload).
@@ -231,6 +235,19 @@ impl Metrics {
                 "streamiq_inference_errors_total",
                 "Model calls that failed, by error kind.",
                 &["kind"],
+            ),
+            http_connections: reg(
+                &r,
+                IntGauge::new("streamiq_http_connections", "Open HTTP connections.")
+                    .expect("valid metric"),
+            ),
+            http_connections_rejected: reg(
+                &r,
+                IntCounter::new(
+                    "streamiq_http_connections_rejected_total",
+                    "HTTP connections closed at once for being over server.max_connections or server.max_connections_per_ip.",
+                )
+                .expect("valid metric"),
             ),
             config_reload_successful: reg(
                 &r,

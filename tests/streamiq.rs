@@ -1483,3 +1483,136 @@ pipeline = "videotestsrc is-live=true ! video/x-raw,width=160,height=120,framera
     assert!(log.contains("Restarting pipeline"), "{log}");
     assert!(!log.contains(SECRET), "log: {log}");
 }
+
+/// Seconds until the server closes `s` (a read returns end of file or an error), at most
+/// `limit`; `None` if it is still open then.
+fn seconds_until_closed(s: &mut TcpStream, limit: Duration) -> Option<f64> {
+    let t0 = Instant::now();
+    s.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    while t0.elapsed() < limit {
+        match s.read(&mut buf) {
+            Ok(0) => return Some(t0.elapsed().as_secs_f64()),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(_) => return Some(t0.elapsed().as_secs_f64()),
+        }
+    }
+    None
+}
+
+/// Hostile and careless clients are cut within their bounds and never starve
+/// `/metrics`: a client dribbling its header is closed after `server.header_timeout`, an
+/// idle keep-alive connection too; a body that never finishes gets a 408 after
+/// `server.request_timeout`; a flood of idle connections from one address is held to
+/// `server.max_connections_per_ip` while another address scrapes `/metrics` throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_idle_and_flooding_clients_are_cut_and_metrics_keep_answering() {
+    let dir = tempfile::tempdir().unwrap();
+    let streams = r#"
+[[streams]]
+id = "cam"
+pipeline = "videotestsrc is-live=true ! video/x-raw,width=160,height=120,framerate=10/1"
+"#;
+    let mut s = settings(&config_text(streams, ""));
+    s.server.api_token_file = dir.path().join("api-token");
+    s.labels_db = dir.path().join("labels.sqlite");
+    s.server.limits.header_timeout = Duration::from_secs(1);
+    s.server.limits.request_timeout = Duration::from_secs(1);
+    s.server.limits.max_connections_per_ip = std::num::NonZeroUsize::new(8).unwrap();
+    let token_file = s.server.api_token_file.clone();
+    let d = start(s).await;
+    let addr = d.addr;
+    let token = std::fs::read_to_string(&token_file).unwrap();
+    let token = token.trim().to_string();
+
+    tokio::task::spawn_blocking(move || {
+        // A header sent one byte every 300 ms never completes: closed after about 1 s.
+        let mut slow = TcpStream::connect(addr).unwrap();
+        let t0 = Instant::now();
+        let dribble = std::thread::spawn({
+            let mut w = slow.try_clone().unwrap();
+            move || {
+                for b in b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Slow: yes" {
+                    if w.write_all(&[*b]).is_err() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(300));
+                }
+            }
+        });
+        let closed = seconds_until_closed(&mut slow, Duration::from_secs(6))
+            .expect("a dribbling header is cut");
+        assert!(
+            (0.8..3.0).contains(&closed),
+            "closed after {closed:.2} s (header_timeout 1 s)"
+        );
+        assert!(t0.elapsed() < Duration::from_secs(6));
+        let _ = dribble.join();
+
+        // An idle keep-alive connection after one answered request: closed too.
+        let mut idle = TcpStream::connect(addr).unwrap();
+        idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let closed = seconds_until_closed(&mut idle, Duration::from_secs(6))
+            .expect("an idle keep-alive connection is cut");
+        assert!(closed < 3.0, "idle connection closed after {closed:.2} s");
+
+        // A label body that never arrives: 408 after about 1 s.
+        let mut body = TcpStream::connect(addr).unwrap();
+        write!(
+            body,
+            "POST /api/v1/labels HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: 200\r\n\r\n{{\"frame_id\": "
+        )
+        .unwrap();
+        let t0 = Instant::now();
+        body.set_read_timeout(Some(Duration::from_secs(6))).unwrap();
+        let mut answer = Vec::new();
+        let _ = body.read_to_end(&mut answer);
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        assert!(t0.elapsed() < Duration::from_secs(4), "{:?}", t0.elapsed());
+
+        // 40 idle connections from 127.0.0.1: at most 8 stay open, the rest are closed
+        // at once; /metrics from 127.0.0.2 answers all the while.
+        let flood: Vec<TcpStream> = (0..40)
+            .map(|_| TcpStream::connect(addr).unwrap())
+            .collect();
+        let t0 = Instant::now();
+        let mut scrapes = 0;
+        let mut last = String::new();
+        while t0.elapsed() < Duration::from_millis(900) {
+            let scraper = tokio::net::TcpSocket::new_v4().unwrap();
+            scraper.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let mut conn = rt
+                .block_on(scraper.connect(addr))
+                .unwrap()
+                .into_std()
+                .unwrap();
+            conn.set_nonblocking(false).unwrap();
+            conn.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+                .unwrap();
+            let mut text = String::new();
+            conn.read_to_string(&mut text).unwrap();
+            assert!(text.starts_with("HTTP/1.0 200"), "{text}");
+            let open = sample(&text, "streamiq_http_connections").unwrap();
+            // 8 from the flood, this scrape's, and recent scrapes' not yet reaped.
+            assert!(open <= 8.0 + 4.0, "open connections {open}");
+            scrapes += 1;
+            last = text;
+        }
+        assert!(scrapes >= 3, "{scrapes} scrapes");
+        let rejected = sample(&last, "streamiq_http_connections_rejected_total").unwrap();
+        assert!(rejected >= 32.0, "rejected {rejected}");
+        drop(flood);
+    })
+    .await
+    .unwrap();
+    d.stop().await;
+}

@@ -7,7 +7,8 @@
 //! - [`prompt_api`]: the active prompt set, reload and rollback;
 //! - [`page`]: the labelling page;
 //! - [`error`]: the JSON error `{"error", "field"}` every route answers bad input with;
-//! - [`thumbnail`]: the JPEG encoding of a scored frame.
+//! - [`thumbnail`]: the JPEG encoding of a scored frame;
+//! - [`serve`]: the server loop with its connection and time limits.
 
 pub mod auth;
 pub mod error;
@@ -15,6 +16,7 @@ pub mod health;
 pub mod label_api;
 pub mod page;
 pub mod prompt_api;
+pub mod serve;
 pub mod stream_api;
 pub mod thumbnail;
 
