@@ -20,13 +20,14 @@ use streamiq::config::{Config, Settings};
 use tokio_util::sync::CancellationToken;
 
 mod common;
-use common::{config_text, get};
+use common::{config_text, get, get_as};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 const SCREENSHOT: &str = "/tmp/streamiq-page.png";
 
-fn json_at(addr: SocketAddr, path: &str) -> Value {
-    let (code, body) = get(addr, path);
+/// GET behind the API token, as JSON.
+fn json_at(addr: SocketAddr, path: &str, token: &str) -> Value {
+    let (code, body) = get_as(addr, path, token);
     assert_eq!(code, 200, "GET {path}: {}", String::from_utf8_lossy(&body));
     serde_json::from_slice(&body).unwrap()
 }
@@ -400,7 +401,7 @@ sample_fps = 2.0
     let token = std::fs::read_to_string(&token_file).unwrap();
     let token = token.trim();
     poll(Duration::from_secs(30), "frames scored", || {
-        let frames = json_at(addr, "/api/v1/streams/cam/frames?limit=3");
+        let frames = json_at(addr, "/api/v1/streams/cam/frames?limit=3", token);
         (frames.as_array()?.len() >= 3).then_some(())
     });
 
@@ -410,7 +411,7 @@ sample_fps = 2.0
     assert!(String::from_utf8_lossy(&html).contains("/static/page.js"));
     assert_eq!(get(addr, "/static/page.js").0, 200);
     assert_eq!(get(addr, "/static/page.css").0, 200);
-    let summary = json_at(addr, "/api/v1/labels/summary");
+    let summary = json_at(addr, "/api/v1/labels/summary", token);
     assert_eq!(summary["labels_for_model"], 0, "{summary}");
     assert_eq!(
         (&summary["min_labels"], &summary["needed"]),
@@ -419,19 +420,23 @@ sample_fps = 2.0
 
     let mut browser = Browser::launch();
     let mut page = Page::open(&mut browser, &format!("http://{addr}/"));
-    page.wait_for(
-        "thumbnails of the stream and a selected frame",
-        "document.querySelectorAll('#streams .frame').length >= 3 \
-         && document.querySelector('.frame[aria-current=\"true\"] img')?.complete",
+    // Without the token the page lists the stream but shows no frame, and asks for it.
+    let message = page.wait_for(
+        "the request for the token",
+        "(() => { const m = document.getElementById('message'); \
+           return m && !m.hidden && m.textContent.includes('need the API token') && m.textContent })()",
     );
-    page.wait_for(
-        "labels still needed",
-        "document.getElementById('progress-text').textContent.includes('3 more needed')",
+    assert!(
+        message.as_str().unwrap().contains("server.api_token_file"),
+        "{message}"
+    );
+    assert_eq!(
+        page.eval("document.querySelectorAll('#streams .frame').length"),
+        json!(0)
     );
 
-    // A wrong token: the page says so, and nothing is stored.
+    // A wrong token: the page says so, keeps nothing, and nothing is stored.
     page.enter_token("not-the-token");
-    page.press_digit('4');
     let message = page.wait_for(
         "the 401 message",
         "(() => { const m = document.getElementById('message'); \
@@ -440,10 +445,37 @@ sample_fps = 2.0
     let message = message.as_str().unwrap();
     assert!(message.contains("server.api_token_file"), "{message}");
     page.screenshot("/tmp/streamiq-page-401.png");
-    assert_eq!(json_at(addr, "/api/v1/labels"), json!([]));
+    assert_eq!(json_at(addr, "/api/v1/labels", token), json!([]));
+    assert_eq!(
+        page.eval("sessionStorage.length + localStorage.length"),
+        json!(0),
+        "a refused token is not kept"
+    );
 
-    // The right token, then key 4 on the selected frame.
+    // The right token: thumbnails load (through the HttpOnly session cookie, which the
+    // page's scripts cannot read), and the token is kept in this tab only.
     page.enter_token(token);
+    page.wait_for(
+        "thumbnails of the stream and a selected frame",
+        "document.querySelectorAll('#streams .frame').length >= 3 \
+         && document.querySelector('.frame[aria-current=\"true\"] img')?.complete \
+         && document.querySelector('.frame[aria-current=\"true\"] img')?.naturalWidth > 0",
+    );
+    page.wait_for(
+        "labels still needed",
+        "document.getElementById('progress-text').textContent.includes('3 more needed')",
+    );
+    assert_eq!(page.eval("document.cookie"), json!(""), "HttpOnly");
+    assert_eq!(
+        page.eval("localStorage.getItem('streamiq.apiToken')"),
+        Value::Null
+    );
+    assert_eq!(
+        page.eval("sessionStorage.getItem('streamiq.apiToken')"),
+        json!(token)
+    );
+
+    // Key 4 on the selected frame.
     let frame = page.selected_frame();
     let shown: Vec<u64> = page
         .eval("[...document.querySelectorAll('.frame')].map(b => Number(b.dataset.id))")
@@ -460,7 +492,7 @@ sample_fps = 2.0
             "document.querySelector('.frame[data-id=\"{frame}\"]')?.classList.contains('rated')"
         ),
     );
-    let labels = json_at(addr, "/api/v1/labels");
+    let labels = json_at(addr, "/api/v1/labels", token);
     let labels = labels.as_array().unwrap();
     assert_eq!(labels.len(), 1, "{labels:?}");
     assert_eq!(labels[0]["frame_id"], json!(frame));
@@ -470,7 +502,7 @@ sample_fps = 2.0
         "the count of labels still needed",
         "document.getElementById('progress-text').textContent.includes('2 more needed')",
     );
-    let summary = json_at(addr, "/api/v1/labels/summary");
+    let summary = json_at(addr, "/api/v1/labels/summary", token);
     assert_eq!(summary["needed"], 2, "{summary}");
     assert_eq!(
         summary["streams"]["cam"]["labelled_frames"][0]["frame_id"],
@@ -478,7 +510,8 @@ sample_fps = 2.0
     );
 
     page.screenshot(SCREENSHOT);
-    let errors = page.errors(&["401", "/api/v1/labels"]);
+    // The 401s of the reads before the token and of the wrong token are expected.
+    let errors = page.errors(&["401", "/api/v1/"]);
     assert!(errors.is_empty(), "console errors: {errors:#?}");
     drop(browser);
     drop(d);

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use streamiq::config::{Config, Settings};
 
 mod common;
-use common::{bundle, config_text, get, repo, sample, venv_python};
+use common::{bundle, config_text, get, get_as, repo, sample, venv_python};
 use tokio_util::sync::CancellationToken;
 
 fn bin() -> &'static str {
@@ -117,7 +117,12 @@ id = "soft"
 pipeline = "videotestsrc is-live=true pattern=zone-plate kx2=20 ky2=20 kt=1 ! video/x-raw,width=320,height=180,framerate=10/1 ! videoscale ! video/x-raw,width=40,height=24 ! videoscale ! video/x-raw,width=320,height=180"
 sample_fps = 5.0
 "#;
-    let d = start(settings(&config_text(streams, ""))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(&config_text(streams, ""));
+    s.server.api_token_file = dir.path().join("api-token");
+    let token_file = s.server.api_token_file.clone();
+    let d = start(s).await;
+    let token = common::token_in(&token_file);
     let m = d
         .wait_for(Duration::from_secs(30), |m| {
             ["bars", "soft"].iter().all(|s| {
@@ -160,22 +165,73 @@ sample_fps = 5.0
             serde_json::from_str(&text(addr, "/api/v1/streams")).unwrap();
         assert_eq!(streams.as_array().unwrap().len(), 2);
         assert_eq!(streams[0]["phase"], "playing");
-        let frames: serde_json::Value =
-            serde_json::from_str(&text(addr, "/api/v1/streams/bars/frames?limit=3")).unwrap();
+        // Frames and thumbnails need the token (header, or the page's session cookie).
+        let frames_path = "/api/v1/streams/bars/frames?limit=3";
+        let (code, body) = get(addr, frames_path);
+        assert_eq!(code, 401, "{}", String::from_utf8_lossy(&body));
+        let (code, body) = get_as(addr, frames_path, &token);
+        assert_eq!(code, 200);
+        let frames: serde_json::Value = serde_json::from_slice(&body).unwrap();
         let frames = frames.as_array().unwrap();
         assert_eq!(frames.len(), 3);
         let score = frames[0]["score"].as_f64().unwrap();
         assert!((0.0..=1.0).contains(&score));
         let thumb = frames[0]["thumbnail"].as_str().unwrap();
-        let (code, jpeg) = get(addr, thumb);
+        assert_eq!(get(addr, thumb).0, 401, "no thumbnail without the token");
+        let (code, jpeg) = get_as(addr, thumb, &token);
         assert_eq!(code, 200);
         assert_eq!(&jpeg[..3], &[0xff, 0xd8, 0xff], "a JPEG");
-        let (code, body) = get(addr, "/api/v1/streams/nope/frames");
+        let cookie = |value: &str| {
+            let (code, _) = request(
+                addr,
+                "GET",
+                thumb,
+                &[("Cookie", &format!("streamiq_session={value}"))],
+                b"",
+            );
+            code
+        };
+        assert_eq!(cookie(&token), 200, "the session cookie reads");
+        assert_eq!(cookie("wrong"), 401);
+        // A session is opened with the header only; the cookie never authorises a write.
+        let (code, _) = request(addr, "POST", "/api/v1/session", &[], b"");
+        assert_eq!(code, 401);
+        let auth = format!("Bearer {token}");
+        let mut s = TcpStream::connect(addr).unwrap();
+        write!(
+            s,
+            "POST /api/v1/session HTTP/1.0\r\nHost: localhost\r\nAuthorization: {auth}\r\nContent-Length: 0\r\n\r\n"
+        )
+        .unwrap();
+        let mut head = String::new();
+        s.read_to_string(&mut head).unwrap();
+        assert!(head.starts_with("HTTP/1.0 204"), "{head}");
+        assert!(
+            head.contains("streamiq_session=") && head.contains("HttpOnly") && head.contains("SameSite=Strict"),
+            "{head}"
+        );
+        let (code, _) = request(
+            addr,
+            "POST",
+            "/api/v1/labels",
+            &[
+                ("Cookie", &format!("streamiq_session={token}")),
+                ("Content-Type", "application/json"),
+            ],
+            b"{\"frame_id\": 1, \"mos\": 3}",
+        );
+        assert_eq!(code, 401, "a cookie never authorises a write");
+        let (code, body) = get_as(addr, "/api/v1/streams/nope/frames", &token);
         assert_eq!(code, 404);
         let err: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(err["field"], "id");
-        assert_eq!(get(addr, "/api/v1/frames/999999999/thumbnail.jpg").0, 404);
-        assert_eq!(get(addr, "/api/v1/frames/abc/thumbnail.jpg").0, 400);
+        assert_eq!(get_as(addr, "/api/v1/frames/999999999/thumbnail.jpg", &token).0, 404);
+        assert_eq!(get_as(addr, "/api/v1/frames/abc/thumbnail.jpg", &token).0, 400);
+        // Labels and prompt sets too; the stream list and health stay open.
+        for path in ["/api/v1/labels", "/api/v1/labels/summary", "/api/v1/prompts"] {
+            assert_eq!(get(addr, path).0, 401, "{path}");
+            assert_eq!(get_as(addr, path, &token).0, 200, "{path}");
+        }
     })
     .await
     .unwrap();
@@ -863,8 +919,16 @@ fn post_label(addr: SocketAddr, token: Option<&str>, body: &str) -> (u16, serde_
     (code, json)
 }
 
-fn json(addr: SocketAddr, path: &str) -> serde_json::Value {
-    serde_json::from_str(&text(addr, path)).unwrap()
+/// `json` behind the API token.
+fn json_as(addr: SocketAddr, path: &str, token: &str) -> serde_json::Value {
+    serde_json::from_str(&text_as(addr, path, token)).unwrap()
+}
+
+/// `text` behind the API token.
+fn text_as(addr: SocketAddr, path: &str, token: &str) -> String {
+    let (code, body) = get_as(addr, path, token);
+    assert_eq!(code, 200, "GET {path}: {}", String::from_utf8_lossy(&body));
+    String::from_utf8(body).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -901,7 +965,12 @@ sample_fps = 5.0
     .await;
 
     let addr = d.addr;
+    let reader = token.clone();
     let (frame_id, first_label) = tokio::task::spawn_blocking(move || {
+        // The reads below are behind the token too.
+        let json = |a: SocketAddr, p: &str| json_as(a, p, &reader);
+        let text = |a: SocketAddr, p: &str| text_as(a, p, &reader);
+        let get = |a: SocketAddr, p: &str| get_as(a, p, &reader);
         let frames = json(addr, "/api/v1/streams/cam/frames?limit=1");
         let frame = &frames[0];
         let id = frame["id"].as_u64().unwrap();

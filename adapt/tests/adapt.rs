@@ -255,7 +255,8 @@ fn few_shot_round_hot_swaps_into_a_running_daemon(bundle: &Path) {
     assert!(body.contains("v0002.safetensors"), "{body}");
     let s1 = scored();
     wait_until("scoring goes on", || scored() >= s1 + 3.0);
-    let (_, listing) = http(&addr, "GET", "/api/v1/prompts", None, "");
+    let (code, listing) = http(&addr, "GET", "/api/v1/prompts", Some(token), "");
+    assert_eq!(code, 200, "{listing}");
     let v: serde_json::Value = serde_json::from_str(&listing).unwrap();
     assert_eq!(v["active"], 0);
     assert_eq!(v["history"].as_array().unwrap().len(), 3, "{v}");

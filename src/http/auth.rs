@@ -1,15 +1,22 @@
-//! The API token: `server.api_token_file` holds a bearer token that every write route
-//! requires (`Authorization: Bearer <token>`, compared in constant time). A missing file
-//! is created at start with a random 32-byte hex token, mode 0600.
+//! The API token: `server.api_token_file` holds a bearer token (compared in constant
+//! time) that every `/api/v1` route but the stream list requires: writes as
+//! `Authorization: Bearer <token>`, reads (frames, thumbnails, labels, prompt sets) as
+//! that header or the labelling page's session cookie, an HttpOnly, SameSite=Strict
+//! cookie that `POST /api/v1/session` sets for a request that carried the header (so
+//! the page's `<img>` thumbnails load without the token in any URL). No route without
+//! the token ever returns it. A missing file is created at start with a random 32-byte
+//! hex token, mode 0600.
 
 use std::fs;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use axum::extract::FromRequestParts;
-use axum::http::header;
+use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
+use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 
 use super::{ApiError, AppState};
 
@@ -106,6 +113,80 @@ impl ApiToken {
     }
 }
 
+impl ApiToken {
+    /// Whether a `Cookie` header carries the session cookie with this token.
+    pub fn authorizes_cookie(&self, cookie_header: &str) -> bool {
+        cookie_header
+            .split(';')
+            .filter_map(|c| c.trim().split_once('='))
+            .any(|(name, value)| name == SESSION_COOKIE && self.matches(value))
+    }
+}
+
+/// The labelling page's session cookie (its value is the token).
+pub const SESSION_COOKIE: &str = "streamiq_session";
+
+/// Whether the request carries the token: the `Authorization` header, or, for reads
+/// (GET, HEAD) only, the session cookie.
+fn request_authorized(s: &AppState, method: &Method, headers: &HeaderMap) -> Result<(), ApiError> {
+    if let Some(v) = headers.get(header::AUTHORIZATION) {
+        return match v.to_str() {
+            Ok(v) if s.api_token.authorizes(v) => Ok(()),
+            _ => Err(ApiError::unauthorized("invalid bearer token")),
+        };
+    }
+    let read = matches!(*method, Method::GET | Method::HEAD);
+    let cookie_ok = read
+        && headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| s.api_token.authorizes_cookie(v));
+    if cookie_ok {
+        Ok(())
+    } else {
+        Err(ApiError::unauthorized(
+            "missing Authorization: Bearer <token> (see server.api_token_file)",
+        ))
+    }
+}
+
+/// Middleware for the routes behind the token (see the module docs).
+pub async fn require_token(
+    State(s): State<AppState>,
+    req: axum::extract::Request,
+    next: Next,
+) -> Response {
+    match request_authorized(&s, req.method(), req.headers()) {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `POST /api/v1/session` (bearer token): sets the session cookie for the labelling
+/// page's reads, HttpOnly (scripts cannot read it) and SameSite=Strict (other sites'
+/// pages cannot send it). `DELETE` clears it.
+pub async fn open_session(_: Bearer, State(s): State<AppState>) -> Response {
+    let cookie = format!(
+        "{SESSION_COOKIE}={}; Path=/api/v1; HttpOnly; SameSite=Strict",
+        s.api_token.0
+    );
+    (
+        StatusCode::NO_CONTENT,
+        [
+            (header::SET_COOKIE, cookie),
+            (header::CACHE_CONTROL, "no-store".into()),
+        ],
+    )
+        .into_response()
+}
+
+/// `DELETE /api/v1/session`: clears the session cookie.
+pub async fn close_session() -> Response {
+    let cookie = format!("{SESSION_COOKIE}=; Path=/api/v1; HttpOnly; SameSite=Strict; Max-Age=0");
+    (StatusCode::NO_CONTENT, [(header::SET_COOKIE, cookie)]).into_response()
+}
+
 /// Writes a new token to a temporary file (0600, synced) and links it into place, which
 /// fails rather than overwrite a token another process created meanwhile. Returns
 /// whether this call created the file.
@@ -169,7 +250,8 @@ fn warn_if_readable_by_others(path: &Path) {
 fn warn_if_readable_by_others(_path: &Path) {}
 
 /// Extractor for write routes: rejects the request with 401 unless it carries
-/// `Authorization: Bearer <token>`. Put it first, so that it runs before the body is read.
+/// `Authorization: Bearer <token>` (never the cookie). Put it first, so that it runs
+/// before the body is read.
 pub struct Bearer;
 
 impl FromRequestParts<AppState> for Bearer {
@@ -193,6 +275,17 @@ impl FromRequestParts<AppState> for Bearer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cookie_must_carry_the_exact_token_under_its_name() {
+        let t = ApiToken::new("abc123");
+        assert!(t.authorizes_cookie("streamiq_session=abc123"));
+        assert!(t.authorizes_cookie("a=b; streamiq_session=abc123; c=d"));
+        assert!(!t.authorizes_cookie("streamiq_session=abc12"));
+        assert!(!t.authorizes_cookie("other=abc123"));
+        assert!(!t.authorizes_cookie("xstreamiq_session=abc123"));
+        assert!(!t.authorizes_cookie(""));
+    }
 
     #[test]
     fn header_must_carry_the_exact_token() {

@@ -169,7 +169,7 @@ pub(super) async fn thumbnail(
     Ok((
         [
             (header::CONTENT_TYPE, "image/jpeg"),
-            (header::CACHE_CONTROL, "max-age=3600"),
+            (header::CACHE_CONTROL, "private, max-age=3600"),
         ],
         jpeg,
     )

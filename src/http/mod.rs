@@ -62,13 +62,10 @@ pub struct AppState {
     pub adapt_min_labels: usize,
 }
 
-/// The router.
+/// The router: `/metrics`, `/healthz`, `/readyz`, the labelling page and the stream
+/// list are open; every other `/api/v1` route needs the token ([`auth`]).
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/metrics", get(health::metrics))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(health::readyz))
-        .route("/api/v1/streams", get(stream_api::streams))
+    let protected = Router::new()
         .route("/api/v1/streams/{id}/frames", get(stream_api::frames))
         .route(
             "/api/v1/frames/{frame_id}/thumbnail.jpg",
@@ -88,6 +85,20 @@ pub fn router(state: AppState) -> Router {
             get(label_api::thumbnail),
         )
         .route("/api/v1/labels/summary", get(label_api::summary))
+        .route(
+            "/api/v1/session",
+            post(auth::open_session).delete(auth::close_session),
+        )
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_token,
+        ));
+    Router::new()
+        .route("/metrics", get(health::metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(health::readyz))
+        .route("/api/v1/streams", get(stream_api::streams))
+        .merge(protected)
         .merge(page::routes())
         .fallback(|| async { ApiError::not_found("no such route", "path") })
         .with_state(state)

@@ -122,8 +122,11 @@ impl Run {
         http(&self.addr, "GET", "/metrics", None, "").1
     }
 
+    /// GET `path` as JSON, with the API token (every `/api/v1` read but the stream
+    /// list needs it).
     pub fn json(&self, path: &str) -> Value {
-        let (code, body) = http(&self.addr, "GET", path, None, "");
+        let token = super::token_in(&self.work.path().join("api-token"));
+        let (code, body) = http(&self.addr, "GET", path, Some(&token), "");
         assert_eq!(code, 200, "GET {path}: {body}");
         serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path}: {e}: {body}"))
     }

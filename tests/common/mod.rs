@@ -117,15 +117,36 @@ window = "5s"
 
 /// A minimal HTTP/1.0 GET returning (status, body).
 pub fn get(addr: SocketAddr, path: &str) -> (u16, Vec<u8>) {
+    get_with(addr, path, "")
+}
+
+/// `get` with `Authorization: Bearer <token>`: the routes behind the API token.
+pub fn get_as(addr: SocketAddr, path: &str, token: &str) -> (u16, Vec<u8>) {
+    get_with(
+        addr,
+        path,
+        &format!("Authorization: Bearer {}\r\n", token.trim()),
+    )
+}
+
+fn get_with(addr: SocketAddr, path: &str, headers: &str) -> (u16, Vec<u8>) {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n{headers}\r\n").unwrap();
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).unwrap();
     let split = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
     let head = String::from_utf8_lossy(&buf[..split]).to_string();
     let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
     (status, buf[split + 4..].to_vec())
+}
+
+/// The API token in `path` (a daemon's `server.api_token_file`).
+pub fn token_in(path: &std::path::Path) -> String {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .trim()
+        .to_string()
 }
 
 /// The value of a sample line `name{labels} value` in an exposition.

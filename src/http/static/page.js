@@ -1,7 +1,10 @@
 // streamiq labelling page: plain JS, no dependencies, talks to /api/v1 only.
 // Shows each stream's recent scored frames, lets the operator rate the selected one
 // (keys 1-5 or the buttons) and POSTs {frame_id, mos} to /api/v1/labels with the
-// bearer token kept in localStorage. Refreshes every 5 s and keeps the selection.
+// bearer token, which the operator enters once per tab: it is kept in sessionStorage
+// (gone with the tab) and sent as a header; POST /api/v1/session turns it into an
+// HttpOnly cookie so that thumbnails load without the token in their URLs.
+// Refreshes every 5 s and keeps the selection.
 'use strict';
 
 const TOKEN_KEY = 'streamiq.apiToken';
@@ -33,24 +36,37 @@ const state = {
   limit: 24,
   posting: false,
   loaded: false, // the first refresh succeeded
+  tokenAsked: false, // the operator was asked for the token since it last changed
 };
 const sections = new Map(); // stream id -> <section>
 const items = new Map(); // frame id -> <li>
 
 // ---- storage (may be unavailable, e.g. disabled cookies) ----
+// Preferences live in localStorage; the token only in this tab's sessionStorage.
 
-function load(key) {
+function store(kind) {
   try {
-    return window.localStorage.getItem(key);
+    return kind === 'session' ? window.sessionStorage : window.localStorage;
   } catch (_) {
     return null;
   }
 }
 
-function save(key, value) {
+function load(key, kind) {
   try {
-    if (value === null) window.localStorage.removeItem(key);
-    else window.localStorage.setItem(key, value);
+    const s = store(kind);
+    return s ? s.getItem(key) : null;
+  } catch (_) {
+    return null;
+  }
+}
+
+function save(key, value, kind) {
+  try {
+    const s = store(kind);
+    if (!s) return false;
+    if (value === null) s.removeItem(key);
+    else s.setItem(key, value);
     return true;
   } catch (_) {
     return false;
@@ -58,7 +74,12 @@ function save(key, value) {
 }
 
 function token() {
-  return (load(TOKEN_KEY) || '').trim();
+  return (load(TOKEN_KEY, 'session') || '').trim();
+}
+
+function authHeaders() {
+  const t = token();
+  return t ? { Authorization: 'Bearer ' + t } : {};
 }
 
 // ---- messages ----
@@ -99,10 +120,29 @@ function askForToken(lead) {
 // ---- data ----
 
 async function getJson(path) {
-  const res = await fetch(path, { headers: { Accept: 'application/json' }, cache: 'no-store' });
+  const res = await fetch(path, {
+    headers: { Accept: 'application/json', ...authHeaders() },
+    cache: 'no-store',
+  });
   const body = await res.json().catch(() => null);
-  if (!res.ok) throw new Error(apiErrorText(res.status, body));
+  if (!res.ok) {
+    const err = new Error(apiErrorText(res.status, body));
+    err.status = res.status;
+    throw err;
+  }
   return body;
+}
+
+/** Turns the token into the session cookie the thumbnails need. */
+async function openSession(value) {
+  const res = await fetch('/api/v1/session', {
+    method: 'POST',
+    headers: { Authorization: 'Bearer ' + value },
+    cache: 'no-store',
+  });
+  if (res.status === 204) return { ok: true };
+  const body = await res.json().catch(() => null);
+  return { ok: false, text: apiErrorText(res.status, body) };
 }
 
 function streamSummary(id) {
@@ -191,17 +231,31 @@ let timer = null;
 async function refresh() {
   clearTimeout(timer);
   try {
+    let refused = false;
+    const refusal = (e) => {
+      if (e.status === 401) refused = true;
+      return null;
+    };
     const [streams, summary] = await Promise.all([
       getJson('/api/v1/streams'),
-      getJson('/api/v1/labels/summary').catch(() => null),
+      getJson('/api/v1/labels/summary').catch(refusal),
     ]);
     const lists = await Promise.all(
       streams.map((s) =>
         getJson(`/api/v1/streams/${encodeURIComponent(s.id)}/frames?limit=${state.limit}`).catch(
-          () => [],
+          (e) => refusal(e) || [],
         ),
       ),
     );
+    // Frames and labels need the token: say so once, not at every refresh.
+    if (refused && !state.tokenAsked) {
+      state.tokenAsked = true;
+      askForToken(
+        token()
+          ? 'The daemon refused the API token, so no frames are shown.'
+          : 'Frames and labels need the API token.',
+      );
+    }
     state.streams = streams;
     state.raw = lists;
     state.loaded = true;
@@ -536,19 +590,53 @@ function onKey(e) {
 
 function showTokenState() {
   $('token-state').textContent = token() ? 'saved' : 'not set';
-  $('token-state').title = token() ? 'kept in this browser (localStorage)' : '';
+  $('token-state').title = token() ? 'kept in this tab only (sessionStorage)' : '';
+}
+
+async function submitToken(e) {
+  e.preventDefault();
+  const value = $('token').value.trim();
+  $('token').classList.remove('attention');
+  $('token').blur();
+  state.tokenAsked = false;
+  if (!value) {
+    save(TOKEN_KEY, null, 'session');
+    await fetch('/api/v1/session', { method: 'DELETE' }).catch(() => null);
+    showTokenState();
+    showMessage('ok', 'Token removed from this tab.');
+    refresh();
+    return;
+  }
+  const session = await openSession(value).catch((err) => ({ ok: false, text: err.message }));
+  if (!session.ok) {
+    save(TOKEN_KEY, null, 'session');
+    showTokenState();
+    state.tokenAsked = true;
+    askForToken(`The daemon refused the API token — ${session.text}.`);
+    return;
+  }
+  const stored = save(TOKEN_KEY, value, 'session');
+  showTokenState();
+  showMessage(
+    stored ? 'ok' : 'error',
+    stored
+      ? 'Token accepted for this tab. Rate the selected frame with keys 1–5.'
+      : 'This browser does not allow sessionStorage; the token cannot be kept.',
+  );
+  refresh();
+  focusSelected();
 }
 
 function init() {
   try {
-    const prefs = JSON.parse(load(PREFS_KEY) || '{}');
+    const prefs = JSON.parse(load(PREFS_KEY, 'local') || '{}');
     if (prefs.order in ORDER_HELP) state.order = prefs.order;
     if ([12, 24, 48].includes(prefs.limit)) state.limit = prefs.limit;
   } catch (_) {
     // Unreadable preferences: the defaults.
   }
   const savePrefs = () =>
-    save(PREFS_KEY, JSON.stringify({ order: state.order, limit: state.limit }));
+    save(PREFS_KEY, JSON.stringify({ order: state.order, limit: state.limit }), 'local');
   $('order').value = state.order;
   $('limit').value = String(state.limit);
   $('order-help').textContent = ORDER_HELP[state.order];
@@ -567,23 +655,7 @@ function init() {
   });
   $('token').value = token();
   showTokenState();
-  $('token-form').addEventListener('submit', (e) => {
-    e.preventDefault();
-    const value = $('token').value.trim();
-    const stored = save(TOKEN_KEY, value || null);
-    $('token').classList.remove('attention');
-    $('token').blur();
-    showTokenState();
-    showMessage(
-      stored ? 'ok' : 'error',
-      !stored
-        ? 'This browser does not allow localStorage; the token cannot be kept.'
-        : value
-          ? 'Token saved in this browser. Rate the selected frame with keys 1–5.'
-          : 'Token removed from this browser.',
-    );
-    focusSelected();
-  });
+  $('token-form').addEventListener('submit', submitToken);
   for (const b of document.querySelectorAll('#rate button')) {
     b.addEventListener('click', () => rate(Number(b.dataset.mos)));
   }
@@ -592,7 +664,10 @@ function init() {
   $('skip').addEventListener('click', skip);
   document.addEventListener('keydown', onKey);
   render();
-  refresh();
+  // A token kept from earlier in this tab: renew its cookie before the first refresh.
+  const kept = token();
+  if (kept) openSession(kept).catch(() => null).finally(refresh);
+  else refresh();
 }
 
 init();
