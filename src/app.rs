@@ -18,7 +18,7 @@ use crate::registry::{StreamContext, StreamRegistry, StreamSink, StreamSlots};
 use crate::reload::{Reloader, sighup_task};
 use crate::score::bundle::Bundle;
 use crate::score::prompt_store::{PromptDir, PromptManager};
-use crate::score::{Engine, LoadedModel};
+use crate::score::{Engine, EngineHealth, LoadedModel};
 
 /// What the daemon keeps on disk besides the model: the API token and the label store.
 pub struct DaemonFiles {
@@ -190,7 +190,11 @@ pub async fn run_with(
     ));
 
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-    let watchdog = tokio::spawn(watchdog_task(shutdown.clone()));
+    let watchdog = tokio::spawn(watchdog_task(
+        engine.health(),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
     let reload = config_path.map(|path| {
         let reloader = Arc::new(Reloader::new(
             path,
@@ -259,15 +263,30 @@ async fn prompt_watch_task(manager: Arc<PromptManager>, shutdown: CancellationTo
     }
 }
 
-/// Pings the systemd watchdog while the process is alive and not shutting down.
-async fn watchdog_task(shutdown: CancellationToken) {
+/// Pings the systemd watchdog while the scoring engine is healthy (its model thread
+/// runs and makes progress when frames wait; see [`EngineHealth::is_healthy`]): a hung
+/// or dead engine stops the pings and systemd restarts the daemon. Offline cameras do
+/// not count: a stream that is down is an alert, not a restart.
+async fn watchdog_task(
+    health: Arc<EngineHealth>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
     let mut usec = 0;
     if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
         return;
     }
     let period = Duration::from_micros(usec / 2);
     while !shutdown.is_cancelled() {
-        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+        let depth = metrics.queue_depth.get().max(0) as usize;
+        if health.is_healthy(depth) {
+            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+        } else {
+            tracing::error!(
+                queue_depth = depth,
+                "Scoring engine stuck or stopped; not pinging the watchdog"
+            );
+        }
         tokio::time::sleep(period).await;
     }
 }

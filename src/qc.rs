@@ -368,8 +368,13 @@ impl QualityWindow {
         }
     }
 
-    /// Adds `score` seen at `now` and drops samples older than the window.
+    /// Adds `score` seen at `now` and drops samples older than the window. A score that
+    /// is not a finite number is ignored: it would make the running sum, and so the
+    /// gauge, NaN for good.
     pub fn push(&mut self, now: Instant, score: f32) {
+        if !score.is_finite() {
+            return;
+        }
         self.samples.push_back((now, score));
         self.sum += score as f64;
         while let Some(&(t, s)) = self.samples.front() {
@@ -572,5 +577,15 @@ mod tests {
         assert_eq!(w.mean(), Some(0.5));
         w.push(t0 + Duration::from_secs(12), 0.0);
         assert_eq!(w.mean(), Some(0.0));
+        // Not a number, or infinite: ignored, the mean stays a number.
+        w.push(t0 + Duration::from_secs(13), f32::NAN);
+        w.push(t0 + Duration::from_secs(13), f32::INFINITY);
+        assert_eq!(w.mean(), Some(0.0));
+        w.push(t0 + Duration::from_secs(14), 1.0);
+        assert_eq!(
+            w.mean(),
+            Some(1.0 / 3.0),
+            "the 0s at 5 s and 12 s, and this 1"
+        );
     }
 }

@@ -221,6 +221,10 @@ sample_fps = 5.0
             b"{\"frame_id\": 1, \"mos\": 3}",
         );
         assert_eq!(code, 401, "a cookie never authorises a write");
+        let (code, body) = get_as(addr, "/api/v1/streams/bars/frames?limit=many", &token);
+        assert_eq!(code, 400);
+        let err: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(err["field"], "query", "a JSON error naming the query: {err}");
         let (code, body) = get_as(addr, "/api/v1/streams/nope/frames", &token);
         assert_eq!(code, 404);
         let err: serde_json::Value = serde_json::from_slice(&body).unwrap();
@@ -1142,29 +1146,37 @@ sample_fps = 5.0
 }
 
 #[test]
-fn daemon_refuses_an_empty_api_token_file() {
+fn daemon_refuses_an_empty_or_short_api_token_file() {
     let dir = tempfile::tempdir().unwrap();
     let token_file = dir.path().join("api-token");
-    std::fs::write(&token_file, "\n").unwrap();
     let streams = r#"
 [[streams]]
 id = "live"
 pipeline = "videotestsrc is-live=true ! video/x-raw,width=160,height=120,framerate=10/1"
 "#;
     let cfg = write_config(dir.path(), &config_text(streams, ""));
-    let out = Command::new(bin())
-        .args(["run", "--config"])
-        .arg(&cfg)
-        .env("STREAMIQ__SERVER__API_TOKEN_FILE", &token_file)
-        .env("STREAMIQ__LABELS__DB", dir.path().join("labels.sqlite"))
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("server.api_token_file") && stderr.contains(&*token_file.to_string_lossy()),
-        "{stderr}"
-    );
+    for (content, says) in [("\n", "empty"), ("secret\n", "fewer than 16")] {
+        std::fs::write(&token_file, content).unwrap();
+        let out = Command::new(bin())
+            .args(["run", "--config"])
+            .arg(&cfg)
+            .env("STREAMIQ__SERVER__API_TOKEN_FILE", &token_file)
+            .env("STREAMIQ__LABELS__DB", dir.path().join("labels.sqlite"))
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("server.api_token_file")
+                && stderr.contains(&*token_file.to_string_lossy())
+                && stderr.contains(says),
+            "{stderr}"
+        );
+        assert!(
+            !stderr.contains("secret"),
+            "the token is never shown: {stderr}"
+        );
+    }
 }
 
 /// The stream registry on real GStreamer pipelines: replacing one stream restarts only

@@ -54,6 +54,20 @@ fn active_set(dir: &PromptDir, bundle: &Bundle) -> anyhow::Result<PromptSet> {
     }
 }
 
+/// Held-out labels the promotion decision rests on, at least (`adapt.holdout` of the
+/// labels, but never fewer: with 20 labels at 0.2 the decision would rest on 4 points).
+pub const MIN_HOLDOUT: usize = 10;
+
+/// Training labels a round needs, at least.
+pub const MIN_TRAIN: usize = 10;
+
+/// How many of `usable` labels to hold out: `share` of them, at least [`MIN_HOLDOUT`],
+/// leaving at least [`MIN_TRAIN`]; `None` when there are too few for both.
+pub fn holdout_size(usable: usize, share: f64) -> Option<usize> {
+    (usable >= MIN_HOLDOUT + MIN_TRAIN)
+        .then(|| ((usable as f64 * share).round() as usize).clamp(MIN_HOLDOUT, usable - MIN_TRAIN))
+}
+
 /// Runs one round as configured in `config`.
 pub fn run(config: &Path, lambda: Option<f64>) -> anyhow::Result<()> {
     let settings = Config::load(config)?.validate()?;
@@ -99,9 +113,18 @@ pub fn run(config: &Path, lambda: Option<f64>) -> anyhow::Result<()> {
         .filter(|(e, t)| e.len() == dim && t.is_finite())
         .map(|(embedding, target)| Sample { embedding, target })
         .collect();
+    let usable = samples.len();
+    let Some(n_hold) = holdout_size(usable, a.holdout) else {
+        println!(
+            "{usable} usable labels for this model (finite target, {dim}-value embedding); a round \
+             needs at least {}: {MIN_HOLDOUT} held out to decide promotion and {MIN_TRAIN} to \
+             train on: not adapting (nothing written)",
+            MIN_HOLDOUT + MIN_TRAIN
+        );
+        return Ok(());
+    };
     // A seeded shuffle: the same labels give the same split.
-    fastrand::Rng::with_seed(samples.len() as u64).shuffle(&mut samples);
-    let n_hold = ((samples.len() as f64 * a.holdout).round() as usize).clamp(2, samples.len() - 2);
+    fastrand::Rng::with_seed(usable as u64).shuffle(&mut samples);
     let (holdout, train) = samples.split_at(n_hold);
 
     let parent = active_set(&prompt_dir, &bundle)?;
@@ -196,4 +219,22 @@ pub fn run(config: &Path, lambda: Option<f64>) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_promotion_decision_rests_on_at_least_ten_labels() {
+        assert_eq!(holdout_size(3, 0.2), None, "too few: no round, no panic");
+        assert_eq!(holdout_size(19, 0.2), None);
+        assert_eq!(
+            holdout_size(20, 0.2),
+            Some(10),
+            "4 would be too few to decide"
+        );
+        assert_eq!(holdout_size(60, 0.3), Some(18));
+        assert_eq!(holdout_size(100, 0.95), Some(90), "10 are left to train on");
+    }
 }

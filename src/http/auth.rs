@@ -37,7 +37,20 @@ pub enum TokenError {
         /// The file.
         path: PathBuf,
     },
+    /// The token is too short to resist guessing.
+    #[error(
+        "{path}: the API token has {len} characters, fewer than {MIN_TOKEN_CHARS}; delete the file to have a new 64-character token created"
+    )]
+    TooShort {
+        /// The file.
+        path: PathBuf,
+        /// Its length in characters.
+        len: usize,
+    },
 }
+
+/// Fewest characters a token file may hold.
+pub const MIN_TOKEN_CHARS: usize = 16;
 
 impl TokenError {
     /// Short static name, usable as a metric label.
@@ -45,6 +58,7 @@ impl TokenError {
         match self {
             Self::Io { .. } => "io",
             Self::Empty { .. } => "empty",
+            Self::TooShort { .. } => "too_short",
         }
     }
 }
@@ -82,6 +96,13 @@ impl ApiToken {
         if token.0.is_empty() {
             return Err(TokenError::Empty {
                 path: path.to_owned(),
+            });
+        }
+        let len = token.0.chars().count();
+        if len < MIN_TOKEN_CHARS {
+            return Err(TokenError::TooShort {
+                path: path.to_owned(),
+                len,
             });
         }
         warn_if_readable_by_others(path);

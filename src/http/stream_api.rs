@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::Json;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
@@ -101,8 +102,10 @@ fn frame_view(sf: &ScoredFrame, names: &[String]) -> FrameView {
 pub(super) async fn frames(
     State(s): State<AppState>,
     Path(id): Path<String>,
-    Query(q): Query<FramesQuery>,
+    query: Result<Query<FramesQuery>, QueryRejection>,
 ) -> Result<Json<Vec<FrameView>>, ApiError> {
+    // A malformed query gets the JSON error every route answers with, naming it.
+    let Query(q) = query.map_err(|r| ApiError::bad_request(r.body_text(), "query"))?;
     let st = s
         .streams
         .get(&id)

@@ -162,6 +162,12 @@ fn number_in(field: &'static str, v: &Value, lo: f64, hi: f64) -> Result<f64, Fi
     }
 }
 
+/// Characters that change how a name is shown without being seen: bidirectional
+/// embeddings, overrides and isolates, zero-width ones, the byte-order mark.
+fn invisible(c: char) -> bool {
+    matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}' | '\u{061C}')
+}
+
 fn parse_labeller(v: &Value) -> Result<String, FieldError> {
     let Value::String(s) = v else {
         return Err(FieldError::new(
@@ -176,10 +182,10 @@ fn parse_labeller(v: &Value) -> Result<String, FieldError> {
             format!("must be 1..={MAX_LABELLER_CHARS} characters, not blank"),
         ));
     }
-    if s.chars().any(char::is_control) {
+    if s.chars().any(|c| c.is_control() || invisible(c)) {
         return Err(FieldError::new(
             "labeller",
-            "must be printable (no control characters)",
+            "must be printable (no control, bidirectional-override or zero-width characters)",
         ));
     }
     Ok(s.clone())
@@ -328,6 +334,18 @@ mod tests {
                 "labeller",
             ),
             (json!({"frame_id": 1, "mos": 3, "labeller": 5}), "labeller"),
+            (
+                json!({"frame_id": 1, "mos": 3, "labeller": "ana\u{202E}gnp.exe"}),
+                "labeller",
+            ),
+            (
+                json!({"frame_id": 1, "mos": 3, "labeller": "a\u{200B}na"}),
+                "labeller",
+            ),
+            (
+                json!({"frame_id": 1, "mos": 3, "labeller": "\u{2066}ana"}),
+                "labeller",
+            ),
             (
                 json!({"frame_id": 1, "mos": 3, "labeller": "x".repeat(65)}),
                 "labeller",

@@ -412,11 +412,19 @@ fn label_from_row(r: &Row<'_>) -> rusqlite::Result<Label> {
 }
 
 /// Quotes a CSV field when it holds a separator, a quote or a line break (RFC 4180).
+/// A field a spreadsheet would read as a formula (starting with `=`, `+`, `-`, `@`, a
+/// tab or a carriage return) gets a leading `'`, so an export opened in a spreadsheet
+/// never runs what a labeller typed (OWASP's CSV-injection rule).
 fn csv_field(s: &str) -> String {
+    let s = if s.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        format!("'{s}")
+    } else {
+        s.to_string()
+    };
     if s.contains([',', '"', '\n', '\r']) {
         format!("\"{}\"", s.replace('"', "\"\""))
     } else {
-        s.to_string()
+        s
     }
 }
 
@@ -705,6 +713,17 @@ mod tests {
             row.starts_with("1,cam-a,9,1700000000.5,,0.5,\"o'neil, \"\"the\"\" boss\","),
             "{row}"
         );
+        for (name, cell) in [
+            (
+                "=HYPERLINK(\"http://x\",\"y\")",
+                "\"'=HYPERLINK(\"\"http://x\"\",\"\"y\"\")\"",
+            ),
+            ("+1", "'+1"),
+            ("-2+3", "'-2+3"),
+            ("@SUM(A1)", "'@SUM(A1)"),
+        ] {
+            assert_eq!(super::csv_field(name), cell, "{name}");
+        }
         let json: serde_json::Value =
             serde_json::from_str(&store.export(0, None, ExportFormat::Json).unwrap()).unwrap();
         assert_eq!(json[0]["frame_id"], 9);

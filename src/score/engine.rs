@@ -31,9 +31,14 @@ struct Batch {
 #[derive(Debug, Default)]
 pub struct EngineHealth {
     model_running: AtomicBool,
+    /// Unix milliseconds of the engine's start.
+    started_ms: AtomicU64,
     /// Unix milliseconds of the last finished model call (0 = none yet).
     last_batch_ms: AtomicU64,
 }
+
+/// Frames waiting with no model call finished for this long: the engine is stuck.
+pub const STUCK_AFTER: Duration = Duration::from_secs(60);
 
 impl EngineHealth {
     /// Whether the model thread is running (false before start and after it ended).
@@ -48,6 +53,18 @@ impl EngineHealth {
             let now = unix_ms();
             Duration::from_millis(now.saturating_sub(ms))
         })
+    }
+
+    /// Whether the engine makes progress: the model thread runs, and if frames are
+    /// waiting (`queue_depth`), a model call finished within [`STUCK_AFTER`]. Streams
+    /// that deliver nothing (cameras offline) do not make the engine unhealthy.
+    pub fn is_healthy(&self, queue_depth: usize) -> bool {
+        let last = self
+            .last_batch_ms
+            .load(Ordering::Relaxed)
+            .max(self.started_ms.load(Ordering::Relaxed));
+        let idle = Duration::from_millis(unix_ms().saturating_sub(last));
+        self.model_running() && (queue_depth == 0 || idle < STUCK_AFTER)
     }
 
     fn batch_done(&self) {
@@ -120,6 +137,7 @@ impl Engine {
                 })?
         };
         let health = Arc::new(EngineHealth::default());
+        health.started_ms.store(unix_ms(), Ordering::Relaxed);
         health.model_running.store(true, Ordering::Relaxed);
         let task = ModelTask {
             geometry: Geometry {
@@ -235,7 +253,10 @@ impl ModelTask {
         }
     }
 
-    /// Scores each frame's views with the active prompt set and hands them on.
+    /// Scores each frame's views with the active prompt set and hands them on. A frame
+    /// whose embedding or score is not finite (a model that produced NaN or infinity for
+    /// it) is dropped as an error and counted as `inference_errors{kind="non_finite"}`,
+    /// so one bad output can never poison a stream's quality window or the label store.
     fn publish(&self, frames: Vec<Frame>, embeds: &[f32], dim: usize) {
         let active = self.prompts.load();
         let views = self.geometry.views;
@@ -246,10 +267,10 @@ impl ModelTask {
                 .sum();
             s / views as f32
         };
-        let scored = frames
-            .into_iter()
-            .zip(embeds.chunks_exact(dim * views))
-            .map(|(frame, e)| ScoredFrame {
+        let mut scored = Vec::with_capacity(frames.len());
+        let mut bad = Vec::new();
+        for (frame, e) in frames.into_iter().zip(embeds.chunks_exact(dim * views)) {
+            let sf = ScoredFrame {
                 score: mean_score(&active.quality, e),
                 attributes: active
                     .attributes
@@ -263,8 +284,68 @@ impl ModelTask {
                 },
                 prompt_version: active.version,
                 frame,
-            })
-            .collect();
+            };
+            if is_finite(&sf) {
+                scored.push(sf);
+            } else {
+                bad.push(sf.frame);
+            }
+        }
+        if !bad.is_empty() {
+            tracing::warn!(
+                frames = bad.len(),
+                "Model output not finite; frames dropped"
+            );
+            self.metrics
+                .inference_errors
+                .with_label_values(&["non_finite"])
+                .inc_by(bad.len() as u64);
+            self.sink.dropped(&bad, DropReason::Error);
+        }
         self.sink.publish(scored, &active);
+    }
+}
+
+/// Whether a scored frame's score, attributes and embedding are all finite numbers.
+fn is_finite(sf: &ScoredFrame) -> bool {
+    sf.score.is_finite()
+        && sf.attributes.iter().all(|a| a.is_finite())
+        && sf.embedding.iter().all(|x| x.is_finite())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_needs_the_model_thread_and_progress_only_when_frames_wait() {
+        let h = EngineHealth::default();
+        assert!(!h.is_healthy(0), "no model thread");
+        h.model_running.store(true, Ordering::Relaxed);
+        let now = unix_ms();
+        h.started_ms.store(now, Ordering::Relaxed);
+        assert!(h.is_healthy(0) && h.is_healthy(10), "just started");
+        let long_ago = now - 2 * STUCK_AFTER.as_millis() as u64;
+        h.started_ms.store(long_ago, Ordering::Relaxed);
+        h.last_batch_ms.store(long_ago, Ordering::Relaxed);
+        assert!(h.is_healthy(0), "no frames waiting: cameras may be offline");
+        assert!(
+            !h.is_healthy(3),
+            "frames waiting, no model call for 2 minutes"
+        );
+        h.batch_done();
+        assert!(h.is_healthy(3));
+        drop(RunningGuard(Arc::new(EngineHealth::default())));
+    }
+
+    #[test]
+    fn mean_embedding_of_views_is_normalised_or_nan() {
+        let m = mean_embedding(&[1.0, 0.0, 0.0, 1.0], 2);
+        assert!((m[0] - m[1]).abs() < 1e-6 && (m[0] * m[0] + m[1] * m[1] - 1.0).abs() < 1e-5);
+        assert!(
+            mean_embedding(&[1.0, 0.0, -1.0, 0.0], 2)
+                .iter()
+                .all(|x| x.is_nan())
+        );
     }
 }

@@ -21,7 +21,7 @@ use bundle::Bundle;
 use model::{ModelOptions, VisualModel};
 use prompts::PromptSet;
 
-pub use engine::{Engine, EngineHealth};
+pub use engine::{Engine, EngineHealth, STUCK_AFTER};
 
 /// Where scored frames go: per-stream state in the daemon, per-file reports in `scan`.
 pub trait ScoreSink: Send + Sync {
