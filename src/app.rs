@@ -112,9 +112,13 @@ pub async fn run_with(
         Some(metrics.clone()),
     ));
     {
-        // A promoted set from an earlier run; if it is bad, the bundle's set is used.
+        // The set promoted in an earlier run. One that cannot be used stops the start
+        // with an error naming it: scoring with another set than the operator chose
+        // would go unnoticed (roll back or remove `active` to start from the bundle's).
         let m = prompt_manager.clone();
-        let _ = blocking("loading the active prompt set", move || m.reload()).await?;
+        blocking("loading the active prompt set", move || m.reload())
+            .await?
+            .map_err(Error::PromptSet)?;
     }
     let slots = Arc::new(StreamSlots::default());
     let engine = Engine::start(

@@ -21,6 +21,9 @@ pub enum Error {
     /// The model bundle, its prompt set or ONNX Runtime; the message names the file.
     #[error(transparent)]
     Model(#[from] LoadError),
+    /// The prompt set `model.prompts_dir/active` names cannot be used.
+    #[error("model.prompts_dir: {0}")]
+    PromptSet(#[source] crate::score::prompts::PromptError),
     /// `server.api_token_file` could not be read or created.
     #[error("server.api_token_file: {0}")]
     ApiToken(#[source] TokenError),
@@ -54,6 +57,7 @@ impl Error {
         match self {
             Self::Config(_)
             | Self::Model(_)
+            | Self::PromptSet(_)
             | Self::ApiToken(_)
             | Self::Labels(_)
             | Self::Bind { .. } => 2,

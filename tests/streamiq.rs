@@ -1697,3 +1697,42 @@ pipeline = "videotestsrc is-live=true ! video/x-raw,width=160,height=120,framera
     .unwrap();
     d.stop().await;
 }
+
+/// A promoted prompt set that cannot be used (a `prompts_dir/active` that is not a
+/// version, or names one that is missing) stops the start with exit code 2 naming the
+/// file, instead of silently scoring with the bundle's set.
+#[test]
+fn daemon_refuses_an_unusable_active_prompt_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = dir.path().join("prompts");
+    std::fs::create_dir_all(&prompts).unwrap();
+    let streams = r#"
+[[streams]]
+id = "live"
+pipeline = "videotestsrc is-live=true ! video/x-raw,width=160,height=120,framerate=10/1"
+"#;
+    let cfg = write_config(dir.path(), &config_text(streams, ""));
+    for (active, says) in [
+        ("junk\n", "is not a version number"),
+        ("7\n", "v0007.safetensors"),
+    ] {
+        std::fs::write(prompts.join("active"), active).unwrap();
+        let out = Command::new(bin())
+            .args(["run", "--config"])
+            .arg(&cfg)
+            .env("STREAMIQ__MODEL__PROMPTS_DIR", &prompts)
+            .env(
+                "STREAMIQ__SERVER__API_TOKEN_FILE",
+                dir.path().join("api-token"),
+            )
+            .env("STREAMIQ__LABELS__DB", dir.path().join("labels.sqlite"))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{active:?}: {stderr}");
+        assert!(
+            stderr.contains("model.prompts_dir") && stderr.contains(says),
+            "{active:?}: {stderr}"
+        );
+    }
+}

@@ -25,14 +25,22 @@ fn io_err(path: &Path, e: std::io::Error) -> std::io::Error {
     std::io::Error::new(e.kind(), format!("{}: {e}", path.display()))
 }
 
-/// Writes `bytes` to `path` atomically.
+/// Writes `bytes` to `path` atomically: a temporary file of this call's own
+/// (`.NAME.tmp-PID-SEQ`, created exclusively, so it never follows a symlink nor shares
+/// a file with a concurrent writer), synced, renamed over `path`, and the directory
+/// synced. Concurrent writers each land whole; the last rename wins.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let dir = path.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!(".{name}.tmp-{}-{seq}", std::process::id()));
     let result = (|| {
-        let mut f = fs::File::create(&tmp)?;
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
         fs::rename(&tmp, path)?;
@@ -120,10 +128,13 @@ impl PromptDir {
             .flatten()
             .filter_map(|e| {
                 let name = e.file_name().into_string().ok()?;
+                // `.NAME.tmp-PID-SEQ` (or `.NAME.tmp-PID` of earlier versions).
                 let pid: u32 = name
                     .strip_prefix('.')?
                     .rsplit_once(".tmp-")?
                     .1
+                    .split('-')
+                    .next()?
                     .parse()
                     .ok()?;
                 let alive =
@@ -169,6 +180,54 @@ mod tests {
         assert!(names.iter().all(|n| !n.contains(".tmp")), "{names:?}");
         fs::write(p.dir().join("active"), "junk").unwrap();
         assert!(p.active().unwrap_err().to_string().contains("active"));
+    }
+
+    #[test]
+    fn concurrent_promotions_each_land_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = std::sync::Arc::new(PromptDir::new(dir.path()));
+        let writers: Vec<_> = (1..=8u64)
+            .map(|v| {
+                let p = p.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..50 {
+                        p.set_active(v).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for w in writers {
+            w.join().unwrap();
+        }
+        let v = p.active().unwrap().unwrap();
+        assert!((1..=8).contains(&v), "{v}");
+        let names: Vec<String> = fs::read_dir(p.dir())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names, ["active"], "no temporary file is left");
+    }
+
+    #[test]
+    fn a_symlink_in_place_of_a_temporary_file_is_never_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("elsewhere");
+        fs::write(&target, "keep").unwrap();
+        let p = PromptDir::new(dir.path().join("prompts"));
+        fs::create_dir_all(p.dir()).unwrap();
+        // Every name the next writes of this process could use.
+        let pid = std::process::id();
+        for seq in 0..10_000 {
+            let _ = std::os::unix::fs::symlink(
+                &target,
+                p.dir().join(format!(".active.tmp-{pid}-{seq}")),
+            );
+        }
+        assert!(
+            p.set_active(3).is_err(),
+            "an exclusive create refuses the link"
+        );
+        assert_eq!(fs::read_to_string(&target).unwrap(), "keep");
     }
 
     #[test]
@@ -230,6 +289,9 @@ pub struct PromptManager {
     active: super::ActivePrompts,
     metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
     seen: std::sync::Mutex<Option<std::time::SystemTime>>,
+    /// Held across "write `active`, then swap", so that concurrent rollbacks and
+    /// reloads leave the file and the scoring path on the same version.
+    switching: std::sync::Mutex<()>,
 }
 
 /// One version in the directory, for the API.
@@ -262,6 +324,7 @@ impl PromptManager {
             active,
             metrics,
             seen: std::sync::Mutex::new(None),
+            switching: std::sync::Mutex::new(()),
         }
     }
 
@@ -312,6 +375,7 @@ impl PromptManager {
     /// Activates the version the `active` file names (the bundle's set if there is
     /// none). Returns the active version; a bad file is refused, counted and reported.
     pub fn reload(&self) -> Result<u64, super::prompts::PromptError> {
+        let _switching = self.switching.lock().unwrap_or_else(|e| e.into_inner());
         *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = self.dir.active_stamp();
         let v = self
             .dir
@@ -329,6 +393,7 @@ impl PromptManager {
     /// Activates version `v` (validated first) and records it as the promoted one.
     pub fn rollback(&self, v: u64) -> Result<u64, super::prompts::PromptError> {
         let set = self.load(v).inspect_err(|e| self.reject(e))?;
+        let _switching = self.switching.lock().unwrap_or_else(|e| e.into_inner());
         self.dir
             .set_active(v)
             .map_err(|source| super::prompts::PromptError::Io {
