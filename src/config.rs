@@ -260,6 +260,12 @@ pub struct StreamConfig {
     /// false: a file is read as fast as scoring allows (no drops, backpressure instead).
     #[serde(default = "default_true")]
     pub realtime: bool,
+    /// What a source that is not live does at its end: "restart" (rebuild the pipeline
+    /// with backoff) or "stop". Default: "stop" for `file:` URIs and `realtime = false`,
+    /// "restart" for everything else (a TCP or HTTP server that closed, files that
+    /// vanished under multifilesrc). Live sources always restart.
+    #[serde(default)]
+    pub on_eos: Option<String>,
 }
 
 fn default_sample_fps() -> f64 {
@@ -277,14 +283,6 @@ pub enum Source {
     Uri(String),
     /// A launch line that ends in raw video.
     Pipeline(String),
-}
-
-impl Source {
-    /// Whether the source is a network URI (restarted after EOS even when not live:
-    /// an HLS playlist or a server that closed the connection will come back).
-    pub fn is_network(&self) -> bool {
-        matches!(self, Source::Uri(u) if !u.starts_with("file:"))
-    }
 }
 
 /// What a live source does when the handoff queue is full.
@@ -318,6 +316,8 @@ pub struct StreamSettings {
     pub sample_fps: Option<f64>,
     /// Live pacing (drops by policy) or as fast as scoring allows (backpressure).
     pub realtime: bool,
+    /// Rebuild the pipeline when a source that is not live reaches its end.
+    pub restart_on_eos: bool,
 }
 
 /// Validated `[scorer]`.
@@ -761,11 +761,24 @@ impl Config {
                     ));
                 }
             };
+            let restart_on_eos = match s.on_eos.as_deref() {
+                None => s.realtime && !matches!(&source, Source::Uri(u) if u.starts_with("file:")),
+                Some("restart") => true,
+                Some("stop") => false,
+                Some(other) => {
+                    return Err(ConfigError::invalid(
+                        key("on_eos"),
+                        format!("{other:?}"),
+                        "expected \"restart\" or \"stop\"",
+                    ));
+                }
+            };
             out.push(StreamSettings {
                 id: s.id.clone(),
                 source,
                 sample_fps: sample_fps(&key("sample_fps"), s.sample_fps)?,
                 realtime: s.realtime,
+                restart_on_eos,
             });
         }
         Ok(out)

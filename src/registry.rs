@@ -303,6 +303,7 @@ impl StreamRegistry {
             stall_timeout: ctx.qc.stall_timeout,
             backoff: Backoff::new(Duration::from_millis(500), Duration::from_secs(30)),
             handoff,
+            restart_on_eos: settings.restart_on_eos,
         };
         let stop = ctx.shutdown.child_token();
         let thread = {

@@ -1218,6 +1218,7 @@ fn registry_restarts_only_the_stream_that_changed() {
         )),
         sample_fps: Some(10.0),
         realtime: true,
+        restart_on_eos: true,
     };
     let decoded = |id: &str| registry.get(id).map(|st| st.metrics.decoded.get());
     let wait_for = |what: &str, ok: &dyn Fn() -> bool| {
@@ -1735,4 +1736,48 @@ pipeline = "videotestsrc is-live=true ! video/x-raw,width=160,height=120,framera
             "{active:?}: {stderr}"
         );
     }
+}
+
+/// A source that is not live and reaches its end (a TCP or HTTP server that closed,
+/// files that vanished) is rebuilt by default, like a live one; `on_eos = "stop"` makes
+/// it finish for good, as a `file:` URI does by default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sources_that_end_restart_unless_told_to_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let ending = "videotestsrc num-buffers=5 ! video/x-raw,width=160,height=120,framerate=25/1";
+    let streams = format!(
+        "[[streams]]\nid = \"again\"\npipeline = \"{ending}\"\n\
+         [[streams]]\nid = \"once\"\npipeline = \"{ending}\"\non_eos = \"stop\"\n"
+    );
+    let mut s = settings(&config_text(&streams, ""));
+    s.server.api_token_file = dir.path().join("api-token");
+    s.labels_db = dir.path().join("labels.sqlite");
+    let d = start(s).await;
+    let addr = d.addr;
+    tokio::task::spawn_blocking(move || {
+        let t0 = Instant::now();
+        loop {
+            let v: serde_json::Value =
+                serde_json::from_str(&text(addr, "/api/v1/streams")).unwrap();
+            let of = |id: &str| {
+                v.as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|s| s["id"] == id)
+                    .unwrap()
+                    .clone()
+            };
+            let (again, once) = (of("again"), of("once"));
+            if again["restarts"].as_u64().unwrap() >= 2 && once["phase"] == "finished" {
+                assert_eq!(once["restarts"], 0, "{once}");
+                assert_eq!(again["last_error"], "end of stream", "{again}");
+                break;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(30), "{again} {once}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })
+    .await
+    .unwrap();
+    d.stop().await;
 }

@@ -68,6 +68,8 @@ pub struct Supervision {
     pub backoff: Backoff,
     /// Where frames go.
     pub handoff: Handoff,
+    /// Rebuild the pipeline when a source that is not live reaches its end.
+    pub restart_on_eos: bool,
 }
 
 /// Runs one stream until shutdown (or until a finite source ends).
@@ -160,8 +162,8 @@ fn watch(
     if pipeline.set_state(gst::State::Playing).is_err() {
         return RunEnd::Restart(first_error(pipeline));
     }
-    // A non-live file or launch line ends for good; live and network sources restart.
-    let finite = !live && !sup.spec.source.is_network();
+    // Live sources always restart at their end; others as `on_eos` says.
+    let finite = !live && !sup.restart_on_eos;
     let bus = pipeline.bus().expect("a pipeline has a bus");
     let started = Instant::now();
     let mut playing = false;
