@@ -541,8 +541,17 @@ impl Config {
         let model = self.validate_model()?;
         let scorer = self.validate_scorer()?;
         let qc = self.validate_qc()?;
+        // Each kept frame holds its working-size picture (about 0.27 MB at 398x224, 1 MB
+        // with crops): the cap bounds the memory a stream can take.
         let recent_frames = NonZeroUsize::new(self.labels.recent_frames)
-            .ok_or_else(|| ConfigError::invalid("labels.recent_frames", 0, "must be at least 1"))?;
+            .filter(|n| n.get() <= MAX_RECENT_FRAMES)
+            .ok_or_else(|| {
+                ConfigError::invalid(
+                    "labels.recent_frames",
+                    self.labels.recent_frames,
+                    format!("must be within 1..={MAX_RECENT_FRAMES}"),
+                )
+            })?;
         let adapt = self.validate_adapt()?;
         let streams = self.validate_streams()?;
         Ok(Settings {
@@ -785,6 +794,9 @@ impl Config {
     }
 }
 
+/// Most recent frames kept per stream (`labels.recent_frames`).
+pub const MAX_RECENT_FRAMES: usize = 1000;
+
 /// The one sampling-rate rule (config and `scan --sample-fps`): 0 means every frame
 /// (`None`), otherwise up to 240 frames per second.
 pub fn sample_fps(key: &str, value: f64) -> Result<Option<f64>, ConfigError> {
@@ -890,6 +902,12 @@ mod tests {
             ("[model]\nexecution = [\"gpu\"]\n", "model.execution"),
             ("[server]\nlisten = \"nowhere\"\n", "server.listen"),
             ("[adapt]\ndevice = \"tpu\"\n", "adapt.device"),
+            ("[labels]\nrecent_frames = 100000\n", "labels.recent_frames"),
+            ("[server]\nmax_connections = 0\n", "server.max_connections"),
+            (
+                "[server]\nheader_timeout = \"0s\"\n",
+                "server.header_timeout",
+            ),
         ] {
             let e = err(&format!("{text}{}", base()));
             assert!(e.starts_with(key), "{key}: {e}");
@@ -909,5 +927,113 @@ mod tests {
             parse_views("crops:5").unwrap(),
             Views::Crops(NonZeroUsize::new(5).unwrap())
         );
+    }
+}
+
+/// Property tests: no input, however malformed, makes loading or validating panic;
+/// a bad one always gets an error.
+#[cfg(test)]
+mod props {
+    use super::Config;
+    use proptest::prelude::*;
+
+    const SECTIONS: &[&str] = &[
+        "server",
+        "model",
+        "scorer",
+        "qc",
+        "labels",
+        "adapt",
+        "[streams]",
+        "junk",
+    ];
+    const KEYS: &[&str] = &[
+        "listen",
+        "api_token_file",
+        "shutdown_timeout",
+        "max_connections",
+        "max_connections_per_ip",
+        "header_timeout",
+        "request_timeout",
+        "bundle",
+        "prompts_dir",
+        "execution",
+        "intra_threads",
+        "max_batch",
+        "max_wait",
+        "queue_capacity",
+        "when_full",
+        "views",
+        "window",
+        "black_luma_max",
+        "black_pixel_ratio",
+        "black_min_duration",
+        "freeze_mad_max",
+        "freeze_min_duration",
+        "bars_min_duration",
+        "stall_timeout",
+        "db",
+        "recent_frames",
+        "min_labels",
+        "holdout",
+        "lambda",
+        "max_epochs",
+        "device",
+        "id",
+        "uri",
+        "pipeline",
+        "sample_fps",
+        "realtime",
+        "on_eos",
+        "nope",
+    ];
+
+    fn value() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<i64>().prop_map(|n| n.to_string()),
+            any::<f64>().prop_map(|f| format!("{f:?}")),
+            any::<bool>().prop_map(|b| b.to_string()),
+            "[ -~]{0,24}".prop_map(|s| format!("{s:?}")),
+            prop::collection::vec("[a-z:0-9]{0,8}", 0..4).prop_map(|v| format!("{v:?}")),
+            Just("\"crops:0\"".to_string()),
+            Just("\"99999999999999999999s\"".to_string()),
+            Just("\"-1s\"".to_string()),
+        ]
+    }
+
+    fn document() -> impl Strategy<Value = String> {
+        prop::collection::vec(
+            (
+                prop::sample::select(SECTIONS),
+                prop::collection::vec((prop::sample::select(KEYS), value()), 0..6),
+            ),
+            0..6,
+        )
+        .prop_map(|sections| {
+            let mut text = String::new();
+            for (section, pairs) in sections {
+                text.push_str(&format!("[{section}]\n"));
+                for (k, v) in pairs {
+                    text.push_str(&format!("{k} = {v}\n"));
+                }
+            }
+            text
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+        #[test]
+        fn any_config_text_loads_or_names_an_error(text in document()) {
+            if let Err(e) = Config::from_toml(&text).and_then(Config::validate) {
+                prop_assert!(!e.to_string().is_empty());
+            }
+        }
+
+        #[test]
+        fn any_bytes_as_config_never_panic(text in "\\PC{0,200}") {
+            let _ = Config::from_toml(&text).and_then(Config::validate);
+        }
     }
 }

@@ -373,3 +373,90 @@ mod tests {
         assert!(decode_embedding(&b[..5]).is_none());
     }
 }
+
+/// Property tests: no label request body makes parsing or validation panic, and what
+/// validates is within range.
+#[cfg(test)]
+mod props {
+    use super::{LabelRequest, MAX_LABELLER_CHARS, Rating};
+    use proptest::prelude::*;
+    use serde_json::{Value, json};
+
+    fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(|n| json!(n)),
+            any::<u64>().prop_map(|n| json!(n)),
+            any::<f64>().prop_map(|f| json!(f)),
+            "\\PC{0,80}".prop_map(Value::String),
+            "[0-9. eE+-]{0,12}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(3, 16, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                prop::collection::btree_map("[a-z_]{0,8}", inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    fn body() -> impl Strategy<Value = Value> {
+        (
+            prop::option::of(json_value()),
+            prop::option::of(json_value()),
+            prop::option::of(json_value()),
+            prop::option::of(json_value()),
+            prop::option::of(("[a-z_]{1,10}", json_value())),
+        )
+            .prop_map(|(frame_id, mos, score, labeller, extra)| {
+                let mut m = serde_json::Map::new();
+                for (k, v) in [
+                    ("frame_id", frame_id),
+                    ("mos", mos),
+                    ("score", score),
+                    ("labeller", labeller),
+                ] {
+                    if let Some(v) = v {
+                        m.insert(k.into(), v);
+                    }
+                }
+                if let Some((k, v)) = extra {
+                    m.insert(k, v);
+                }
+                Value::Object(m)
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 1024, ..ProptestConfig::default() })]
+
+        #[test]
+        fn any_label_body_parses_or_names_a_field(v in body()) {
+            let Ok(req) = serde_json::from_value::<LabelRequest>(v) else {
+                return Ok(());
+            };
+            match req.validate() {
+                Ok(ok) => {
+                    match ok.rating {
+                        Rating::Mos(m) => prop_assert!((1.0..=5.0).contains(&m)),
+                        Rating::Score(s) => prop_assert!((0.0..=1.0).contains(&s)),
+                    }
+                    let n = ok.labeller.chars().count();
+                    prop_assert!((1..=MAX_LABELLER_CHARS).contains(&n));
+                    prop_assert!(!ok.labeller.chars().any(char::is_control));
+                }
+                Err(e) => prop_assert!(
+                    ["frame_id", "mos", "score", "labeller"].contains(&e.field)
+                ),
+            }
+        }
+
+        #[test]
+        fn any_text_as_a_label_body_never_panics(text in "\\PC{0,120}") {
+            if let Ok(req) = serde_json::from_str::<LabelRequest>(&text) {
+                let _ = req.validate();
+            }
+        }
+    }
+}
