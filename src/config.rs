@@ -63,8 +63,71 @@ pub struct Config {
     pub labels: LabelsConfig,
     /// Few-shot adaptation (read by `streamiq-adapt`).
     pub adapt: AdaptConfig,
+    /// The gates `streamiq scan` fails a file on (its flags override them).
+    pub scan: ScanConfig,
     /// The streams to watch.
     pub streams: Vec<StreamConfig>,
+}
+
+/// `[scan]`: when `streamiq scan` fails a file (exit code 1). Unset = no such gate.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScanConfig {
+    /// Fail a file whose mean score is below this.
+    pub fail_below: Option<f64>,
+    /// Fail a file whose 5th-percentile score is below this.
+    pub fail_below_p5: Option<f64>,
+    /// Fail a file with a black segment at least this long ("3s").
+    pub fail_on_black: Option<String>,
+    /// Fail a file with a frozen segment at least this long.
+    pub fail_on_freeze: Option<String>,
+    /// Fail a file with colour bars at least this long.
+    pub fail_on_bars: Option<String>,
+}
+
+/// Validated `[scan]`: the gates a scanned file must pass.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ScanGates {
+    /// Mean score below this fails (gate `mean_below`).
+    pub mean_below: Option<f64>,
+    /// 5th-percentile score below this fails (gate `p5_below`).
+    pub p5_below: Option<f64>,
+    /// A segment of a kind at least this long fails (gate named after the kind).
+    pub segment_at_least: PerKind<Option<Duration>>,
+}
+
+impl ScanGates {
+    /// Validates the `[scan]` keys (also used for the command line's flags, with
+    /// `--fail-*` in place of `scan.fail_*` in errors).
+    pub fn from_config(c: &ScanConfig, prefix: &str) -> Result<Self, ConfigError> {
+        // Scores are in 0..1; a limit outside fails every file or none, which a
+        // pipeline may want, but it must be a number.
+        let score = |key: &str, v: Option<f64>| match v {
+            Some(x) if !x.is_finite() => Err(ConfigError::invalid(
+                format!("{prefix}{key}"),
+                x,
+                "must be a number (scores are within 0..1)",
+            )),
+            _ => Ok(v),
+        };
+        let mut segment_at_least = PerKind::default();
+        for kind in SegmentKind::ALL {
+            let value = match kind {
+                SegmentKind::Black => &c.fail_on_black,
+                SegmentKind::Freeze => &c.fail_on_freeze,
+                SegmentKind::Bars => &c.fail_on_bars,
+            };
+            if let Some(v) = value {
+                let key = format!("{prefix}fail_on_{}", kind.name());
+                segment_at_least[kind] = Some(duration(&key, v)?);
+            }
+        }
+        Ok(Self {
+            mean_below: score("fail_below", c.fail_below)?,
+            p5_below: score("fail_below_p5", c.fail_below_p5)?,
+            segment_at_least,
+        })
+    }
 }
 
 /// `[server]`
@@ -482,6 +545,8 @@ pub struct Settings {
     pub labels_db: PathBuf,
     /// Few-shot adaptation (the sidecar's).
     pub adapt: AdaptSettings,
+    /// `streamiq scan`'s gates.
+    pub scan: ScanGates,
     /// Streams, in config order.
     pub streams: Vec<StreamSettings>,
 }
@@ -562,6 +627,7 @@ impl Config {
             recent_frames,
             labels_db: self.labels.db.clone(),
             adapt,
+            scan: ScanGates::from_config(&self.scan, "scan.")?,
             streams,
         })
     }

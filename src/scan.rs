@@ -11,7 +11,7 @@ use gstreamer as gst;
 use gstreamer::prelude::*;
 use serde::Serialize;
 
-use crate::config::{Settings, Source};
+use crate::config::{ScanGates, Settings, Source};
 use crate::error::Error;
 use crate::frame::{Frame, ScoredFrame};
 use crate::ingest::{Handoff, PipelineSpec, pipeline};
@@ -28,8 +28,8 @@ pub struct ScanOptions {
     pub files: Vec<PathBuf>,
     /// Frames per second to sample; `None` = every frame.
     pub sample_fps: Option<f64>,
-    /// Exit 1 when a file's mean score is below this.
-    pub fail_below: Option<f64>,
+    /// What fails a file (exit code 1).
+    pub gates: ScanGates,
 }
 
 /// The report for one file.
@@ -56,7 +56,10 @@ pub struct FileReport {
     pub segments: PerKind<Vec<Segment>>,
     /// Why the file could not be read, if it could not.
     pub error: Option<String>,
-    /// Below `--fail-below`.
+    /// The gates the file failed: `mean_below`, `p5_below`, or a segment kind
+    /// (`black`, `freeze`, `bars`) whose longest segment reached its limit.
+    pub failed_gates: Vec<&'static str>,
+    /// Whether any gate failed.
     pub failed: bool,
 }
 
@@ -179,7 +182,7 @@ pub fn scan(settings: &Settings, opts: &ScanOptions) -> Result<Vec<FileReport>, 
         .zip(errors)
         .map(|(((path, state), scores), error)| {
             let segments = state.segments();
-            report(path, scores, segments, error, opts.fail_below)
+            report(path, scores, segments, error, &opts.gates)
         })
         .collect())
 }
@@ -189,7 +192,7 @@ fn report(
     file: FileScores,
     segments: PerKind<Vec<Segment>>,
     error: Option<String>,
-    fail_below: Option<f64>,
+    gates: &ScanGates,
 ) -> FileReport {
     let FileScores {
         mut scores,
@@ -203,7 +206,24 @@ fn report(
     attributes.values_mut().for_each(|v| *v /= n.max(1) as f64);
     let mean = (n > 0).then(|| scores.iter().map(|s| *s as f64).sum::<f64>() / n as f64);
     let p5 = (n > 0).then(|| scores[((n - 1) as f64 * 0.05).round() as usize] as f64);
-    let failed = matches!((mean, fail_below), (Some(m), Some(t)) if m < t);
+    let below =
+        |v: Option<f64>, limit: Option<f64>| matches!((v, limit), (Some(v), Some(t)) if v < t);
+    let mut failed_gates = Vec::new();
+    if below(mean, gates.mean_below) {
+        failed_gates.push("mean_below");
+    }
+    if below(p5, gates.p5_below) {
+        failed_gates.push("p5_below");
+    }
+    for (kind, limit) in gates.segment_at_least.iter() {
+        let longest = segments[kind]
+            .iter()
+            .map(|s| s.end - s.start)
+            .fold(0.0, f64::max);
+        if limit.is_some_and(|l| longest >= l.as_secs_f64() - 1e-6) {
+            failed_gates.push(kind.name());
+        }
+    }
     FileReport {
         path: path.display().to_string(),
         frames_scored: n,
@@ -214,7 +234,8 @@ fn report(
         embedding,
         segments,
         error,
-        failed,
+        failed: !failed_gates.is_empty(),
+        failed_gates,
     }
 }
 
@@ -324,7 +345,11 @@ pub fn format_text(r: &FileReport) -> String {
         f(r.mean_score),
         f(r.min_score),
         f(r.p5_score),
-        if r.failed { "  BELOW THRESHOLD" } else { "" }
+        if r.failed {
+            format!("  FAILED: {}", r.failed_gates.join(", "))
+        } else {
+            String::new()
+        }
     );
     for (kind, segs) in r.segments.iter() {
         let kind = kind.name();
@@ -335,8 +360,8 @@ pub fn format_text(r: &FileReport) -> String {
     s
 }
 
-/// Exit code for a set of reports: 2 if any file was unreadable, else 1 if any fell
-/// below the threshold, else 0.
+/// Exit code for a set of reports: 2 if any file was unreadable, else 1 if any failed
+/// a gate, else 0.
 pub fn exit_code(reports: &[FileReport]) -> i32 {
     if reports.iter().any(|r| r.error.is_some()) {
         2

@@ -533,6 +533,114 @@ fn scan_exit_codes() {
     }
 }
 
+/// Scan's gates for pipelines: a 3 s black segment and a 3 s freeze fail
+/// `--fail-on-black 2s` / `--fail-on-freeze 2s` (exit 1, the gate named in the file's
+/// JSON line), a clean file passes them, a longer limit passes all, the 5th-percentile
+/// gate and the `[scan]` config keys work the same, and a bad value names its flag.
+#[test]
+fn scan_gates_fail_black_frozen_and_low_files_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let clip = |name: &str, filter: &str| {
+        let out = dir.path().join(name);
+        common::synth(
+            "testsrc2=size=320x180:rate=10:duration=6",
+            &[
+                "-vf", filter, "-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p",
+            ],
+            &out,
+        );
+        out
+    };
+    let clean = clip("clean.mp4", "null");
+    let black = clip(
+        "black.mp4",
+        "drawbox=x=0:y=0:w=iw:h=ih:color=black:t=fill:enable='between(t,1,3.99)'",
+    );
+    let frozen = clip(
+        "frozen.mp4",
+        "[0]split[a][b];[a][b]freezeframes=first=10:last=39:replace=10",
+    );
+    let scan = |args: &[&str], config: Option<&Path>| {
+        let mut c = Command::new(bin());
+        c.args(["scan", "--json"]);
+        match config {
+            Some(cfg) => c.arg("--config").arg(cfg),
+            None => c.arg("--model").arg(bundle()),
+        };
+        let out = c
+            .args(args)
+            .args([&clean, &black, &frozen])
+            .output()
+            .unwrap();
+        let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        (
+            out.status.code(),
+            lines,
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let gates = |lines: &[serde_json::Value]| -> Vec<Vec<String>> {
+        lines
+            .iter()
+            .map(|l| {
+                l["failed_gates"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|g| g.as_str().unwrap().to_string())
+                    .collect()
+            })
+            .collect()
+    };
+    let (code, lines, err) = scan(&["--fail-on-black", "2s", "--fail-on-freeze", "2s"], None);
+    assert_eq!(code, Some(1), "{err}");
+    assert_eq!(
+        gates(&lines),
+        [vec![], vec!["black"], vec!["freeze"]],
+        "{lines:?}"
+    );
+    assert_eq!(lines[0]["failed"], false);
+    assert_eq!(lines[1]["failed"], true);
+
+    let (code, lines, err) = scan(&["--fail-on-black", "5s", "--fail-on-freeze", "5s"], None);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(gates(&lines).iter().all(Vec::is_empty), "{lines:?}");
+
+    let (code, lines, _) = scan(&["--fail-below-p5", "1.01"], None);
+    assert_eq!(code, Some(1));
+    assert!(
+        gates(&lines).iter().all(|g| g == &["p5_below"]),
+        "{lines:?}"
+    );
+
+    // The same gates as config keys; a flag overrides its key.
+    let cfg = write_config(
+        dir.path(),
+        &config_text(
+            "",
+            "[scan]\nfail_on_black = \"2s\"\nfail_on_freeze = \"2s\"",
+        ),
+    );
+    let (code, lines, err) = scan(&[], Some(&cfg));
+    assert_eq!(code, Some(1), "{err}");
+    assert_eq!(gates(&lines), [vec![], vec!["black"], vec!["freeze"]]);
+    let (code, _, err) = scan(
+        &["--fail-on-black", "9s", "--fail-on-freeze", "9s"],
+        Some(&cfg),
+    );
+    assert_eq!(code, Some(0), "{err}");
+
+    let (code, _, err) = scan(&["--fail-on-black", "2 fortnights"], None);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("--fail-on-black"), "{err}");
+    let (code, _, err) = scan(&["--fail-below", "NaN"], None);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("--fail-below"), "{err}");
+}
+
 fn check_config(dir: &Path, text: &str) -> (i32, String) {
     let cfg = write_config(dir, text);
     let out = Command::new(bin())

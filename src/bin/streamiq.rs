@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
+use streamiq::config::ScanGates;
 use streamiq::config::{Config, ConfigError, Settings};
 use streamiq::scan::{self, ScanOptions};
 use streamiq::score::bundle::Bundle;
@@ -38,20 +39,27 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Score video files as fast as possible and report per file.
+    /// Score video files as fast as possible and report per file; exit 1 when a file
+    /// fails a gate (the `--fail-*` flags, or the config's `[scan]` keys).
+    #[command(group(clap::ArgGroup::new("source").required(true).args(["config", "model"])))]
     Scan {
-        /// Configuration file (model, scorer and qc sections are used).
+        /// Configuration file (model, scorer, qc and scan sections are used).
         #[arg(long, short)]
-        config: PathBuf,
+        config: Option<PathBuf>,
+        /// Model bundle directory, instead of a configuration (defaults elsewhere).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// With --model: how the model looks at each frame (as `scorer.views`).
+        #[arg(long, requires = "model")]
+        views: Option<String>,
         /// One JSON object per file instead of text.
         #[arg(long)]
         json: bool,
         /// Frames per second to sample (default: every frame).
         #[arg(long)]
         sample_fps: Option<f64>,
-        /// Exit 1 when a file's mean score is below this.
-        #[arg(long)]
-        fail_below: Option<f64>,
+        #[command(flatten)]
+        gates: GateArgs,
         /// Video files.
         #[arg(required = true)]
         videos: Vec<PathBuf>,
@@ -126,6 +134,50 @@ fn init_tracing() {
         .init();
 }
 
+/// `scan`'s gates; each overrides the config's `[scan]` key of the same name.
+#[derive(clap::Args, Default)]
+struct GateArgs {
+    /// Fail a file whose mean score is below this (0..1).
+    #[arg(long)]
+    fail_below: Option<f64>,
+    /// Fail a file whose 5th-percentile score is below this (0..1).
+    #[arg(long)]
+    fail_below_p5: Option<f64>,
+    /// Fail a file with a black segment at least this long ("2s", "500ms").
+    #[arg(long, value_name = "DURATION")]
+    fail_on_black: Option<String>,
+    /// Fail a file with a frozen segment at least this long.
+    #[arg(long, value_name = "DURATION")]
+    fail_on_freeze: Option<String>,
+    /// Fail a file showing colour bars at least this long.
+    #[arg(long, value_name = "DURATION")]
+    fail_on_bars: Option<String>,
+}
+
+impl GateArgs {
+    /// The gates: these flags over the config's `[scan]` keys.
+    fn over(self, config: &streamiq::config::ScanConfig) -> Result<ScanGates, ConfigError> {
+        let merged = streamiq::config::ScanConfig {
+            fail_below: self.fail_below.or(config.fail_below),
+            fail_below_p5: self.fail_below_p5.or(config.fail_below_p5),
+            fail_on_black: self.fail_on_black.or(config.fail_on_black.clone()),
+            fail_on_freeze: self.fail_on_freeze.or(config.fail_on_freeze.clone()),
+            fail_on_bars: self.fail_on_bars.or(config.fail_on_bars.clone()),
+        };
+        ScanGates::from_config(&merged, "--").map_err(|e| {
+            // A flag's name is `--fail-on-black`, the key's `fail_on_black`.
+            match e {
+                ConfigError::Invalid { key, value, reason } => ConfigError::Invalid {
+                    key: key.replace('_', "-"),
+                    value,
+                    reason,
+                },
+                other => other,
+            }
+        })
+    }
+}
+
 fn settings(path: &std::path::Path) -> Result<Settings, ConfigError> {
     Config::load(path)?.validate()
 }
@@ -154,16 +206,34 @@ fn main() -> ExitCode {
         Command::CheckConfig { config } => check_config(config),
         Command::Scan {
             config,
+            model,
+            views,
             json,
             sample_fps,
-            fail_below,
+            gates,
             videos,
         } => {
-            let s = match settings(&config) {
-                Ok(s) => s,
+            let loaded = match (config, model) {
+                (Some(c), _) => Config::load(&c).and_then(|raw| Ok((raw.clone(), raw.validate()?))),
+                (None, Some(m)) => {
+                    let mut raw = Config::default();
+                    raw.model.bundle = m;
+                    if let Some(v) = views {
+                        raw.scorer.views = v;
+                    }
+                    raw.clone().validate().map(|s| (raw, s))
+                }
+                (None, None) => unreachable!("clap requires --config or --model"),
+            };
+            let (raw, mut s) = match loaded {
+                Ok(both) => both,
                 Err(e) => return fail(2, e),
             };
-            scan_cmd(&s, videos, sample_fps, fail_below, json)
+            s.scan = match gates.over(&raw.scan) {
+                Ok(g) => g,
+                Err(e) => return fail(2, e),
+            };
+            scan_cmd(&s, videos, sample_fps, json)
         }
         Command::Score {
             model,
@@ -270,7 +340,7 @@ fn eval_cmd(
     let opts = ScanOptions {
         files: labelled.iter().map(|l| l.path.clone()).collect(),
         sample_fps: None,
-        fail_below: None,
+        gates: Default::default(),
     };
     let reports = match scan::scan(s, &opts) {
         Ok(r) => r,
@@ -364,13 +434,7 @@ fn check_config(config: PathBuf) -> ExitCode {
     }
 }
 
-fn scan_cmd(
-    s: &Settings,
-    files: Vec<PathBuf>,
-    sample_fps: Option<f64>,
-    fail_below: Option<f64>,
-    json: bool,
-) -> ExitCode {
+fn scan_cmd(s: &Settings, files: Vec<PathBuf>, sample_fps: Option<f64>, json: bool) -> ExitCode {
     let sample_fps = match sample_fps.map(|f| streamiq::config::sample_fps("--sample-fps", f)) {
         Some(Err(e)) => return fail(2, e),
         Some(Ok(f)) => f,
@@ -379,7 +443,7 @@ fn scan_cmd(
     let opts = ScanOptions {
         files,
         sample_fps,
-        fail_below,
+        gates: s.scan.clone(),
     };
     let reports = match scan::scan(s, &opts) {
         Ok(r) => r,
@@ -399,7 +463,7 @@ fn score_cmd(s: &Settings, images: Vec<PathBuf>, json: bool) -> ExitCode {
     let opts = ScanOptions {
         files: images,
         sample_fps: None,
-        fail_below: None,
+        gates: Default::default(),
     };
     let reports = match scan::scan(s, &opts) {
         Ok(r) => r,
