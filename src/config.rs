@@ -329,6 +329,15 @@ pub struct StreamConfig {
     /// vanished under multifilesrc). Live sources always restart.
     #[serde(default)]
     pub on_eos: Option<String>,
+    /// How far this stream's 5-minute mean quality may fall below its own 24-hour
+    /// median before the QualityDropped alert fires (exported as
+    /// `streamiq_quality_drop_threshold`).
+    #[serde(default = "default_quality_drop")]
+    pub quality_drop_threshold: f64,
+}
+
+fn default_quality_drop() -> f64 {
+    0.15
 }
 
 fn default_sample_fps() -> f64 {
@@ -381,6 +390,8 @@ pub struct StreamSettings {
     pub realtime: bool,
     /// Rebuild the pipeline when a source that is not live reaches its end.
     pub restart_on_eos: bool,
+    /// QualityDropped's margin below the stream's 24-hour median, in (0, 1].
+    pub quality_drop_threshold: f64,
 }
 
 /// Validated `[scorer]`.
@@ -854,6 +865,17 @@ impl Config {
                 sample_fps: sample_fps(&key("sample_fps"), s.sample_fps)?,
                 realtime: s.realtime,
                 restart_on_eos,
+                quality_drop_threshold: if s.quality_drop_threshold > 0.0
+                    && s.quality_drop_threshold <= 1.0
+                {
+                    s.quality_drop_threshold
+                } else {
+                    return Err(ConfigError::invalid(
+                        key("quality_drop_threshold"),
+                        s.quality_drop_threshold,
+                        "must be within (0, 1]",
+                    ));
+                },
             });
         }
         Ok(out)

@@ -41,6 +41,7 @@ pub struct Metrics {
     scored: IntCounterVec,
     dropped: IntCounterVec,
     quality: GaugeVec,
+    quality_drop_threshold: GaugeVec,
     attribute: GaugeVec,
     segment_active: PerKind<IntGaugeVec>,
     segment_events: PerKind<IntCounterVec>,
@@ -157,6 +158,12 @@ impl Metrics {
                 &r,
                 "streamiq_quality_score",
                 "Mean quality score over qc.window, in [0,1].",
+                s,
+            ),
+            quality_drop_threshold: fgauge(
+                &r,
+                "streamiq_quality_drop_threshold",
+                "How far the 5-minute mean quality may fall below its 24-hour median before QualityDropped fires ([[streams]] quality_drop_threshold).",
                 s,
             ),
             attribute: fgauge(
@@ -289,6 +296,7 @@ impl Metrics {
             dropped_stale: dropped(DropReason::Stale),
             dropped_error: dropped(DropReason::Error),
             quality: self.quality.with_label_values(&[stream]),
+            quality_drop_threshold: self.quality_drop_threshold.with_label_values(&[stream]),
             segment_active: self
                 .segment_active
                 .map(|_, m| m.with_label_values(&[stream])),
@@ -310,6 +318,7 @@ impl Metrics {
         let _ = self.decoded.remove_label_values(&one);
         let _ = self.scored.remove_label_values(&one);
         let _ = self.quality.remove_label_values(&one);
+        let _ = self.quality_drop_threshold.remove_label_values(&one);
         let _ = self.last_frame.remove_label_values(&one);
         for (_, m) in self.segment_active.iter() {
             let _ = m.remove_label_values(&one);
@@ -357,6 +366,8 @@ pub struct StreamMetrics {
     dropped_error: IntCounter,
     /// `streamiq_quality_score`.
     pub quality: Gauge,
+    /// `streamiq_quality_drop_threshold`.
+    pub quality_drop_threshold: Gauge,
     /// `streamiq_{kind}_active` (`streamiq_black_active`, `streamiq_freeze_active`, ...).
     pub segment_active: PerKind<IntGauge>,
     /// `streamiq_{kind}_events_total`.

@@ -283,11 +283,15 @@ impl StreamRegistry {
             .clone()
             .ok_or(RegistryError::ShuttingDown)?;
         let ctx = &self.ctx;
+        let metrics = ctx.metrics.stream(&settings.id);
+        metrics
+            .quality_drop_threshold
+            .set(settings.quality_drop_threshold);
         let state = Arc::new(StreamState::new(
             slot,
             &settings.id,
             source_text(&settings.source),
-            ctx.metrics.stream(&settings.id),
+            metrics,
             &ctx.qc,
             ctx.recent_frames,
         ));

@@ -732,6 +732,82 @@ fn every_shipped_config_is_valid() {
     let _: serde_json::Value = serde_json::from_str(&dash).expect("dashboard is JSON");
 }
 
+/// The `streamiq_*` names in `text`, histogram suffixes folded onto their family.
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    let bytes = text.as_bytes();
+    let mut names = std::collections::BTreeSet::new();
+    let mut i = 0;
+    while let Some(at) = text[i..].find("streamiq_").map(|p| p + i) {
+        let start_ok = at == 0 || !(bytes[at - 1].is_ascii_alphanumeric() || bytes[at - 1] == b'_');
+        let end = text[at..]
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .map_or(text.len(), |p| at + p);
+        if start_ok {
+            let name = &text[at..end];
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .unwrap_or(name);
+            names.insert(family.to_string());
+        }
+        i = end.max(at + 1);
+    }
+    names
+}
+
+/// Every metric the alert rules and the dashboard use is one the daemon exports, and
+/// every alert's runbook_url has its entry in the README.
+#[test]
+fn alerts_and_dashboard_use_only_exported_metrics_and_documented_runbooks() {
+    let metrics = streamiq::metrics::Metrics::new();
+    let stream = metrics.stream("s");
+    stream.attribute("sharp").set(0.5);
+    metrics.batch_size.observe(1.0);
+    metrics.inference_duration.observe(0.1);
+    metrics.frame_latency.observe(0.1);
+    metrics.set_build_info("cpu");
+    for c in [
+        &metrics.provider_failures,
+        &metrics.prompt_rejects,
+        &metrics.inference_errors,
+    ] {
+        c.with_label_values(&["x"]).inc();
+    }
+    let exported = metric_names(&metrics.encode());
+    let files = [
+        "config/alerts/streamiq.rules.yml",
+        "config/grafana/streamiq-dashboard.json",
+    ];
+    for file in files {
+        let text = std::fs::read_to_string(repo().join(file)).unwrap();
+        let used = metric_names(&text);
+        assert!(!used.is_empty(), "{file}");
+        let unknown: Vec<_> = used.difference(&exported).collect();
+        assert!(
+            unknown.is_empty(),
+            "{file} uses metrics the daemon does not export: {unknown:?}"
+        );
+    }
+    let rules = std::fs::read_to_string(repo().join(files[0])).unwrap();
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let alerts: Vec<&str> = rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- alert: "))
+        .collect();
+    assert!(alerts.len() >= 18, "{alerts:?}");
+    for alert in alerts {
+        let anchor = format!("runbook-{}", alert.to_lowercase());
+        assert!(
+            rules.contains(&format!("runbook_url: 'README.md#{anchor}'")),
+            "{alert} has no runbook_url"
+        );
+        assert!(
+            readme.contains(&format!("id=\"{anchor}\"")),
+            "README.md has no runbook entry for {alert}"
+        );
+    }
+}
+
 #[test]
 fn scan_on_photo_pans_matches_truth_without_false_segments() {
     // Slow pans and zooms over real photographs, H.264 at CRF 30 (visible compression
@@ -1327,6 +1403,7 @@ fn registry_restarts_only_the_stream_that_changed() {
         sample_fps: Some(10.0),
         realtime: true,
         restart_on_eos: true,
+        quality_drop_threshold: 0.15,
     };
     let decoded = |id: &str| registry.get(id).map(|st| st.metrics.decoded.get());
     let wait_for = |what: &str, ok: &dyn Fn() -> bool| {
