@@ -28,7 +28,31 @@ fn find_onnxruntime(venv: &Path) -> Option<PathBuf> {
     None
 }
 
+/// The source's git commit (12 hex digits), or "unknown" outside a checkout.
+fn revision() -> String {
+    std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_hexdigit()))
+        .unwrap_or_else(|| "unknown".to_string())
+}
+
 fn main() {
+    println!("cargo:rustc-env=STREAMIQ_REVISION={}", revision());
+    // A new commit moves the branch HEAD points at.
+    if let Ok(head) = std::fs::read_to_string(".git/HEAD") {
+        println!("cargo:rerun-if-changed=.git/HEAD");
+        if let Some(r) = head.trim().strip_prefix("ref: ") {
+            let path = Path::new(".git").join(r);
+            if path.exists() {
+                println!("cargo:rerun-if-changed={}", path.display());
+            }
+        }
+    }
     println!("cargo:rerun-if-env-changed=STREAMIQ_VENV");
     println!("cargo:rerun-if-env-changed=ORT_DYLIB_PATH");
     let venv = std::env::var_os("STREAMIQ_VENV")

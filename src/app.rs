@@ -94,7 +94,12 @@ pub async fn run_with(
         crate::score::load(&model_settings)
     })
     .await??;
-    metrics.set_build_info(loaded.model.provider.name());
+    let (major, minor, micro, _) = gstreamer::version();
+    metrics.set_build_info(
+        &crate::score::model::onnxruntime_version(settings.model.onnxruntime_lib.as_deref()),
+        &format!("{major}.{minor}.{micro}"),
+        loaded.model.provider.name(),
+    );
     for f in &loaded.model.failures {
         metrics
             .provider_failures

@@ -110,9 +110,16 @@ fn histogram(r: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogr
 }
 
 impl Metrics {
-    /// Creates and registers every metric.
+    /// Creates and registers every metric, and the process collector
+    /// (`process_resident_memory_bytes`, `process_open_fds`, `process_cpu_seconds_total`,
+    /// `process_threads`, ...).
     pub fn new() -> Self {
         let r = Registry::new();
+        #[cfg(target_os = "linux")]
+        r.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))
+        .expect("the process collector registers once");
         let s = &["stream"];
         let latency_buckets = vec![
             0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -121,8 +128,8 @@ impl Metrics {
             build_info: gauge(
                 &r,
                 "streamiq_build_info",
-                "Build and active execution provider (always 1).",
-                &["version", "execution"],
+                "Build, the ONNX Runtime and GStreamer it runs with, and the active execution provider (always 1).",
+                &["version", "revision", "onnxruntime", "gstreamer", "execution"],
             ),
             stream_up: gauge(
                 &r,
@@ -276,11 +283,19 @@ impl Metrics {
         }
     }
 
-    /// Sets `streamiq_build_info{version, execution} = 1` (only one provider is active).
-    pub fn set_build_info(&self, execution: &str) {
+    /// Sets `streamiq_build_info{version, revision, onnxruntime, gstreamer, execution} = 1`
+    /// (only one provider is active). `revision` is the source's git commit at build
+    /// time ("unknown" outside a checkout).
+    pub fn set_build_info(&self, onnxruntime: &str, gstreamer: &str, execution: &str) {
         self.build_info.reset();
         self.build_info
-            .with_label_values(&[env!("CARGO_PKG_VERSION"), execution])
+            .with_label_values(&[
+                env!("CARGO_PKG_VERSION"),
+                env!("STREAMIQ_REVISION"),
+                onnxruntime,
+                gstreamer,
+                execution,
+            ])
             .set(1);
     }
 

@@ -156,6 +156,19 @@ sample_fps = 5.0
         "blurred stream {soft} should score below clean {clean}"
     );
     promtool_check(&m);
+    // What runs where: the build, the libraries and the provider; the process itself.
+    let info = m
+        .lines()
+        .find(|l| l.starts_with("streamiq_build_info{"))
+        .expect("streamiq_build_info");
+    for label in ["version=", "revision=", "execution=\"cpu\""] {
+        assert!(info.contains(label), "{info}");
+    }
+    assert!(info.contains("gstreamer=\"1."), "{info}");
+    assert!(!info.contains("onnxruntime=\"unknown\""), "{info}");
+    for family in ["process_resident_memory_bytes", "process_open_fds", "process_threads"] {
+        assert!(sample(&m, family).is_some_and(|v| v > 0.0), "{family}");
+    }
 
     let addr = d.addr;
     tokio::task::spawn_blocking(move || {
@@ -765,7 +778,7 @@ fn alerts_and_dashboard_use_only_exported_metrics_and_documented_runbooks() {
     metrics.batch_size.observe(1.0);
     metrics.inference_duration.observe(0.1);
     metrics.frame_latency.observe(0.1);
-    metrics.set_build_info("cpu");
+    metrics.set_build_info("1.31.1", "1.22.0", "cpu");
     for c in [
         &metrics.provider_failures,
         &metrics.prompt_rejects,

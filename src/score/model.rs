@@ -61,6 +61,21 @@ pub fn onnxruntime_path(explicit: Option<&Path>) -> Option<PathBuf> {
 
 static ENVIRONMENT: OnceLock<Result<ort::environment::Environment, String>> = OnceLock::new();
 
+/// The ONNX Runtime library's version as its file name states it
+/// (`libonnxruntime.so.1.31.1` -> `1.31.1`), or "unknown".
+pub fn onnxruntime_version(lib: Option<&Path>) -> String {
+    onnxruntime_path(lib)
+        .and_then(|p| {
+            let name = p.file_name()?.to_str()?.to_string();
+            let version = name.split_once(".so.")?.1.to_string();
+            version
+                .split('.')
+                .all(|part| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()))
+                .then_some(version)
+        })
+        .unwrap_or_else(|| "unknown".to_string())
+}
+
 fn environment(lib: Option<&Path>) -> Result<&'static ort::environment::Environment, ModelError> {
     let path = onnxruntime_path(lib);
     ENVIRONMENT
