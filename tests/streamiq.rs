@@ -166,7 +166,11 @@ sample_fps = 5.0
     }
     assert!(info.contains("gstreamer=\"1."), "{info}");
     assert!(!info.contains("onnxruntime=\"unknown\""), "{info}");
-    for family in ["process_resident_memory_bytes", "process_open_fds", "process_threads"] {
+    for family in [
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_threads",
+    ] {
         assert!(sample(&m, family).is_some_and(|v| v > 0.0), "{family}");
     }
 
