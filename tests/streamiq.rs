@@ -805,6 +805,56 @@ fn alerts_and_dashboard_use_only_exported_metrics_and_documented_runbooks() {
             "{file} uses metrics the daemon does not export: {unknown:?}"
         );
     }
+    // Every dashboard query is valid PromQL (checked by promtool as recording rules,
+    // with the dashboard's variables filled in) and filters by the instance variable.
+    let dash: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(repo().join(files[1])).unwrap()).unwrap();
+    let exprs: Vec<String> = dash["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .filter_map(|t| t["expr"].as_str().map(str::to_string))
+        .collect();
+    assert!(exprs.len() >= 20, "{exprs:?}");
+    let dir = tempfile::tempdir().unwrap();
+    let mut rules_yml = String::from("groups:\n  - name: dashboard\n    rules:\n");
+    for (i, e) in exprs.iter().enumerate() {
+        assert!(e.contains("$instance"), "not filtered by instance: {e}");
+        let promql = e
+            .replace("$__rate_interval", "5m")
+            .replace("$instance", ".*")
+            .replace("$stream", ".*");
+        rules_yml.push_str(&format!(
+            "      - record: dashboard:q{i}\n        expr: {}\n",
+            serde_json::to_string(&promql).unwrap()
+        ));
+    }
+    let path = dir.path().join("dashboard.rules.yml");
+    std::fs::write(&path, rules_yml).unwrap();
+    let out = Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let vars: Vec<&str> = dash["templating"]["list"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v["name"].as_str())
+        .collect();
+    assert_eq!(vars, ["datasource", "instance", "stream"]);
+    assert!(
+        !dash.to_string().contains("DS_PROMETHEUS"),
+        "works with file provisioning"
+    );
+
     let rules = std::fs::read_to_string(repo().join(files[0])).unwrap();
     let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
     let alerts: Vec<&str> = rules
