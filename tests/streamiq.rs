@@ -1677,11 +1677,17 @@ struct LoggedDaemon {
 impl LoggedDaemon {
     /// Starts the daemon on `cfg` and waits (60 s) for its HTTP address in the log.
     fn start(cfg: &Path) -> Self {
+        let mut c = Command::new(bin());
+        c.args(["run", "--config"]).arg(cfg);
+        Self::start_with(c)
+    }
+
+    /// Starts `command` (the daemon, perhaps through a wrapper) and waits (60 s) for its
+    /// HTTP address in the log.
+    fn start_with(mut command: Command) -> Self {
         use std::io::BufRead;
         let mut process = common::Daemon(
-            Command::new(bin())
-                .args(["run", "--config"])
-                .arg(cfg)
+            command
                 .env("NO_COLOR", "1")
                 .stderr(std::process::Stdio::piped())
                 .spawn()
@@ -2028,6 +2034,94 @@ async fn sources_that_end_restart_unless_told_to_stop() {
             assert!(t0.elapsed() < Duration::from_secs(30), "{again} {once}");
             std::thread::sleep(Duration::from_millis(100));
         }
+    })
+    .await
+    .unwrap();
+    d.stop().await;
+}
+
+/// The shipped unit's system call filter (SystemCallFilter=@system-service, minus
+/// @privileged) does not break the daemon: under the same filter, loaded by
+/// `scripts/seccomp_exec.py` from the unit file itself, it scores a real H.264 stream
+/// and answers /metrics, while a privileged call (chroot) fails with EPERM.
+#[test]
+fn daemon_scores_a_real_stream_under_the_units_syscall_filter() {
+    let dir = tempfile::tempdir().unwrap();
+    let unit = repo().join("systemd/streamiq.service");
+    let wrapper = repo().join("scripts/seccomp_exec.py");
+    let denied = Command::new("/usr/bin/python3")
+        .arg(&wrapper)
+        .arg(&unit)
+        .args(["--", "/usr/sbin/chroot", "/", "true"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&denied.stderr);
+    assert!(!denied.status.success(), "{err}");
+    assert!(
+        err.contains("Operation not permitted"),
+        "the filter is live: {err}"
+    );
+
+    let streams = r#"
+[[streams]]
+id = "live"
+pipeline = "videotestsrc is-live=true pattern=ball ! video/x-raw,width=320,height=240,framerate=10/1 ! x264enc tune=zerolatency ! h264parse ! avdec_h264"
+sample_fps = 5.0
+"#;
+    let cfg = write_config(dir.path(), &config_text(streams, ""));
+    let mut c = Command::new("/usr/bin/python3");
+    c.arg(&wrapper)
+        .arg(&unit)
+        .arg("--")
+        .arg(bin())
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .env(
+            "STREAMIQ__SERVER__API_TOKEN_FILE",
+            dir.path().join("api-token"),
+        )
+        .env("STREAMIQ__LABELS__DB", dir.path().join("labels.sqlite"))
+        .env("STREAMIQ__MODEL__PROMPTS_DIR", dir.path().join("prompts"));
+    let mut daemon = LoggedDaemon::start_with(c);
+    let t0 = Instant::now();
+    loop {
+        let m = text(daemon.addr, "/metrics");
+        if sample(&m, "streamiq_frames_scored_total{stream=\"live\"}").is_some_and(|v| v >= 10.0) {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(40),
+            "no frames scored under the filter:\n{}",
+            daemon.log().join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(get(daemon.addr, "/readyz").0, 200);
+    let log = daemon.log().join("\n");
+    assert!(log.contains("system calls allowed"), "{log}");
+    assert!(!log.contains("Operation not permitted"), "{log}");
+}
+
+/// Readiness follows the scoring engine, not the cameras: with its only camera
+/// unreachable the daemon is ready (a stream that is down is the StreamDown alert, not a
+/// reason to take the daemon out of service), and `/readyz` says what it saw.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_while_the_engine_works_even_with_every_camera_offline() {
+    let dir = tempfile::tempdir().unwrap();
+    let streams = "[[streams]]\nid = \"offline\"\nuri = \"rtsp://127.0.0.1:1/live\"\n";
+    let mut s = settings(&config_text(streams, ""));
+    s.server.api_token_file = dir.path().join("api-token");
+    s.labels_db = dir.path().join("labels.sqlite");
+    let d = start(s).await;
+    let addr = d.addr;
+    tokio::task::spawn_blocking(move || {
+        let (code, body) = get(addr, "/readyz");
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(code, 200, "{v}");
+        assert_eq!(v["engine_healthy"], true, "{v}");
+        assert_eq!(v["model_loaded"], true, "{v}");
+        assert_eq!(v["frames_seen"], false, "{v}");
+        assert_eq!(v["queue_depth"], 0, "{v}");
     })
     .await
     .unwrap();

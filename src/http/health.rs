@@ -22,6 +22,8 @@ pub(super) async fn metrics(State(s): State<AppState>) -> Response {
 
 pub(super) async fn readyz(State(s): State<AppState>) -> Response {
     let model = s.engine.model_running();
+    let depth = s.metrics.queue_depth.get().max(0) as usize;
+    let healthy = s.engine.is_healthy(depth);
     let frames = s
         .streams
         .all()
@@ -30,10 +32,14 @@ pub(super) async fn readyz(State(s): State<AppState>) -> Response {
     let last_batch = s.engine.since_last_batch().map(|d| d.as_secs_f64());
     let body = json!({
         "model_loaded": model,
+        "engine_healthy": healthy,
         "frames_seen": frames,
+        "queue_depth": depth,
         "seconds_since_model_call": last_batch,
     });
-    let code = if model && frames {
+    // Ready while the engine works, whether or not cameras deliver frames: a stream
+    // that is down is an alert (StreamDown), not a reason to take the daemon out.
+    let code = if healthy {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
