@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
@@ -268,13 +269,21 @@ fn scan_file(
     for _attempt in 0..2 {
         let st = state.clone();
         let handoff = handoff.clone();
-        let deliver = move |mut frame: Frame| {
-            frame.stream = st.index;
-            st.on_arrival(&frame);
-            handoff.send(frame)
+        // Frames waiting for room in the queue (a busy scorer) are progress, not a stall.
+        let waiting = Arc::new(AtomicUsize::new(0));
+        let deliver = {
+            let waiting = waiting.clone();
+            move |mut frame: Frame| {
+                frame.stream = st.index;
+                st.on_arrival(&frame);
+                waiting.fetch_add(1, Ordering::Relaxed);
+                let sent = handoff.send(frame);
+                waiting.fetch_sub(1, Ordering::Relaxed);
+                sent
+            }
         };
         let pipe = pipeline::build(&state.id, &spec, deliver).map_err(|e| e.to_string())?;
-        result = run_to_end(&pipe, &state, stall_timeout);
+        result = run_to_end(&pipe, &state, &waiting, stall_timeout);
         let _ = pipe.set_state(gst::State::Null);
         let retry = matches!(result, Err(RunError::Stalled)) && state.metrics.decoded.get() == 0;
         if !retry {
@@ -296,6 +305,7 @@ fn scan_file(
 fn run_to_end(
     pipe: &gst::Pipeline,
     state: &StreamState,
+    waiting: &AtomicUsize,
     stall_timeout: std::time::Duration,
 ) -> Result<(), RunError> {
     pipe.set_state(gst::State::Playing)
@@ -321,7 +331,9 @@ fn run_to_end(
             },
             None => {
                 // Frames waiting on backpressure count as activity: the scorer is busy.
-                if state.idle_for(last_activity) > stall_timeout {
+                if waiting.load(Ordering::Relaxed) > 0 {
+                    last_activity = std::time::Instant::now();
+                } else if state.idle_for(last_activity) > stall_timeout {
                     return Err(RunError::Stalled);
                 }
             }
