@@ -66,9 +66,15 @@ fn names(dir: &Path) -> BTreeSet<String> {
         .collect()
 }
 
-/// The PID a temporary file `.NAME.tmp-PID` was written by.
+/// The PID a temporary file `.NAME.tmp-PID-SEQ` was written by.
 fn temp_pid(name: &str) -> Option<u32> {
-    name.strip_prefix('.')?.rsplit_once(".tmp-")?.1.parse().ok()
+    name.strip_prefix('.')?
+        .rsplit_once(".tmp-")?
+        .1
+        .split('-')
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// When to kill a round.
@@ -131,7 +137,7 @@ fn killed_round(cfg: &Path, prompts: &Path, trigger: Trigger, limit: Duration) -
             .iter()
             .any(|l: &String| l.starts_with("adapting"))
     };
-    let suffix = format!(".tmp-{pid}");
+    let marker = format!(".tmp-{pid}-");
     let finished_before_kill = loop {
         if let Some(status) = child.try_wait().unwrap() {
             readers.drain(..).for_each(|r| r.join().unwrap());
@@ -150,7 +156,7 @@ fn killed_round(cfg: &Path, prompts: &Path, trigger: Trigger, limit: Duration) -
                 d.flatten().any(|e| {
                     let n = e.file_name();
                     let n = n.to_string_lossy();
-                    n.starts_with(prefix) && n.ends_with(&suffix)
+                    n.starts_with(prefix) && n.contains(&marker)
                 })
             }),
         };
