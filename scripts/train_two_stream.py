@@ -6,7 +6,7 @@ EfficientNet-Lite0 (content) beside train_tiny's convolutional tower (distortion
                         [--steps 1200] [--batch-groups 16] [--workers 2] [--threads 2]
                         [--cache DIR] [--state FILE] [--distortion-from VISUAL.onnx]
 
-Issue 18: a tower trained from scratch on ~190 photographs does not know real content (a
+Why: a tower trained from scratch on ~190 photographs does not know real content (a
 clean dark or flat photograph scores like a distorted one). This recipe adds a network that
 does, in the spirit of DBCNN (Zhang et al., "Blind image quality assessment using a deep
 bilinear convolutional neural network", 2018), with concatenation instead of bilinear
