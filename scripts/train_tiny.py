@@ -801,43 +801,37 @@ def group_loss(z, u, gid):
     return F.softplus(-diff[pairs]).mean()
 
 
-def train(images, meta, caps, tok, tokens, steps, batch_groups, seed, lr=2e-3, mscn=None, mscn_core=0.0):
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed + 1)
-    visual = TinyVisual(mscn=mscn, mscn_core=mscn_core).to(memory_format=torch.channels_last)
-    text = cc.TextTower(text_config(len(tok.clip_ids)))
-    init_text(text)
-    logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-    params = list(visual.parameters()) + list(text.parameters()) + [logit_scale]
-    opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.05},
-                             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=lr)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.08)
+class Objective:
+    """The training objective over a data set (`meta` rows: kind, level, group; one caption
+    per image): CLIP's InfoNCE over the batch's captions (identical captions are all
+    positives), the quality pair as CLIP-IQA scores it (binary cross-entropy against
+    1 - level/6), 2 x the ranking loss inside each group, and 0.25 x the attribute pairs
+    on the kinds they name. Shared by every recipe that trains a tower against this data
+    (`train_two_stream.py` too)."""
 
-    cap_ids, cap_eot = cc.tokenize(tok, caps, CONTEXT)
-    uniq = {c: i for i, c in enumerate(dict.fromkeys(caps))}
-    cap_class = torch.tensor([uniq[c] for c in caps])
-    ctx_ids = torch.tensor(tok.encode(cc.CTX_INIT))
-    cap_eot = torch.tensor(cap_eot)
-    groups = [tokens["quality"]] + [tokens["attributes"][a] for a in cc.ATTRIBUTES]
-    prompt_ids = torch.tensor([row for gr in groups for row in gr["ids"]])
-    prompt_eot = torch.tensor([e for gr in groups for e in gr["eot_index"]])
-    attr_mask = {a: torch.tensor([k in ATTR_KINDS[a] for k in KINDS]) for a in cc.ATTRIBUTES}
-    kind = torch.from_numpy(meta[:, 0]).long()
-    u = torch.from_numpy(meta[:, 1])
-    target = 1 - u / 6
-    n_groups = int(meta[:, 2].max()) + 1
-    per = len(images) // n_groups
+    def __init__(self, meta, caps, tok, tokens):
+        cap_ids, cap_eot = cc.tokenize(tok, caps, CONTEXT)
+        uniq = {c: i for i, c in enumerate(dict.fromkeys(caps))}
+        self.cap_ids = cap_ids
+        self.cap_class = torch.tensor([uniq[c] for c in caps])
+        self.ctx_ids = torch.tensor(tok.encode(cc.CTX_INIT))
+        self.cap_eot = torch.tensor(cap_eot)
+        groups = [tokens["quality"]] + [tokens["attributes"][a] for a in cc.ATTRIBUTES]
+        self.prompt_ids = torch.tensor([row for gr in groups for row in gr["ids"]])
+        self.prompt_eot = torch.tensor([e for gr in groups for e in gr["eot_index"]])
+        self.attr_mask = {a: torch.tensor([k in ATTR_KINDS[a] for k in KINDS]) for a in cc.ATTRIBUTES}
+        self.kind = torch.from_numpy(meta[:, 0]).long()
+        self.u = torch.from_numpy(meta[:, 1])
+        self.target = 1 - self.u / 6
+        self.n_groups = int(meta[:, 2].max()) + 1
+        self.per = len(meta) // self.n_groups
 
-    visual.train(), text.train()
-    t0, hist = time.time(), []
-    for step in range(steps):
-        gsel = torch.randint(0, n_groups, (batch_groups,), generator=g)
-        idx = (gsel[:, None] * per + torch.arange(per)).flatten()
-        x = batch_pixels(images, idx.numpy(), rng, TRAIN_CROP).contiguous(memory_format=torch.channels_last)
-        img = F.normalize(visual(x), dim=-1)
-        s = logit_scale.clamp(max=math.log(100)).exp()
-
+    def loss(self, img, idx, s, text):
+        """(total, contrastive, quality, rank) for the normalised image embeddings `img` of
+        the images `idx` (whole groups), at logit scale `s`, through the text tower."""
+        cap_class, cap_ids, cap_eot = self.cap_class, self.cap_ids, self.cap_eot
+        prompt_ids, prompt_eot, ctx_ids = self.prompt_ids, self.prompt_eot, self.ctx_ids
+        target, u, kind, attr_mask, per = self.target, self.u, self.kind, self.attr_mask, self.per
         # Captions of the batch (each distinct one once), quality and attribute prompts,
         # through the text tower in one call.
         uniq_cls, inv = torch.unique(cap_class[idx], return_inverse=True)
@@ -872,6 +866,35 @@ def train(images, meta, caps, tok, tokens, steps, batch_groups, seed, lr=2e-3, m
                 al = s * img[m] @ prompt_feats[2 + 2 * j:4 + 2 * j].T
                 l_attr = l_attr + F.binary_cross_entropy_with_logits(al[:, 0] - al[:, 1], tgt[m])
         loss = l_con + l_q + 2 * l_rank + 0.25 * l_attr
+        return loss, l_con, l_q, l_rank
+
+
+def train(images, meta, caps, tok, tokens, steps, batch_groups, seed, lr=2e-3, mscn=None, mscn_core=0.0):
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed + 1)
+    visual = TinyVisual(mscn=mscn, mscn_core=mscn_core).to(memory_format=torch.channels_last)
+    text = cc.TextTower(text_config(len(tok.clip_ids)))
+    init_text(text)
+    logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+    params = list(visual.parameters()) + list(text.parameters()) + [logit_scale]
+    opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.05},
+                             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.08)
+
+    objective = Objective(meta, caps, tok, tokens)
+    n_groups, per = objective.n_groups, objective.per
+
+    visual.train(), text.train()
+    t0, hist = time.time(), []
+    for step in range(steps):
+        gsel = torch.randint(0, n_groups, (batch_groups,), generator=g)
+        idx = (gsel[:, None] * per + torch.arange(per)).flatten()
+        x = batch_pixels(images, idx.numpy(), rng, TRAIN_CROP).contiguous(memory_format=torch.channels_last)
+        img = F.normalize(visual(x), dim=-1)
+        s = logit_scale.clamp(max=math.log(100)).exp()
+
+        loss, l_con, l_q, l_rank = objective.loss(img, idx, s, text)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 5.0)

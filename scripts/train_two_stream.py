@@ -287,20 +287,8 @@ def train(visual, feats, images, meta, caps, tok, tokens, steps, batch_groups, s
                              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.08)
 
-    cap_ids, cap_eot = cc.tokenize(tok, caps, tt.CONTEXT)
-    uniq = {c: i for i, c in enumerate(dict.fromkeys(caps))}
-    cap_class = torch.tensor([uniq[c] for c in caps])
-    ctx_ids = torch.tensor(tok.encode(cc.CTX_INIT))
-    cap_eot = torch.tensor(cap_eot)
-    groups = [tokens["quality"]] + [tokens["attributes"][a] for a in cc.ATTRIBUTES]
-    prompt_ids = torch.tensor([row for gr in groups for row in gr["ids"]])
-    prompt_eot = torch.tensor([e for gr in groups for e in gr["eot_index"]])
-    attr_mask = {a: torch.tensor([k in tt.ATTR_KINDS[a] for k in tt.KINDS]) for a in cc.ATTRIBUTES}
-    kind = torch.from_numpy(meta[:, 0]).long()
-    u = torch.from_numpy(meta[:, 1])
-    target = 1 - u / 6
-    n_groups = int(meta[:, 2].max()) + 1
-    per = len(images) // n_groups
+    objective = tt.Objective(meta, caps, tok, tokens)
+    n_groups, per = objective.n_groups, objective.per
     feats_t = torch.from_numpy(feats)
 
     visual.train(), text.train()
@@ -316,36 +304,7 @@ def train(visual, feats, images, meta, caps, tok, tokens, steps, batch_groups, s
         img = F.normalize(visual.fused(x, feats_t[idx].float(), d), dim=-1)
         s = logit_scale.clamp(max=math.log(100)).exp()
 
-        uniq_cls, inv = torch.unique(cap_class[idx], return_inverse=True)
-        first = torch.zeros(len(uniq_cls), dtype=torch.long).scatter_(0, inv.flip(0), torch.arange(len(idx)).flip(0))
-        rows = idx[first]
-        ids = torch.cat([cap_ids[rows], prompt_ids])
-        eot = torch.cat([cap_eot[rows], prompt_eot])
-        ctx_rows = torch.cat([torch.zeros(len(rows), dtype=torch.bool), torch.ones(len(prompt_ids), dtype=torch.bool)])
-        ctx = text.token_embedding(ctx_ids)
-        tf = F.normalize(tt.encode_text(text, ids, eot, ctx, ctx_rows), dim=-1)
-        txt, prompt_feats = tf[:len(rows)], tf[len(rows):]
-
-        logits = s * img @ txt.T
-        pos = F.one_hot(inv, len(uniq_cls)).bool()
-        l_i2t = F.cross_entropy(logits, inv)
-        lt = logits.T
-        l_t2i = -(torch.logsumexp(lt.masked_fill(~pos.T, -1e4), 1) - torch.logsumexp(lt, 1)).mean()
-        l_con = (l_i2t + l_t2i) / 2
-
-        ql = s * img @ prompt_feats[:2].T
-        z = ql[:, 0] - ql[:, 1]
-        tgt = target[idx]
-        l_q = F.binary_cross_entropy_with_logits(z, tgt)
-        l_rank = tt.group_loss(z, u[idx], idx // per)
-        l_attr = 0
-        k = kind[idx]
-        for j, a in enumerate(cc.ATTRIBUTES):
-            m = (k < 0) | attr_mask[a][k.clamp(min=0)]
-            if m.any():
-                al = s * img[m] @ prompt_feats[2 + 2 * j:4 + 2 * j].T
-                l_attr = l_attr + F.binary_cross_entropy_with_logits(al[:, 0] - al[:, 1], tgt[m])
-        loss = l_con + l_q + 2 * l_rank + 0.25 * l_attr
+        loss, l_con, l_q, l_rank = objective.loss(img, idx, s, text)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 5.0)

@@ -1539,8 +1539,14 @@ fn registry_restarts_only_the_stream_that_changed() {
 /// Needs the peers' venv (`scripts/setup.sh peers`, run by `make test`).
 #[test]
 fn peers_script_scores_label_sets_like_eval() {
-    let out = Command::new(common::peers_python())
-        .arg(repo().join("scripts/tests/test_peers.py"))
+    python_tests_pass(&common::peers_python(), "scripts/tests/test_peers.py");
+}
+
+/// Runs a Python test script of `scripts/tests/` (its runner ends with `N passed, M
+/// failed`) and asserts that all passed.
+fn python_tests_pass(python: &Path, script: &str) {
+    let out = Command::new(python)
+        .arg(repo().join(script))
         .output()
         .unwrap();
     let text = format!(
@@ -1549,8 +1555,8 @@ fn peers_script_scores_label_sets_like_eval() {
         String::from_utf8_lossy(&out.stderr)
     );
     println!("{text}");
-    assert!(out.status.success(), "{text}");
-    assert!(text.contains(" passed, 0 failed"), "{text}");
+    assert!(out.status.success(), "{script}: {text}");
+    assert!(text.contains(" passed, 0 failed"), "{script}: {text}");
 }
 
 /// SIGHUP re-reads the config: the edited stream restarts, the other never stops
@@ -2134,16 +2140,5 @@ async fn ready_while_the_engine_works_even_with_every_camera_offline() {
 /// what it was trained on, in torch and under ONNX Runtime).
 #[test]
 fn the_content_stream_is_the_pretrained_efficientnet() {
-    let out = Command::new(venv_python())
-        .arg(repo().join("scripts/tests/test_efficientnet_weights.py"))
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    println!("{text}");
-    assert!(out.status.success(), "{text}");
-    assert!(text.contains(" passed, 0 failed"), "{text}");
+    python_tests_pass(&venv_python(), "scripts/tests/test_efficientnet_weights.py");
 }
