@@ -11,7 +11,7 @@ PATH is one of
   * a Hugging Face `CLIPModel` directory (`config.json` + `model.safetensors` or
     `pytorch_model.bin`), e.g. a download of `openai/clip-vit-base-patch16`.
 
-The bundle (format in DESIGN.md, "Model bundle"):
+The bundle (format in README.md, "Models"):
   visual.onnx               image tower: `pixels` f32 [N,3,H,W] -> `embeds` f32 [N,D],
                             projected and not normalised (opset 17).
   text/weights.safetensors  text tower in OpenAI CLIP naming, f32.
@@ -75,7 +75,7 @@ ATTRIBUTES = OrderedDict([
     ("bright", {"names": ["well exposed", "badly exposed"],
                 "words": ["well exposed photo.", "badly exposed photo."]}),
 ])
-# Scene prompts of the gradient regulariser (GRMP.md, Module 2); no context slots.
+# Scene prompts of the gradient regulariser (GRMP-IQA, module 2); no context slots.
 SCENES = ["animal", "cityscape", "human", "indoor", "landscape", "night", "plant", "still_life", "others"]
 
 # Text-tower tensors outside the residual blocks, in OpenAI naming.

@@ -11,7 +11,7 @@ blurred, noisy and blocky pictures below clean ones. `logit_scale` is set so tha
 the clean and degraded calibration sets score about 0.85 and 0.15.
 
 Pairs: `quality` (clean vs blur+noise+JPEG), `attr.sharp` (sharp vs blurred),
-`attr.clean` (clean vs noisy). The bundle obeys the format in DESIGN.md.
+`attr.clean` (clean vs noisy). The bundle obeys the format in README.md ("Models").
 """
 import argparse
 import io

@@ -1,4 +1,4 @@
-//! Every Prometheus metric streamiq exports, declared once (names as in DESIGN.md).
+//! Every Prometheus metric streamiq exports, declared once (names as in README.md, "Metrics").
 //! Per-stream children are resolved once per stream into [`StreamMetrics`] so the hot
 //! path does no label lookups.
 

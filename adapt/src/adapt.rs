@@ -1,4 +1,4 @@
-//! One few-shot adaptation round (GRMP-IQA module 2, as GRMP.md describes it):
+//! One few-shot adaptation round (GRMP-IQA module 2: gradient-regularised prompt tuning):
 //! the context vectors and the last text blocks are trained with binary cross-entropy
 //! on operator labels, whose image embeddings were cached by the daemon (its visual
 //! encoder stays fixed). With `lambda > 0`, the part of each quality gradient that

@@ -1,4 +1,4 @@
-//! `streamiq-adapt bench`: the few-shot evaluation protocol (GRMP.md). Over K seeded
+//! `streamiq-adapt bench`: the few-shot evaluation protocol (GRMP-IQA's). Over K seeded
 //! splits, 20 % of a labelled set is the test part; N training labels are drawn from the
 //! rest (a fifth of them held out for early stopping). Each split compares the bundle's
 //! prompts without adaptation against an adaptation round per lambda, on the test part;
