@@ -83,7 +83,11 @@ impl<T> PerKind<T> {
     }
 
     /// The values keyed `{name}{suffix}` (e.g. `black_active`), for JSON fields.
-    pub fn named<U>(&self, suffix: &str, mut f: impl FnMut(&T) -> U) -> BTreeMap<String, U> {
+    pub fn named<'a, U>(
+        &'a self,
+        suffix: &str,
+        mut f: impl FnMut(&'a T) -> U,
+    ) -> BTreeMap<String, U> {
         self.iter()
             .map(|(k, v)| (format!("{}{suffix}", k.name()), f(v)))
             .collect()

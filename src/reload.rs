@@ -130,8 +130,7 @@ impl Reloader {
         .filter_map(|(name, changed)| changed.then_some(name))
         .collect();
         // What runs now: the new streams, and the old values of what needs a restart.
-        let streams_now = new.streams.clone();
-        current.streams = streams_now;
+        current.streams = new.streams;
         current.adapt = new.adapt;
         Ok(ReloadOutcome {
             streams,

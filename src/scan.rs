@@ -69,12 +69,7 @@ fn segments_as_fields<S: serde::Serializer>(
     segments: &PerKind<Vec<Segment>>,
     s: S,
 ) -> Result<S::Ok, S::Error> {
-    use serde::ser::SerializeMap;
-    let mut map = s.serialize_map(Some(crate::qc::SegmentKind::ALL.len()))?;
-    for (kind, segs) in segments.iter() {
-        map.serialize_entry(&format!("{}_segments", kind.name()), segs)?;
-    }
-    map.end()
+    segments.named("_segments", |v| v).serialize(s)
 }
 
 /// Scores per file, and attribute sums per file.

@@ -257,13 +257,13 @@ impl StreamState {
         }
     }
 
-    /// Sets the supervisor phase (and error, if given).
-    /// A credential in `error` (an error may quote the URI) is removed first.
+    /// Sets the supervisor phase (and error, if given; the supervisor has removed any
+    /// credential from it, as from the log).
     pub fn set_phase(&self, phase: Phase, error: Option<String>) {
         let mut s = lock(&self.status);
         s.phase = phase;
-        if let Some(e) = error {
-            s.last_error = Some(crate::redact::redact(&e));
+        if error.is_some() {
+            s.last_error = error;
         }
         if phase != Phase::Playing {
             self.metrics.up.set(0);

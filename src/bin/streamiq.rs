@@ -182,13 +182,20 @@ fn settings(path: &std::path::Path) -> Result<Settings, ConfigError> {
     Config::load(path)?.validate()
 }
 
-/// Default settings with `model.bundle = model` and `scorer.views = views`, for the
-/// commands that only need a model.
-fn model_settings(model: PathBuf, views: String) -> Result<Settings, ConfigError> {
+/// The default configuration with `model.bundle = model` (and `scorer.views = views`,
+/// if given), for the commands that only need a model.
+fn model_config(model: PathBuf, views: Option<String>) -> Config {
     let mut c = Config::default();
     c.model.bundle = model;
-    c.scorer.views = views;
-    c.validate()
+    if let Some(v) = views {
+        c.scorer.views = v;
+    }
+    c
+}
+
+/// Validated [`model_config`].
+fn model_settings(model: PathBuf, views: String) -> Result<Settings, ConfigError> {
+    model_config(model, Some(views)).validate()
 }
 
 /// Prints `msg` (credentials removed: a config error may quote a stream's URI) and
@@ -213,18 +220,12 @@ fn main() -> ExitCode {
             gates,
             videos,
         } => {
-            let loaded = match (config, model) {
-                (Some(c), _) => Config::load(&c).and_then(|raw| Ok((raw.clone(), raw.validate()?))),
-                (None, Some(m)) => {
-                    let mut raw = Config::default();
-                    raw.model.bundle = m;
-                    if let Some(v) = views {
-                        raw.scorer.views = v;
-                    }
-                    raw.clone().validate().map(|s| (raw, s))
-                }
+            let raw = match (config, model) {
+                (Some(c), _) => Config::load(&c),
+                (None, Some(m)) => Ok(model_config(m, views)),
                 (None, None) => unreachable!("clap requires --config or --model"),
             };
+            let loaded = raw.and_then(|raw| raw.settings().map(|s| (raw, s)));
             let (raw, mut s) = match loaded {
                 Ok(both) => both,
                 Err(e) => return fail(2, e),

@@ -335,7 +335,6 @@ mod tests {
         );
         h.batch_done();
         assert!(h.is_healthy(3));
-        drop(RunningGuard(Arc::new(EngineHealth::default())));
     }
 
     #[test]
