@@ -4,8 +4,8 @@
 #
 #   scripts/bench.sh [--runs N] [--seconds S] [--size WxH] [--bundle DIR]
 #
-# Needs `make build` (target/release/streamiq), the venv (scripts/setup.sh) and
-# ../shared/bench/{py_baseline.py,make_clip.sh} beside the repository.
+# Needs `make build` (target/release/streamiq) and the venv (scripts/setup.sh). The
+# baseline is scripts/bench_baseline.py, the clip comes from scripts/make_bench_clip.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,15 +20,14 @@ while [ $# -gt 0 ]; do
   esac
 done
 VENV=${STREAMIQ_VENV:-/opt/streamiq/venv}
-SHARED=../shared/bench
 OUT=bench-out
 mkdir -p "$OUT"
-for f in "$SHARED/py_baseline.py" "$SHARED/make_clip.sh" target/release/streamiq "$BUNDLE/manifest.toml"; do
-  [ -e "$f" ] || { echo "bench: $f is missing (run make build; ../shared must be beside the repo)" >&2; exit 2; }
+for f in scripts/bench_baseline.py scripts/make_bench_clip.sh target/release/streamiq "$BUNDLE/manifest.toml"; do
+  [ -e "$f" ] || { echo "bench: $f is missing (run make build)" >&2; exit 2; }
 done
 
 clip="$OUT/clip-${SIZE}-${SECONDS_}s.mp4"
-[ -f "$clip" ] || { echo "bench: making $clip" >&2; sh "$SHARED/make_clip.sh" "$clip" "$SECONDS_" "$SIZE" 30; }
+[ -f "$clip" ] || { echo "bench: making $clip" >&2; sh scripts/make_bench_clip.sh "$clip" "$SECONDS_" "$SIZE" 30; }
 cat >"$OUT/bench.toml" <<EOF
 [model]
 bundle = "$BUNDLE"
@@ -54,7 +53,7 @@ echo "clip $clip: $frames frames ($SIZE, H.264), bundle $BUNDLE, $(nproc) cores,
 : >"$OUT/runs.txt"
 for i in $(seq "$RUNS"); do
   echo "run $i/$RUNS: python baseline" >&2
-  echo "python $(measure "$VENV/bin/python" "$SHARED/py_baseline.py" --bundle "$BUNDLE" --video "$clip" 2>/dev/null)" >>"$OUT/runs.txt"
+  echo "python $(measure "$VENV/bin/python" scripts/bench_baseline.py --bundle "$BUNDLE" --video "$clip" 2>/dev/null)" >>"$OUT/runs.txt"
   echo "run $i/$RUNS: streamiq scan" >&2
   echo "streamiq $(measure target/release/streamiq scan --config "$OUT/bench.toml" "$clip" 2>/dev/null)" >>"$OUT/runs.txt"
 done
