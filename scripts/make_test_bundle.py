@@ -17,7 +17,7 @@ import argparse
 import io
 import json
 import math
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +25,8 @@ import torch
 from PIL import Image, ImageFilter
 
 from bundle_io import save_safetensors, sha256
-
-MEAN = [0.48145466, 0.4578275, 0.40821073]
-STD = [0.26862954, 0.26130258, 0.27577711]
+from streamiq_train.model_input import CLIP_MEAN as MEAN
+from streamiq_train.model_input import CLIP_STD as STD
 
 
 class Encoder(torch.nn.Module):
@@ -128,7 +127,7 @@ def main():
     torch.onnx.export(model, to_tensor(clean[:2]), str(out / "visual.onnx"), input_names=["pixels"],
                       output_names=["embeds"], dynamic_axes={"pixels": {0: "n"}, "embeds": {0: "n"}},
                       opset_version=17, dynamo=False)
-    created = datetime(2026, 1, 1, tzinfo=timezone.utc).isoformat()  # fixed: reproducible bytes
+    created = datetime(2026, 1, 1, tzinfo=UTC).isoformat()  # fixed: reproducible bytes
     save_safetensors({k: v.round(decimals=6) for k, v in prompts.items()}, out / "prompts.safetensors",
                      metadata={"version": "0", "created": created, "labels": "0", "val_srcc": "",
                         "parent": "", "source": f"make_test_bundle.py --seed {a.seed}"})

@@ -123,6 +123,7 @@ def feature_session(size, threads):
     on the CPU."""
     import tempfile
     import warnings
+
     import onnxruntime as ort
     stream = el.ContentStream(image_size=None).eval()
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
