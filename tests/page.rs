@@ -8,7 +8,6 @@
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
-use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -16,76 +15,13 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use streamiq::config::{Config, Settings};
-use tokio_util::sync::CancellationToken;
 
 mod common;
-use common::{config_text, get, get_as};
+use common::daemon::InProcess;
+use common::{config_text, get, json_as, poll, settings};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 const SCREENSHOT: &str = "/tmp/streamiq-page.png";
-
-/// GET behind the API token, as JSON.
-fn json_at(addr: SocketAddr, path: &str, token: &str) -> Value {
-    let (code, body) = get_as(addr, path, token);
-    assert_eq!(code, 200, "GET {path}: {}", String::from_utf8_lossy(&body));
-    serde_json::from_slice(&body).unwrap()
-}
-
-/// The daemon on its own runtime; dropping it runs the ordered shutdown.
-struct Daemon {
-    addr: SocketAddr,
-    token: CancellationToken,
-    handle: Option<tokio::task::JoinHandle<Result<(), streamiq::Error>>>,
-    rt: tokio::runtime::Runtime,
-}
-
-fn start(settings: Settings) -> Daemon {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let token = CancellationToken::new();
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let handle = rt.spawn(streamiq::run(settings, token.clone(), Some(tx)));
-    let addr = rt
-        .block_on(async { tokio::time::timeout(Duration::from_secs(60), rx).await })
-        .expect("daemon bound in time")
-        .expect("daemon started");
-    Daemon {
-        addr,
-        token,
-        handle: Some(handle),
-        rt,
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.token.cancel();
-        if let Some(h) = self.handle.take() {
-            let _ = self
-                .rt
-                .block_on(async { tokio::time::timeout(Duration::from_secs(20), h).await });
-        }
-    }
-}
-
-/// Polls `f` until it returns `Some`, or panics with `what` after `timeout`.
-fn poll<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let t0 = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            t0.elapsed() < timeout,
-            "timed out after {timeout:?}: {what}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 /// Headless Chromium in its own process group, driven over `--remote-debugging-pipe`.
 /// Dropping it closes the browser and kills the whole group, also when a test fails.
@@ -378,8 +314,10 @@ fn base64_decodes_padded_and_unpadded_text() {
     assert_eq!(base64_decode("YWJj"), b"abc");
 }
 
-#[test]
-fn operator_labels_a_frame_with_the_keyboard_in_chromium() {
+// The test's body blocks (the browser's pipes) on the main thread; the daemon runs on
+// the runtime's two worker threads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_labels_a_frame_with_the_keyboard_in_chromium() {
     let t0 = Instant::now();
     let dir = tempfile::tempdir().unwrap();
     let streams = r#"
@@ -388,20 +326,17 @@ id = "cam"
 pipeline = "videotestsrc is-live=true pattern=ball ! video/x-raw,width=320,height=240,framerate=10/1"
 sample_fps = 2.0
 "#;
-    let mut s = Config::from_toml(&config_text(streams, "[adapt]\nmin_labels = 3\n"))
-        .unwrap()
-        .validate()
-        .unwrap();
+    let mut s = settings(&config_text(streams, "[adapt]\nmin_labels = 3\n"));
     let token_file = dir.path().join("state/api-token");
     s.server.api_token_file = token_file.clone();
     s.labels_db = dir.path().join("state/labels.sqlite");
     s.model.prompts_dir = dir.path().join("state/prompts");
-    let d = start(s);
+    let d = InProcess::start(s).await;
     let addr = d.addr;
     let token = std::fs::read_to_string(&token_file).unwrap();
     let token = token.trim();
     poll(Duration::from_secs(30), "frames scored", || {
-        let frames = json_at(addr, "/api/v1/streams/cam/frames?limit=3", token);
+        let frames = json_as(addr, "/api/v1/streams/cam/frames?limit=3", token);
         (frames.as_array()?.len() >= 3).then_some(())
     });
 
@@ -411,7 +346,7 @@ sample_fps = 2.0
     assert!(String::from_utf8_lossy(&html).contains("/static/page.js"));
     assert_eq!(get(addr, "/static/page.js").0, 200);
     assert_eq!(get(addr, "/static/page.css").0, 200);
-    let summary = json_at(addr, "/api/v1/labels/summary", token);
+    let summary = json_as(addr, "/api/v1/labels/summary", token);
     assert_eq!(summary["labels_for_model"], 0, "{summary}");
     assert_eq!(
         (&summary["min_labels"], &summary["needed"]),
@@ -445,7 +380,7 @@ sample_fps = 2.0
     let message = message.as_str().unwrap();
     assert!(message.contains("server.api_token_file"), "{message}");
     page.screenshot("/tmp/streamiq-page-401.png");
-    assert_eq!(json_at(addr, "/api/v1/labels", token), json!([]));
+    assert_eq!(json_as(addr, "/api/v1/labels", token), json!([]));
     assert_eq!(
         page.eval("sessionStorage.length + localStorage.length"),
         json!(0),
@@ -492,7 +427,7 @@ sample_fps = 2.0
             "document.querySelector('.frame[data-id=\"{frame}\"]')?.classList.contains('rated')"
         ),
     );
-    let labels = json_at(addr, "/api/v1/labels", token);
+    let labels = json_as(addr, "/api/v1/labels", token);
     let labels = labels.as_array().unwrap();
     assert_eq!(labels.len(), 1, "{labels:?}");
     assert_eq!(labels[0]["frame_id"], json!(frame));
@@ -502,7 +437,7 @@ sample_fps = 2.0
         "the count of labels still needed",
         "document.getElementById('progress-text').textContent.includes('2 more needed')",
     );
-    let summary = json_at(addr, "/api/v1/labels/summary", token);
+    let summary = json_as(addr, "/api/v1/labels/summary", token);
     assert_eq!(summary["needed"], 2, "{summary}");
     assert_eq!(
         summary["streams"]["cam"]["labelled_frames"][0]["frame_id"],
@@ -514,7 +449,7 @@ sample_fps = 2.0
     let errors = page.errors(&["401", "/api/v1/"]);
     assert!(errors.is_empty(), "console errors: {errors:#?}");
     drop(browser);
-    drop(d);
+    d.stop().await;
     assert!(
         t0.elapsed() < Duration::from_secs(50),
         "took {:?}",

@@ -9,77 +9,15 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use streamiq::config::{Config, Settings};
-
 mod common;
-use common::{bundle, config_text, get, get_as, repo, sample, venv_python};
-use tokio_util::sync::CancellationToken;
+use common::daemon::{InProcess, Process};
+use common::{
+    bundle, config_text, get, get_as, json_as, post_label, repo, request, sample, settings, text,
+    text_as, venv_python,
+};
 
 fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_streamiq")
-}
-
-fn settings(text: &str) -> Settings {
-    Config::from_toml(text).unwrap().validate().unwrap()
-}
-
-fn text(addr: SocketAddr, path: &str) -> String {
-    let (code, body) = get(addr, path);
-    assert_eq!(code, 200, "GET {path}");
-    String::from_utf8(body).unwrap()
-}
-
-struct Daemon {
-    addr: SocketAddr,
-    token: CancellationToken,
-    handle: tokio::task::JoinHandle<Result<(), streamiq::Error>>,
-}
-
-async fn start(settings: Settings) -> Daemon {
-    let token = CancellationToken::new();
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let handle = tokio::spawn(streamiq::run(settings, token.clone(), Some(tx)));
-    let addr = tokio::time::timeout(Duration::from_secs(60), rx)
-        .await
-        .expect("daemon bound in time")
-        .expect("daemon started");
-    Daemon {
-        addr,
-        token,
-        handle,
-    }
-}
-
-impl Daemon {
-    async fn metrics(&self) -> String {
-        let addr = self.addr;
-        tokio::task::spawn_blocking(move || text(addr, "/metrics"))
-            .await
-            .unwrap()
-    }
-
-    /// Polls /metrics until `ok` holds or `timeout` passes; returns the last exposition.
-    async fn wait_for(&self, timeout: Duration, ok: impl Fn(&str) -> bool) -> String {
-        let t0 = Instant::now();
-        loop {
-            let m = self.metrics().await;
-            if ok(&m) || t0.elapsed() > timeout {
-                return m;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-
-    async fn stop(self) -> Duration {
-        let t0 = Instant::now();
-        self.token.cancel();
-        tokio::time::timeout(Duration::from_secs(20), self.handle)
-            .await
-            .expect("ordered shutdown finished in time")
-            .unwrap()
-            .unwrap();
-        t0.elapsed()
-    }
 }
 
 fn promtool_check(exposition: &str) {
@@ -121,7 +59,7 @@ sample_fps = 5.0
     let mut s = settings(&config_text(streams, ""));
     s.server.api_token_file = dir.path().join("api-token");
     let token_file = s.server.api_token_file.clone();
-    let d = start(s).await;
+    let d = InProcess::start(s).await;
     let token = common::token_in(&token_file);
     let m = d
         .wait_for(Duration::from_secs(30), |m| {
@@ -278,7 +216,7 @@ pipeline = "videotestsrc is-live=true ! video/x-raw,width=160,height=120,framera
 id = "unreachable"
 uri = "rtsp://127.0.0.1:9/nothing-here"
 "#;
-    let d = start(settings(&config_text(streams, ""))).await;
+    let d = InProcess::start(settings(&config_text(streams, ""))).await;
     let restarts = |m: &str, s: &str| {
         sample(
             m,
@@ -346,7 +284,7 @@ pipeline = "videotestsrc is-live=true pattern=smpte ! video/x-raw,width=64,heigh
 sample_fps = 0
 "#;
     let extra = "[scorer]\nqueue_capacity = 1\nmax_batch = 1\nmax_wait = \"1ms\"\n";
-    let d = start(settings(&config_text(streams, extra))).await;
+    let d = InProcess::start(settings(&config_text(streams, extra))).await;
     let m = d
         .wait_for(Duration::from_secs(30), |m| {
             sample(
@@ -739,7 +677,7 @@ fn every_shipped_config_is_valid() {
     for entry in std::fs::read_dir(repo().join("config")).unwrap() {
         let p = entry.unwrap().path();
         if p.extension().is_some_and(|e| e == "toml") {
-            let c = Config::load(&p).unwrap_or_else(|e| panic!("{e}"));
+            let c = streamiq::config::Config::load(&p).unwrap_or_else(|e| panic!("{e}"));
             c.validate()
                 .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
         }
@@ -942,7 +880,6 @@ fn scan_on_photo_pans_matches_truth_without_false_segments() {
 
 #[test]
 fn sigterm_stops_the_daemon_in_order() {
-    use std::io::BufRead;
     let dir = tempfile::tempdir().unwrap();
     let streams = r#"
 [[streams]]
@@ -950,45 +887,22 @@ id = "live"
 pipeline = "videotestsrc is-live=true pattern=zone-plate kt=1 ! video/x-raw,width=160,height=120,framerate=10/1"
 "#;
     let cfg = write_config(dir.path(), &config_text(streams, ""));
-    let mut child = Command::new(bin())
-        .args(["run", "--config"])
+    let mut c = Command::new(bin());
+    c.args(["run", "--config"])
         .arg(&cfg)
-        .env("NO_COLOR", "1")
-        .env("STREAMIQ_LOG", "info")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr: SocketAddr = lines
-        .by_ref()
-        .map_while(Result::ok)
-        .find_map(|l| {
-            l.contains("HTTP listening")
-                .then(|| {
-                    l.split("addr=")
-                        .nth(1)?
-                        .split_whitespace()
-                        .next()?
-                        .parse()
-                        .ok()
-                })
-                .flatten()
-        })
-        .expect("the daemon logs its address");
+        .env("STREAMIQ_LOG", "info");
+    let mut daemon = Process::spawn(c);
     let t0 = Instant::now();
-    while get(addr, "/readyz").0 != 200 {
+    while get(daemon.addr, "/readyz").0 != 200 {
         assert!(t0.elapsed() < Duration::from_secs(30), "never ready");
         std::thread::sleep(Duration::from_millis(100));
     }
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    let before = daemon.log().len();
+    daemon.signal("TERM");
     let t0 = Instant::now();
-    let rest: Vec<String> = lines.map_while(Result::ok).collect();
-    let code = child.wait().unwrap();
+    let code = daemon.wait();
     assert!(t0.elapsed() < Duration::from_secs(10));
+    let rest = daemon.log().split_off(before);
     assert_eq!(code.code(), Some(0), "{rest:?}");
     let pos = |needle: &str| {
         rest.iter()
@@ -1128,64 +1042,6 @@ fn crops_view_scores_every_frame_at_native_scale() {
     );
 }
 
-/// A minimal HTTP/1.0 request with a body and extra headers, returning (status, body).
-fn request(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-) -> (u16, Vec<u8>) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut req = format!(
-        "{method} {path} HTTP/1.0\r\nHost: localhost\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    let mut req = req.into_bytes();
-    req.extend_from_slice(body);
-    // The server may answer (e.g. 413) and close before it has read the whole body.
-    let _ = s.write_all(&req);
-    let mut buf = Vec::new();
-    let _ = s.read_to_end(&mut buf);
-    let split = buf
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .unwrap_or_else(|| panic!("{method} {path}: no response head"));
-    let head = String::from_utf8_lossy(&buf[..split]).to_string();
-    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (status, buf[split + 4..].to_vec())
-}
-
-/// POSTs a JSON label (with the bearer token, if given); returns (status, JSON body).
-fn post_label(addr: SocketAddr, token: Option<&str>, body: &str) -> (u16, serde_json::Value) {
-    let auth = token.map(|t| format!("Bearer {t}"));
-    let mut headers = vec![("Content-Type", "application/json")];
-    if let Some(a) = &auth {
-        headers.push(("Authorization", a));
-    }
-    let (code, body) = request(addr, "POST", "/api/v1/labels", &headers, body.as_bytes());
-    let json = serde_json::from_slice(&body)
-        .unwrap_or_else(|_| panic!("{code}: not JSON: {}", String::from_utf8_lossy(&body)));
-    (code, json)
-}
-
-/// `json` behind the API token.
-fn json_as(addr: SocketAddr, path: &str, token: &str) -> serde_json::Value {
-    serde_json::from_str(&text_as(addr, path, token)).unwrap()
-}
-
-/// `text` behind the API token.
-fn text_as(addr: SocketAddr, path: &str, token: &str) -> String {
-    let (code, body) = get_as(addr, path, token);
-    assert_eq!(code, 200, "GET {path}: {}", String::from_utf8_lossy(&body));
-    String::from_utf8(body).unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn labels_are_stored_durably_behind_the_api_token() {
     let dir = tempfile::tempdir().unwrap();
@@ -1200,7 +1056,7 @@ sample_fps = 5.0
     let db = dir.path().join("state/labels.sqlite");
     s.server.api_token_file = token_file.clone();
     s.labels_db = db.clone();
-    let d = start(s).await;
+    let d = InProcess::start(s).await;
 
     // The token file was created: 64 hex characters, readable by the owner only.
     let token = std::fs::read_to_string(&token_file)
@@ -1448,7 +1304,7 @@ fn registry_restarts_only_the_stream_that_changed() {
     let (handoff, rx) = Handoff::new(64, WhenFull::DropOldest, Arc::new(|_: &_| {}));
     // The scoring side is not under test: frames are taken off the queue and dropped.
     let drain = std::thread::spawn(move || rx.iter().count());
-    let shutdown = CancellationToken::new();
+    let shutdown = tokio_util::sync::CancellationToken::new();
     let registry = StreamRegistry::new(
         StreamContext {
             metrics: metrics.clone(),
@@ -1572,7 +1428,7 @@ fn sighup_reload_restarts_only_the_edited_stream() {
     };
     let both = |b: &str| format!("{}{}", stream("a", "ball"), stream("b", b));
     let cfg = write_config(dir.path(), &config_text(&both("smpte"), ""));
-    let mut child = LoggedDaemon::start(&cfg);
+    let mut child = Process::start(&cfg);
     let addr = child.addr;
     let scored = |id: &str| {
         sample(
@@ -1601,14 +1457,6 @@ fn sighup_reload_restarts_only_the_edited_stream() {
             std::thread::sleep(Duration::from_millis(100));
         }
     };
-    let hup = |child: &LoggedDaemon| {
-        let ok = Command::new("kill")
-            .args(["-HUP", &child.process.0.id().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok);
-    };
     wait("both streams scored", &mut a_seen, &|| {
         scored("a").unwrap_or(0.0) >= 3.0 && scored("b").unwrap_or(0.0) >= 3.0
     });
@@ -1619,7 +1467,7 @@ fn sighup_reload_restarts_only_the_edited_stream() {
     // Edit b only.
     std::thread::sleep(Duration::from_millis(1100));
     std::fs::write(&cfg, config_text(&both("snow"), "")).unwrap();
-    hup(&child);
+    child.signal("HUP");
     wait("b restarted with its new source", &mut a_seen, &|| {
         source_of("b").is_some_and(|s| s.contains("pattern=snow"))
     });
@@ -1640,7 +1488,7 @@ fn sighup_reload_restarts_only_the_edited_stream() {
 
     // A broken edit: refused, nothing changes, the gauge says so.
     std::fs::write(&cfg, config_text(&both("ball"), "no_such_key = 1")).unwrap();
-    hup(&child);
+    child.signal("HUP");
     wait("the reload refused", &mut a_seen, &|| {
         gauge("streamiq_config_last_reload_successful") == 0.0
     });
@@ -1654,7 +1502,7 @@ fn sighup_reload_restarts_only_the_edited_stream() {
 
     // Remove b: it leaves the API and /metrics; a runs on.
     std::fs::write(&cfg, config_text(&stream("a", "ball"), "")).unwrap();
-    hup(&child);
+    child.signal("HUP");
     wait("b removed", &mut a_seen, &|| source_of("b").is_none());
     assert_eq!(gauge("streamiq_config_last_reload_successful"), 1.0);
     assert!(scored("b").is_none(), "b's series left /metrics");
@@ -1667,82 +1515,9 @@ fn sighup_reload_restarts_only_the_edited_stream() {
         "a's frames_scored_total went back: {a_seen:?}"
     );
     assert!(
-        child.process.0.try_wait().unwrap().is_none(),
+        child.child.try_wait().unwrap().is_none(),
         "the daemon still runs"
     );
-}
-
-/// `streamiq run` as a process whose log is collected; killed when dropped.
-struct LoggedDaemon {
-    process: common::Daemon,
-    addr: SocketAddr,
-    lines: std::sync::mpsc::Receiver<String>,
-    log: Vec<String>,
-}
-
-impl LoggedDaemon {
-    /// Starts the daemon on `cfg` and waits (60 s) for its HTTP address in the log.
-    fn start(cfg: &Path) -> Self {
-        let mut c = Command::new(bin());
-        c.args(["run", "--config"]).arg(cfg);
-        Self::start_with(c)
-    }
-
-    /// Starts `command` (the daemon, perhaps through a wrapper) and waits (60 s) for its
-    /// HTTP address in the log.
-    fn start_with(mut command: Command) -> Self {
-        use std::io::BufRead;
-        let mut process = common::Daemon(
-            command
-                .env("NO_COLOR", "1")
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap(),
-        );
-        let (tx, lines) = std::sync::mpsc::channel::<String>();
-        let stderr = process.0.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stderr)
-                .lines()
-                .map_while(Result::ok)
-            {
-                let _ = tx.send(line);
-            }
-        });
-        let t0 = Instant::now();
-        let mut log = Vec::new();
-        let addr = loop {
-            log.extend(lines.try_iter());
-            let found = log.iter().find_map(|l: &String| {
-                l.split("HTTP listening addr=")
-                    .nth(1)?
-                    .split_whitespace()
-                    .next()?
-                    .parse()
-                    .ok()
-            });
-            if let Some(a) = found {
-                break a;
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(60),
-                "no address logged: {log:#?}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        Self {
-            process,
-            addr,
-            lines,
-            log,
-        }
-    }
-
-    /// Everything logged so far.
-    fn log(&mut self) -> Vec<String> {
-        self.log.extend(self.lines.try_iter());
-        self.log.clone()
-    }
 }
 
 /// No form of credential leaves the daemon: not `check-config`'s output (the unit runs
@@ -1805,7 +1580,7 @@ pipeline = "videotestsrc is-live=true ! video/x-raw,width=160,height=120,framera
         "{err}"
     );
 
-    let mut daemon = LoggedDaemon::start(&cfg);
+    let daemon = Process::start(&cfg);
     // Let the unreachable streams fail and restart at least once.
     let t0 = Instant::now();
     let streams = loop {
@@ -1869,7 +1644,7 @@ pipeline = "videotestsrc is-live=true ! video/x-raw,width=160,height=120,framera
     s.server.limits.request_timeout = Duration::from_secs(1);
     s.server.limits.max_connections_per_ip = std::num::NonZeroUsize::new(8).unwrap();
     let token_file = s.server.api_token_file.clone();
-    let d = start(s).await;
+    let d = InProcess::start(s).await;
     let addr = d.addr;
     let token = std::fs::read_to_string(&token_file).unwrap();
     let token = token.trim().to_string();
@@ -2016,7 +1791,7 @@ async fn sources_that_end_restart_unless_told_to_stop() {
     let mut s = settings(&config_text(&streams, ""));
     s.server.api_token_file = dir.path().join("api-token");
     s.labels_db = dir.path().join("labels.sqlite");
-    let d = start(s).await;
+    let d = InProcess::start(s).await;
     let addr = d.addr;
     tokio::task::spawn_blocking(move || {
         let t0 = Instant::now();
@@ -2088,7 +1863,7 @@ sample_fps = 5.0
         )
         .env("STREAMIQ__LABELS__DB", dir.path().join("labels.sqlite"))
         .env("STREAMIQ__MODEL__PROMPTS_DIR", dir.path().join("prompts"));
-    let mut daemon = LoggedDaemon::start_with(c);
+    let daemon = Process::spawn(c);
     let t0 = Instant::now();
     loop {
         let m = text(daemon.addr, "/metrics");
@@ -2118,7 +1893,7 @@ async fn ready_while_the_engine_works_even_with_every_camera_offline() {
     let mut s = settings(&config_text(streams, ""));
     s.server.api_token_file = dir.path().join("api-token");
     s.labels_db = dir.path().join("labels.sqlite");
-    let d = start(s).await;
+    let d = InProcess::start(s).await;
     let addr = d.addr;
     tokio::task::spawn_blocking(move || {
         let (code, body) = get(addr, "/readyz");

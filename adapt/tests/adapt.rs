@@ -9,7 +9,8 @@ use std::process::Command;
 
 #[path = "../../tests/common/mod.rs"]
 mod common;
-use common::{Daemon, HiddenDirectionLabels, http, metric, run_ok, venv_python, wait_until};
+use common::daemon::Process;
+use common::{HiddenDirectionLabels, http, metric, run_ok, venv_python, wait_until};
 
 fn adapt(args: &[&str], model: &Path) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_streamiq-adapt"))
@@ -133,37 +134,11 @@ fn few_shot_round_hot_swaps_into_a_running_daemon(bundle: &Path) {
         ),
     )
     .unwrap();
-    let mut child = Command::new(common::bin("streamiq"))
-        .args(["run", "--config"])
-        .arg(&cfg)
-        .env("NO_COLOR", "1")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let daemon = Daemon(child);
-    let addr = {
-        use std::io::BufRead;
-        let mut lines = std::io::BufReader::new(stderr).lines();
-        let addr = lines
-            .by_ref()
-            .map_while(Result::ok)
-            .find_map(|l| {
-                Some(
-                    l.split_once("HTTP listening addr=")?
-                        .1
-                        .split_whitespace()
-                        .next()?
-                        .to_string(),
-                )
-            })
-            .expect("the daemon logs its address");
-        std::thread::spawn(move || lines.for_each(drop));
-        addr
-    };
-    let scored = || metric(&addr, "streamiq_frames_scored_total{stream=\"cam\"}");
+    let daemon = Process::start(&cfg);
+    let addr = daemon.addr;
+    let scored = || metric(addr, "streamiq_frames_scored_total{stream=\"cam\"}");
     wait_until("frames scored", || scored() >= 3.0);
-    assert_eq!(metric(&addr, "streamiq_prompt_version"), 0.0);
+    assert_eq!(metric(addr, "streamiq_prompt_version"), 0.0);
     let once = || {
         run_ok(
             Command::new(env!("CARGO_BIN_EXE_streamiq-adapt"))
@@ -198,12 +173,12 @@ fn few_shot_round_hot_swaps_into_a_running_daemon(bundle: &Path) {
     // The running daemon picks v1 up by itself, and keeps scoring throughout.
     let s0 = scored();
     wait_until("prompt version 1", || {
-        metric(&addr, "streamiq_prompt_version") == 1.0
+        metric(addr, "streamiq_prompt_version") == 1.0
     });
     wait_until("scoring after the swap", || scored() >= s0 + 3.0);
     assert_eq!(
         metric(
-            &addr,
+            addr,
             "streamiq_frames_dropped_total{reason=\"error\",stream=\"cam\"}"
         ),
         0.0
@@ -214,7 +189,7 @@ fn few_shot_round_hot_swaps_into_a_running_daemon(bundle: &Path) {
     let token = token.trim();
     assert_eq!(
         http(
-            &addr,
+            addr,
             "POST",
             "/api/v1/prompts/rollback",
             None,
@@ -224,7 +199,7 @@ fn few_shot_round_hot_swaps_into_a_running_daemon(bundle: &Path) {
         401
     );
     let (code, body) = http(
-        &addr,
+        addr,
         "POST",
         "/api/v1/prompts/rollback",
         Some(token),
@@ -232,14 +207,14 @@ fn few_shot_round_hot_swaps_into_a_running_daemon(bundle: &Path) {
     );
     assert_eq!(code, 404, "{body}");
     let (code, body) = http(
-        &addr,
+        addr,
         "POST",
         "/api/v1/prompts/rollback",
         Some(token),
         r#"{"version":0}"#,
     );
     assert_eq!(code, 200, "{body}");
-    assert_eq!(metric(&addr, "streamiq_prompt_version"), 0.0);
+    assert_eq!(metric(addr, "streamiq_prompt_version"), 0.0);
     assert_eq!(dir.active().unwrap(), Some(0));
 
     // A truncated prompt file promoted behind the daemon's back is refused and counted.
@@ -247,15 +222,15 @@ fn few_shot_round_hot_swaps_into_a_running_daemon(bundle: &Path) {
     streamiq::score::prompt_store::write_atomic(&dir.path(2), &good[..good.len() / 2]).unwrap();
     dir.set_active(2).unwrap();
     wait_until("the bad set refused", || {
-        metric(&addr, "streamiq_prompt_rejects_total{reason=\"invalid\"}") >= 1.0
+        metric(addr, "streamiq_prompt_rejects_total{reason=\"invalid\"}") >= 1.0
     });
-    assert_eq!(metric(&addr, "streamiq_prompt_version"), 0.0);
-    let (code, body) = http(&addr, "POST", "/api/v1/prompts/reload", Some(token), "");
+    assert_eq!(metric(addr, "streamiq_prompt_version"), 0.0);
+    let (code, body) = http(addr, "POST", "/api/v1/prompts/reload", Some(token), "");
     assert_eq!(code, 422, "{body}");
     assert!(body.contains("v0002.safetensors"), "{body}");
     let s1 = scored();
     wait_until("scoring goes on", || scored() >= s1 + 3.0);
-    let (code, listing) = http(&addr, "GET", "/api/v1/prompts", Some(token), "");
+    let (code, listing) = http(addr, "GET", "/api/v1/prompts", Some(token), "");
     assert_eq!(code, 200, "{listing}");
     let v: serde_json::Value = serde_json::from_str(&listing).unwrap();
     assert_eq!(v["active"], 0);

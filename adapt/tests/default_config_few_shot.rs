@@ -12,7 +12,7 @@ use serde_json::Value;
 #[path = "../../tests/common/mod.rs"]
 mod common;
 use common::default_run::{CONFIG, Run, command, scored};
-use common::{http, metric, sample, wait_until_for};
+use common::{http, metric, post_label, sample, wait_until_for};
 
 /// Longest time `streamiq_frames_scored_total` (summed over streams) may stand still.
 const MAX_GAP: Duration = Duration::from_secs(3);
@@ -115,14 +115,9 @@ fn longest_gap(ticks: &[Tick]) -> (Duration, f64) {
     worst
 }
 
-fn post_label(addr: &str, token: Option<&str>, frame_id: u64, mos: u32) -> (u16, String) {
-    http(
-        addr,
-        "POST",
-        "/api/v1/labels",
-        token,
-        &format!(r#"{{"frame_id": {frame_id}, "mos": {mos}, "labeller": "default-config-test"}}"#),
-    )
+/// A label of `frame_id` with `mos`, as the labelling page posts it.
+fn label(frame_id: u64, mos: u32) -> String {
+    format!(r#"{{"frame_id": {frame_id}, "mos": {mos}, "labeller": "default-config-test"}}"#)
 }
 
 #[test]
@@ -155,7 +150,7 @@ fn few_shot_round_on_the_default_config_hot_swaps_and_rolls_back() {
     let summary0 = run.json("/api/v1/labels/summary");
     let run_id = summary0["run_id"].as_str().unwrap().to_string();
     assert_eq!(metric(&addr, "streamiq_prompt_version"), 0.0);
-    let pid = run.daemon.0.id();
+    let pid = run.daemon.pid();
     let token_file = run.work.path().join("api-token");
     let token = std::fs::read_to_string(&token_file)
         .unwrap_or_else(|e| panic!("{}: {e}", token_file.display()));
@@ -164,9 +159,9 @@ fn few_shot_round_on_the_default_config_hot_swaps_and_rolls_back() {
 
     // Without the token (and with a wrong one): 401, nothing stored.
     let first = frames[0][0]["id"].as_u64().unwrap();
-    let (code, body) = post_label(&addr, None, first, 5);
+    let (code, body) = post_label(&addr, None, &label(first, 5));
     assert_eq!(code, 401, "{body}");
-    let (code, body) = post_label(&addr, Some("not-the-token"), first, 5);
+    let (code, body) = post_label(&addr, Some("not-the-token"), &label(first, 5));
     assert_eq!(code, 401, "{body}");
     assert_eq!(run.json("/api/v1/labels").as_array().unwrap().len(), 0);
     assert_eq!(metric(&addr, "streamiq_labels_total"), 0.0);
@@ -176,9 +171,8 @@ fn few_shot_round_on_the_default_config_hot_swaps_and_rolls_back() {
     for pair in frames[0].iter().zip(&frames[1]).take(per_stream) {
         for (stream, f, mos) in [("clean", pair.0, 5), ("degraded", pair.1, 1)] {
             let id = f["id"].as_u64().unwrap();
-            let (code, body) = post_label(&addr, Some(token), id, mos);
-            assert_eq!(code, 201, "label frame {id}: {body}");
-            let v: Value = serde_json::from_str(&body).unwrap();
+            let (code, v) = post_label(&addr, Some(token), &label(id, mos));
+            assert_eq!(code, 201, "label frame {id}: {v}");
             assert_eq!(v["stream"], stream, "{v}");
             assert_eq!(v["frame_id"], id, "{v}");
             posted += 1;
@@ -253,7 +247,7 @@ fn few_shot_round_on_the_default_config_hot_swaps_and_rolls_back() {
         .join()
         .expect("the sampler scraped /metrics throughout");
     run.assert_alive();
-    assert_eq!(run.daemon.0.id(), pid);
+    assert_eq!(run.daemon.pid(), pid);
     let summary = run.json("/api/v1/labels/summary");
     assert_eq!(summary["run_id"], run_id.as_str(), "the daemon restarted");
 

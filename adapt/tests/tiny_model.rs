@@ -86,7 +86,7 @@ fn faint_grain_does_not_make_blurred_photographs_look_sharp() {
     // also after blur. On the three unseen scikit-image photographs blurred at levels 2
     // and 3, grain of sigma 1.5/255 (0.4 of the first noise level's) must not raise the
     // score by more than 0.08 (the shipped model: at most 0.012): a model that reads
-    // grain as sharpness (the MSCN variants did, by up to 0.55; models/README.md) rates
+    // grain as sharpness (the MSCN variants did, by up to 0.55; models/EXPERIMENTS.md) rates
     // blurred streams as sharp.
     let dir = tempfile::tempdir().unwrap();
     let data = skimage_data();

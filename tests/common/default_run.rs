@@ -4,16 +4,14 @@
 //! tempdir: the HTTP address (port 0, read back from the log), the API token file, the
 //! prompt directory and the label store.
 
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::process::Command;
 
 use serde_json::Value;
 use streamiq::config::{Config, Settings};
 
-use super::{Daemon, bin, http, repo, sample};
+use super::daemon::Process;
+use super::{bin, http, repo, sample};
 
 pub const CONFIG: &str = "config/streamiq.toml";
 
@@ -60,11 +58,11 @@ pub fn settings() -> Settings {
         .unwrap_or_else(|e| panic!("{CONFIG}: {e}"))
 }
 
-/// A daemon on the default config, its address and its log.
+/// A daemon on the default config.
 pub struct Run {
-    pub daemon: Daemon,
+    pub daemon: Process,
+    /// The daemon's HTTP address, `127.0.0.1:PORT`.
     pub addr: String,
-    pub log: Arc<Mutex<Vec<String>>>,
     pub work: tempfile::TempDir,
     pub settings: Settings,
 }
@@ -78,41 +76,14 @@ impl Run {
             ids.contains(&"clean") && ids.contains(&"degraded"),
             "{CONFIG} streams: {ids:?}"
         );
-        let mut child = command(&bin("streamiq"), work.path())
-            .args(["run", "--config", CONFIG])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let daemon = Daemon(child);
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stderr)
-                .lines()
-                .map_while(Result::ok)
-            {
-                if let Some(a) = line.split_once("HTTP listening addr=") {
-                    let _ = tx.send(a.1.split_whitespace().next().unwrap_or("").to_string());
-                }
-                sink.lock().unwrap().push(line);
-            }
-        });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(60))
-            .unwrap_or_else(|_| {
-                panic!(
-                    "the daemon logs its address within 60 s:\n{}",
-                    log.lock().unwrap().join("\n")
-                )
-            });
-        println!("daemon pid {} on {addr}", daemon.0.id());
+        let mut c = command(&bin("streamiq"), work.path());
+        c.args(["run", "--config", CONFIG]);
+        let daemon = Process::spawn(c);
+        let addr = daemon.addr.to_string();
+        println!("daemon pid {} on {addr}", daemon.pid());
         Run {
             daemon,
             addr,
-            log,
             work,
             settings,
         }
@@ -146,12 +117,7 @@ impl Run {
 
     /// Panics unless the daemon still runs (the same process: no restart).
     pub fn assert_alive(&mut self) {
-        if let Some(status) = self.daemon.0.try_wait().unwrap() {
-            panic!(
-                "the daemon exited ({status}):\n{}",
-                self.log.lock().unwrap().join("\n")
-            );
-        }
+        self.daemon.assert_alive();
     }
 }
 

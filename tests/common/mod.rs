@@ -1,12 +1,25 @@
-//! Helpers shared by the integration tests (each test binary uses a subset).
+//! The integration tests' harness, shared by every test binary of both crates (each
+//! uses a subset; the `adapt/` crate's tests include it by path):
+//!
+//! - [`daemon`]: a daemon in the test process or as a child process, stopped on drop;
+//! - [`http`]: the one HTTP client, and reading `/metrics`;
+//! - [`default_run`]: the shipped config as a daemon;
+//! - here: paths (repository, binaries, bundle, venvs), configs, commands, polling and
+//!   test data.
 #![allow(dead_code)]
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use streamiq::config::{Config, Settings};
+
+pub mod daemon;
 pub mod default_run;
+pub mod http;
+
+// Each test binary uses some of these.
+#[allow(unused_imports)]
+pub use http::{get, get_as, http, json_as, metric, post_label, request, sample, text, text_as};
 
 /// The repository root (the workspace's, also for tests of the `adapt/` crate).
 pub fn repo() -> PathBuf {
@@ -95,6 +108,11 @@ fn python_of(var: &str, default: &str) -> PathBuf {
     py
 }
 
+/// `text` parsed and validated, as the daemon does with a config file.
+pub fn settings(text: &str) -> Settings {
+    Config::from_toml(text).unwrap().validate().unwrap()
+}
+
 /// A config with the test bundle, fast QC timings, `extra` keys (inside `[qc]` unless
 /// they open a table) and the given streams.
 pub fn config_text(streams: &str, extra: &str) -> String {
@@ -115,47 +133,12 @@ window = "5s"
     )
 }
 
-/// A minimal HTTP/1.0 GET returning (status, body).
-pub fn get(addr: SocketAddr, path: &str) -> (u16, Vec<u8>) {
-    get_with(addr, path, "")
-}
-
-/// `get` with `Authorization: Bearer <token>`: the routes behind the API token.
-pub fn get_as(addr: SocketAddr, path: &str, token: &str) -> (u16, Vec<u8>) {
-    get_with(
-        addr,
-        path,
-        &format!("Authorization: Bearer {}\r\n", token.trim()),
-    )
-}
-
-fn get_with(addr: SocketAddr, path: &str, headers: &str) -> (u16, Vec<u8>) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n{headers}\r\n").unwrap();
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).unwrap();
-    let split = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
-    let head = String::from_utf8_lossy(&buf[..split]).to_string();
-    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (status, buf[split + 4..].to_vec())
-}
-
 /// The API token in `path` (a daemon's `server.api_token_file`).
 pub fn token_in(path: &std::path::Path) -> String {
     std::fs::read_to_string(path)
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
         .trim()
         .to_string()
-}
-
-/// The value of a sample line `name{labels} value` in an exposition.
-pub fn sample(exposition: &str, series: &str) -> Option<f64> {
-    exposition
-        .lines()
-        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
 }
 
 /// Writes `out` from ffmpeg's synthetic source `lavfi` (e.g.
@@ -174,39 +157,6 @@ pub fn synth(lavfi: &str, opts: &[&str], out: &std::path::Path) {
     );
 }
 
-/// A minimal HTTP/1.0 request returning (status, body).
-pub fn http(
-    addr: &str,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    body: &str,
-) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    write!(
-        s,
-        "{method} {path} HTTP/1.0\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).unwrap();
-    let (head, body) = buf.split_once("\r\n\r\n").unwrap();
-    (
-        head.split_whitespace().nth(1).unwrap().parse().unwrap(),
-        body.to_string(),
-    )
-}
-
-/// One series' value on `/metrics` (NaN when it is absent).
-pub fn metric(addr: &str, series: &str) -> f64 {
-    let (_, m) = http(addr, "GET", "/metrics", None, "");
-    sample(&m, series).unwrap_or(f64::NAN)
-}
-
 /// Polls `ok` every 200 ms; panics naming `what` after 30 s.
 pub fn wait_until(what: &str, ok: impl FnMut() -> bool) {
     wait_until_for(Duration::from_secs(30), what, ok)
@@ -214,20 +164,21 @@ pub fn wait_until(what: &str, ok: impl FnMut() -> bool) {
 
 /// Polls `ok` every 200 ms; panics naming `what` after `timeout`.
 pub fn wait_until_for(timeout: Duration, what: &str, mut ok: impl FnMut() -> bool) {
-    let t0 = std::time::Instant::now();
-    while !ok() {
-        assert!(t0.elapsed() < timeout, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    poll(timeout, what, || ok().then_some(()))
 }
 
-/// Kills the daemon when dropped (also when an assertion fails).
-pub struct Daemon(pub std::process::Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+/// Polls `f` every 200 ms until it returns `Some`; panics naming `what` after `timeout`.
+pub fn poll<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let t0 = std::time::Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            t0.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
     }
 }
 
