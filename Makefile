@@ -18,7 +18,7 @@ all: build
 setup:
 	@scripts/setup.sh
 
-$(TEST_BUNDLE)/manifest.toml: scripts/make_test_bundle.py scripts/bundle_io.py | setup
+$(TEST_BUNDLE)/manifest.toml: scripts/make_test_bundle.py scripts/bundle_io.py scripts/streamiq_train/model_input.py | setup
 	$(PYTHON) scripts/make_test_bundle.py $(TEST_BUNDLE)
 
 bundle: setup $(TEST_BUNDLE)/manifest.toml
@@ -46,6 +46,7 @@ run: build demo
 	target/release/streamiq run --config $(CONFIG)
 
 lint: setup
+	$(VENV)/bin/ruff check scripts
 	cargo fmt --all --check
 	cargo clippy --locked --workspace --all-targets -- -D warnings
 	RUSTDOCFLAGS="-D warnings" cargo doc --locked --workspace --no-deps --quiet

@@ -10,7 +10,8 @@ def save_safetensors(tensors, path, metadata):
     header, blobs, offset = {"__metadata__": dict(sorted(metadata.items()))}, [], 0
     for name in sorted(tensors):
         data = tensors[name].detach().cpu().contiguous().float().numpy().astype("<f4").tobytes()
-        header[name] = {"dtype": "F32", "shape": list(tensors[name].shape), "data_offsets": [offset, offset + len(data)]}
+        header[name] = {"dtype": "F32", "shape": list(tensors[name].shape),
+                        "data_offsets": [offset, offset + len(data)]}
         blobs.append(data)
         offset += len(data)
     text = json.dumps(header, separators=(",", ":")).encode()

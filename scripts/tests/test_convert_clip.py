@@ -449,7 +449,8 @@ def main():
                "hf": (work / "small-hf",), "hf16": (work / "small-hf16",)}
     for label, (src, *extra) in sources.items():
         shutil.rmtree(bundles[label], ignore_errors=True)
-        res.check(f"convert {label}", lambda: run_convert(src, bundles[label], *extra))
+        res.check(f"convert {label}",
+                  lambda src=src, out=bundles[label], extra=extra: run_convert(src, out, *extra))
 
     towers = {"openai": Tower(oc), "hf": Tower(hf), "hf16": Tower(hf16)}
     for label, tower in towers.items():

@@ -128,6 +128,7 @@ def test_padding():
 
 def test_onnx():
     import onnxruntime as ort
+
     import convert_clip as cc
     stream = el.ContentStream(image_size=224).eval()
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():

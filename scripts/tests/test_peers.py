@@ -74,7 +74,7 @@ def variants():
         img = cv2.imread(str(skimage_data() / name), cv2.IMREAD_COLOR)
         assert img is not None, name
         stem = Path(name).stem
-        def noised(sigma):
+        def noised(sigma, img=img):
             return np.clip(img + rng.normal(0.0, sigma * 255, img.shape), 0, 255).astype(np.uint8)
         v = {"clean": img, "blur": cv2.GaussianBlur(img, (0, 0), 6.0), "noise": noised(0.12),
              "mildblur": cv2.GaussianBlur(img, (0, 0), 1.0), "mildnoise": noised(0.02)}
