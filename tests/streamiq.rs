@@ -1415,6 +1415,26 @@ fn python_tests_pass(python: &Path, script: &str) {
     assert!(text.contains(" passed, 0 failed"), "{script}: {text}");
 }
 
+/// `streamiq distort` and the training data's Python distortions agree, both reading
+/// src/distort/levels.toml (`scripts/tests/test_distort_parity.py`, on this build's
+/// binary): PSNR of at least 35 dB between the two outputs per kind and level, the
+/// random choices pinned to the binary's; the two noise kinds by their PSNR to the
+/// reference; the pairs that differ by design held to the floors the script lists.
+#[test]
+fn distort_matches_the_python_distortions() {
+    let script = "scripts/tests/test_distort_parity.py";
+    let out = Command::new(venv_python())
+        .arg(repo().join(script))
+        .env("STREAMIQ_BIN", env!("CARGO_BIN_EXE_streamiq"))
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    println!("{text}");
+    assert!(out.status.success(), "{script}: {text}");
+    assert!(text.contains("3 passed, 0 failed"), "{script}: {text}");
+}
+
 /// SIGHUP re-reads the config: the edited stream restarts, the other never stops
 /// counting; a broken edit is refused, changes nothing and flips
 /// `streamiq_config_last_reload_successful` to 0; a removed stream leaves `/metrics`.

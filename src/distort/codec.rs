@@ -7,8 +7,48 @@ use gstreamer_app as gst_app;
 
 use super::Image;
 
+/// Why a codec round trip failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    /// The JPEG encoder refused the picture.
+    #[error("JPEG encode: {0}")]
+    JpegEncode(#[source] jpeg_encoder::EncodingError),
+    /// The JPEG just written could not be decoded.
+    #[error("JPEG decode: {0}")]
+    JpegDecode(#[source] image::ImageError),
+    /// A quantiser x264enc would silently ignore.
+    #[error("H.264 quantiser {0}: x264enc accepts 0..=50")]
+    Quantiser(u32),
+    /// GStreamer could not be initialised.
+    #[error("H.264 round trip: GStreamer: {0}")]
+    Init(#[source] gst::glib::Error),
+    /// The pipeline could not be built (a plugin is missing).
+    #[error(
+        "H.264 round trip needs x264enc (gstreamer1.0-plugins-ugly) and avdec_h264 \
+         (gstreamer1.0-libav): {0}"
+    )]
+    Pipeline(#[source] gst::glib::Error),
+    /// A step of the running pipeline failed; `step` names it.
+    #[error("H.264 {step}: {message}")]
+    H264 {
+        /// The step: pipeline, push, EOS, pull, map.
+        step: &'static str,
+        /// What GStreamer said.
+        message: String,
+    },
+}
+
+impl CodecError {
+    fn h264(step: &'static str, message: impl std::fmt::Display) -> Self {
+        Self::H264 {
+            step,
+            message: message.to_string(),
+        }
+    }
+}
+
 /// Encodes at `quality` (1..=100) and decodes again.
-pub fn jpeg_roundtrip(img: &Image, quality: u8) -> Result<Image, String> {
+pub fn jpeg_roundtrip(img: &Image, quality: u8) -> Result<Image, CodecError> {
     let mut buf = Vec::new();
     jpeg_encoder::Encoder::new(&mut buf, quality)
         .encode(
@@ -17,22 +57,22 @@ pub fn jpeg_roundtrip(img: &Image, quality: u8) -> Result<Image, String> {
             img.h as u16,
             jpeg_encoder::ColorType::Rgb,
         )
-        .map_err(|e| format!("JPEG encode: {e}"))?;
+        .map_err(CodecError::JpegEncode)?;
     let dec = image::load_from_memory_with_format(&buf, image::ImageFormat::Jpeg)
-        .map_err(|e| format!("JPEG decode: {e}"))?
+        .map_err(CodecError::JpegDecode)?
         .to_rgb8();
     Ok(Image::from_rgb8(img.w, img.h, dec.as_raw()))
 }
 
 /// Encodes one frame with H.264 at quantiser `qp` (0..=50) and decodes it again.
 /// Odd sizes are padded by edge replication for 4:2:0 and cropped back.
-pub fn h264_roundtrip(img: &Image, qp: u32) -> Result<Image, String> {
+pub fn h264_roundtrip(img: &Image, qp: u32) -> Result<Image, CodecError> {
     // x264enc's `quantizer` property stops at 50; a larger value is not clamped but
     // ignored with a warning, leaving the default (21): an almost clean picture.
     if qp > 50 {
-        return Err(format!("H.264 quantiser {qp}: x264enc accepts 0..=50"));
+        return Err(CodecError::Quantiser(qp));
     }
-    gst::init().map_err(|e| e.to_string())?;
+    gst::init().map_err(CodecError::Init)?;
     let (w, h) = (img.w + img.w % 2, img.h + img.h % 2);
     // GStreamer's packed RGB rows start on 4-byte boundaries: a width whose rows are not
     // a multiple of 4 bytes (e.g. 614 px) needs the padding, or the frame is misread.
@@ -57,20 +97,20 @@ pub fn h264_roundtrip(img: &Image, qp: u32) -> Result<Image, String> {
          ! avdec_h264 ! videoconvert ! video/x-raw,format=RGB ! appsink name=sink sync=false"
     );
     let pipeline = gst::parse::launch(&launch)
-        .map_err(|e| format!("H.264 round trip needs x264enc (gstreamer1.0-plugins-ugly) and avdec_h264 (gstreamer1.0-libav): {e}"))?
+        .map_err(CodecError::Pipeline)?
         .downcast::<gst::Pipeline>()
-        .map_err(|_| "not a pipeline".to_string())?;
+        .map_err(|_| CodecError::h264("pipeline", "not a pipeline"))?;
     let src = pipeline
         .by_name("src")
         .and_then(|e| e.downcast::<gst_app::AppSrc>().ok())
-        .ok_or("no appsrc")?;
+        .ok_or_else(|| CodecError::h264("pipeline", "no appsrc"))?;
     let sink = pipeline
         .by_name("sink")
         .and_then(|e| e.downcast::<gst_app::AppSink>().ok())
-        .ok_or("no appsink")?;
+        .ok_or_else(|| CodecError::h264("pipeline", "no appsink"))?;
     pipeline
         .set_state(gst::State::Playing)
-        .map_err(|e| format!("H.264 pipeline: {e}"))?;
+        .map_err(|e| CodecError::h264("pipeline", e))?;
     let mut buffer = gst::Buffer::from_mut_slice(rgb);
     buffer
         .get_mut()
@@ -78,17 +118,20 @@ pub fn h264_roundtrip(img: &Image, qp: u32) -> Result<Image, String> {
         .set_pts(gst::ClockTime::ZERO);
     let result = (|| {
         src.push_buffer(buffer)
-            .map_err(|e| format!("H.264 push: {e}"))?;
-        src.end_of_stream().map_err(|e| format!("H.264 EOS: {e}"))?;
+            .map_err(|e| CodecError::h264("push", e))?;
+        src.end_of_stream()
+            .map_err(|e| CodecError::h264("EOS", e))?;
         let sample = sink
             .try_pull_sample(gst::ClockTime::from_seconds(30))
-            .ok_or("H.264 round trip produced no frame")?;
-        let buf = sample.buffer().ok_or("no buffer")?;
+            .ok_or_else(|| CodecError::h264("round trip", "produced no frame"))?;
+        let buf = sample
+            .buffer()
+            .ok_or_else(|| CodecError::h264("pull", "no buffer"))?;
         let info = sample
             .caps()
             .and_then(|c| gstreamer_video::VideoInfo::from_caps(c).ok())
-            .ok_or("no caps")?;
-        let map = buf.map_readable().map_err(|e| e.to_string())?;
+            .ok_or_else(|| CodecError::h264("pull", "no caps"))?;
+        let map = buf.map_readable().map_err(|e| CodecError::h264("map", e))?;
         let stride = info.stride()[0] as usize;
         let mut px = Vec::with_capacity(img.w * img.h * 3);
         for y in 0..img.h {

@@ -7,14 +7,80 @@
 //! recalibration evidence, so the shipped model is never trained on it.
 //!
 //! Images are RGB, `f32` in 0..=1, row-major `[h][w][3]`. Level 1 is mild, level 5
-//! severe; the quality target written to the CSV decreases with the level.
+//! severe; the quality target written to the CSV decreases with the level. Each kind's
+//! parameter at each level comes from `src/distort/levels.toml` ([`params`]), the table
+//! the training scripts read too.
 
 pub mod codec;
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::LazyLock;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+
+pub use codec::CodecError;
+
+/// Why a distortion set could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum DistortError {
+    /// A source picture could not be read or decoded.
+    #[error("{}: {source}", path.display())]
+    Read {
+        /// The picture.
+        path: PathBuf,
+        /// Why.
+        source: image::ImageError,
+    },
+    /// A distorted picture could not be encoded or written.
+    #[error("{}: {source}", path.display())]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: image::ImageError,
+    },
+    /// The output directory or the label file could not be written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The directory or file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A codec round trip failed for one picture, kind and level.
+    #[error("{key}: {source}")]
+    Codec {
+        /// `source stem/kind/level`.
+        key: String,
+        /// Why.
+        source: CodecError,
+    },
+}
+
+/// The parameter table, `src/distort/levels.toml`, as compiled in.
+pub const LEVELS_TOML: &str = include_str!("levels.toml");
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LevelsFile {
+    levels: HashMap<String, [f64; LEVELS as usize]>,
+    extra_levels: HashMap<String, [f64; LEVELS as usize]>,
+}
+
+static PARAMS: LazyLock<HashMap<String, [f64; LEVELS as usize]>> = LazyLock::new(|| {
+    let file: LevelsFile = toml::from_str(LEVELS_TOML).expect("src/distort/levels.toml parses");
+    file.levels.into_iter().chain(file.extra_levels).collect()
+});
+
+/// The parameter of `kind` at levels 1..=5, from `src/distort/levels.toml` (a unit test
+/// checks that every kind has its row there).
+pub fn params(kind: Kind) -> [f64; LEVELS as usize] {
+    *PARAMS
+        .get(kind.name())
+        .unwrap_or_else(|| panic!("src/distort/levels.toml has no row {}", kind.name()))
+}
 
 /// An RGB image in 0..=1.
 #[derive(Debug, Clone, PartialEq)]
@@ -155,18 +221,27 @@ pub fn quality_target(level: u8) -> f64 {
     1.0 - level as f64 / (LEVELS as f64 + 1.0)
 }
 
-/// Applies `kind` at `level` (1..=5). `rng` drives noise and angles.
-pub fn apply(img: &Image, kind: Kind, level: u8, rng: &mut fastrand::Rng) -> Result<Image, String> {
+/// Applies `kind` at `level` (1..=5) with the parameter [`params`] gives it. `rng`
+/// drives noise and angles.
+pub fn apply(
+    img: &Image,
+    kind: Kind,
+    level: u8,
+    rng: &mut fastrand::Rng,
+) -> Result<Image, CodecError> {
     assert!((1..=LEVELS).contains(&level), "level 1..=5");
-    let l = (level - 1) as usize;
+    let p = params(kind)[(level - 1) as usize];
+    // (The file's decimals are read as f64; as f32 they are the values the table
+    // held as f32 literals. Integer parameters are whole numbers.)
+    let (pf, pi) = (p as f32, p as usize);
     Ok(match kind {
-        Kind::GaussianBlur => gaussian_blur(img, [0.8, 1.5, 2.5, 4.0, 6.0][l]),
+        Kind::GaussianBlur => gaussian_blur(img, pf),
         Kind::MotionBlur => {
             let angle = rng.f32() * std::f32::consts::PI;
-            motion_blur(img, [3, 7, 11, 17, 25][l], angle)
+            motion_blur(img, pi, angle)
         }
         Kind::GaussianNoise => {
-            let sigma = [0.015, 0.03, 0.05, 0.08, 0.12][l];
+            let sigma = pf;
             Image {
                 w: img.w,
                 h: img.h,
@@ -178,33 +253,32 @@ pub fn apply(img: &Image, kind: Kind, level: u8, rng: &mut fastrand::Rng) -> Res
             }
         }
         Kind::ImpulseNoise => {
-            let p = [0.005, 0.015, 0.03, 0.06, 0.1][l];
             let mut out = img.clone();
             for px in out.px.chunks_exact_mut(3) {
-                if rng.f32() < p {
+                if rng.f32() < pf {
                     let v = if rng.bool() { 1.0 } else { 0.0 };
                     px.fill(v);
                 }
             }
             out
         }
-        Kind::Jpeg => codec::jpeg_roundtrip(img, [40, 20, 10, 5, 2][l])?,
-        Kind::H264 => codec::h264_roundtrip(img, [30, 35, 40, 45, 50][l])?,
-        Kind::Rescale => rescale(img, [2.0, 3.0, 4.0, 6.0, 8.0][l]),
+        Kind::Jpeg => codec::jpeg_roundtrip(img, pi as u8)?,
+        Kind::H264 => codec::h264_roundtrip(img, pi as u32)?,
+        Kind::Rescale => rescale(img, pf),
         Kind::Contrast => {
-            let k = [0.75, 0.55, 0.4, 0.28, 0.18][l];
+            let k = pf;
             let mean = img.px.iter().sum::<f32>() / img.px.len().max(1) as f32;
             img.map(|v| mean + k * (v - mean))
         }
         Kind::Brightness => {
-            let d = [0.12, 0.22, 0.32, 0.42, 0.52][l];
+            let d = pf;
             // Alternate over- and under-exposure by image so both appear in a set.
             let up = img.px.len().is_multiple_of(2) || rng.bool();
             let g: f32 = if up { 1.0 - d } else { 1.0 + 2.0 * d };
             img.map(|v| v.powf(g) + if up { d * 0.5 } else { 0.0 })
         }
         Kind::Desaturate => {
-            let k = [0.7, 0.5, 0.3, 0.15, 0.0][l];
+            let k = pf;
             let mut out = img.clone();
             for px in out.px.chunks_exact_mut(3) {
                 let y = 0.299 * px[0] + 0.587 * px[1] + 0.114 * px[2];
@@ -215,11 +289,11 @@ pub fn apply(img: &Image, kind: Kind, level: u8, rng: &mut fastrand::Rng) -> Res
             out
         }
         Kind::Quantize => {
-            let n = [24.0, 12.0, 7.0, 4.0, 3.0][l];
+            let n = pf;
             img.map(|v| (v * (n - 1.0)).round() / (n - 1.0))
         }
         Kind::Oversharpen => {
-            let amount = [1.0, 2.0, 3.5, 5.5, 8.0][l];
+            let amount = pf;
             let soft = gaussian_blur(img, 1.5);
             Image {
                 w: img.w,
@@ -232,9 +306,9 @@ pub fn apply(img: &Image, kind: Kind, level: u8, rng: &mut fastrand::Rng) -> Res
                     .collect(),
             }
         }
-        Kind::Pixelate => pixelate(img, [3, 5, 8, 12, 18][l]),
+        Kind::Pixelate => pixelate(img, pi),
         Kind::ColorCast => {
-            let s = [0.08, 0.16, 0.26, 0.38, 0.50][l];
+            let s = pf;
             let dir = cast_direction(rng);
             let mut out = img.clone();
             for px in out.px.chunks_exact_mut(3) {
@@ -417,9 +491,12 @@ pub struct DistortOptions {
 }
 
 /// Loads an image, resized so that its shorter side is `size`.
-pub fn load(path: &Path, size: u32) -> Result<Image, String> {
+pub fn load(path: &Path, size: u32) -> Result<Image, DistortError> {
     let img = image::open(path)
-        .map_err(|e| format!("{}: {e}", path.display()))?
+        .map_err(|source| DistortError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?
         .to_rgb8();
     let (w, h) = img.dimensions();
     let s = size as f32 / w.min(h) as f32;
@@ -432,7 +509,7 @@ pub fn load(path: &Path, size: u32) -> Result<Image, String> {
     Ok(Image::from_rgb8(nw as usize, nh as usize, img.as_raw()))
 }
 
-fn save(img: &Image, path: &Path) -> Result<(), String> {
+fn save(img: &Image, path: &Path) -> Result<(), DistortError> {
     image::save_buffer(
         path,
         &img.to_rgb8(),
@@ -440,7 +517,10 @@ fn save(img: &Image, path: &Path) -> Result<(), String> {
         img.h as u32,
         image::ColorType::Rgb8,
     )
-    .map_err(|e| format!("{}: {e}", path.display()))
+    .map_err(|source| DistortError::Write {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 fn stable_hash(s: &str) -> u64 {
@@ -454,9 +534,12 @@ fn stable_hash(s: &str) -> u64 {
 pub fn write_set(
     opts: &DistortOptions,
     progress: impl Fn(usize, usize),
-) -> Result<Vec<Row>, String> {
+) -> Result<Vec<Row>, DistortError> {
     let dir = opts.out.join("images");
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    std::fs::create_dir_all(&dir).map_err(|source| DistortError::Io {
+        path: dir.clone(),
+        source,
+    })?;
     let mut rows = Vec::new();
     for (i, src) in opts.sources.iter().enumerate() {
         let stem = src
@@ -478,7 +561,8 @@ pub fn write_set(
             for level in 1..=LEVELS {
                 let key = format!("{stem}/{}/{level}", kind.name());
                 let mut rng = fastrand::Rng::with_seed(opts.seed ^ stable_hash(&key));
-                let out = apply(&img, kind, level, &mut rng).map_err(|e| format!("{key}: {e}"))?;
+                let out = apply(&img, kind, level, &mut rng)
+                    .map_err(|source| DistortError::Codec { key, source })?;
                 let name = format!("{stem}_{}_{level}.png", kind.name());
                 save(&out, &dir.join(&name))?;
                 rows.push(Row {
@@ -501,7 +585,7 @@ pub fn write_set(
         );
     }
     let p = opts.out.join("labels.csv");
-    std::fs::write(&p, csv).map_err(|e| format!("{}: {e}", p.display()))?;
+    std::fs::write(&p, csv).map_err(|source| DistortError::Io { path: p, source })?;
     Ok(rows)
 }
 
@@ -603,6 +687,60 @@ mod tests {
                 d[0],
                 d[1]
             );
+        }
+    }
+
+    /// Every kind has its row in levels.toml, in `Kind::ALL` order (the training
+    /// scripts index kinds by the file's order) and then `Kind::EXTRA`, under the right
+    /// table; integer parameters are whole numbers; no row is unknown.
+    #[test]
+    fn levels_file_has_every_kind_in_order() {
+        let file: LevelsFile = toml::from_str(LEVELS_TOML).unwrap();
+        let rows: Vec<&str> = LEVELS_TOML
+            .lines()
+            .filter_map(|l| l.split_once(" = [").map(|(name, _)| name.trim()))
+            .collect();
+        let kinds: Vec<&str> = Kind::ALL
+            .into_iter()
+            .chain(Kind::EXTRA)
+            .map(Kind::name)
+            .collect();
+        assert_eq!(rows, kinds);
+        for k in Kind::ALL {
+            assert!(file.levels.contains_key(k.name()), "{}", k.name());
+        }
+        for k in Kind::EXTRA {
+            assert!(file.extra_levels.contains_key(k.name()), "{}", k.name());
+        }
+        assert_eq!(
+            file.levels.len() + file.extra_levels.len(),
+            kinds.len(),
+            "unknown rows"
+        );
+        for k in [
+            Kind::MotionBlur,
+            Kind::Jpeg,
+            Kind::H264,
+            Kind::Quantize,
+            Kind::Pixelate,
+        ] {
+            assert!(
+                params(k).iter().all(|v| v.fract() == 0.0 && *v >= 1.0),
+                "{}",
+                k.name()
+            );
+        }
+        // The f32 the daemon uses is the nearest f32 to the decimal in the file.
+        for k in kinds.iter().filter_map(|n| Kind::from_name(n)) {
+            for v in params(k) {
+                let text = format!("{v}");
+                assert_eq!(
+                    v as f32,
+                    text.parse::<f32>().unwrap(),
+                    "{} {text}",
+                    k.name()
+                );
+            }
         }
     }
 
