@@ -108,11 +108,13 @@ pub async fn run_with(
     }
     metrics.prompt_version.set(loaded.prompts.version as i64);
     let bundle = loaded.bundle.clone();
+    let provenance = provenance(&bundle);
     let prompts = Arc::new(ArcSwap::from_pointee(loaded.prompts.clone()));
     let prompt_manager = Arc::new(PromptManager::new(
         PromptDir::new(&settings.model.prompts_dir),
         bundle.prompts_path(),
         bundle.manifest.embed_dim,
+        &provenance.model_sha256,
         prompts.clone(),
         Some(metrics.clone()),
     ));
@@ -120,8 +122,10 @@ pub async fn run_with(
         // The set promoted in an earlier run. One that cannot be used stops the start
         // with an error naming it: scoring with another set than the operator chose
         // would go unnoticed (roll back or remove `active` to start from the bundle's).
+        // One adapted for another visual tower (a model upgrade) cannot be used with
+        // this model at all: the bundle's own set scores, loudly (PromptManager::start).
         let m = prompt_manager.clone();
-        blocking("loading the active prompt set", move || m.reload())
+        blocking("loading the active prompt set", move || m.start())
             .await?
             .map_err(Error::PromptSet)?;
     }
@@ -169,7 +173,7 @@ pub async fn run_with(
         labels: files.labels,
         api_token: files.api_token,
         prompt_manager: prompt_manager.clone(),
-        provenance: Arc::new(provenance(&bundle)),
+        provenance: Arc::new(provenance),
         adapt_min_labels: settings.adapt.min_labels,
     });
     let listener = match tokio::net::TcpListener::bind(settings.server.listen).await {

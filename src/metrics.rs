@@ -62,6 +62,9 @@ pub struct Metrics {
     pub provider_failures: IntCounterVec,
     /// Prompt sets refused at load or reload, by reason.
     pub prompt_rejects: IntCounterVec,
+    /// 1 while the daemon scores with the bundle's own prompt set because the promoted
+    /// one was adapted for another visual tower (refused at start), else 0.
+    pub prompt_model_mismatch: IntGauge,
     /// Model calls that failed, by error kind.
     pub inference_errors: IntCounterVec,
     /// Open HTTP connections.
@@ -243,6 +246,15 @@ impl Metrics {
                 "streamiq_prompt_rejects_total",
                 "Prompt sets refused at load or reload.",
                 &["reason"],
+            ),
+            prompt_model_mismatch: reg(
+                &r,
+                IntGauge::new(
+                    "streamiq_prompt_set_model_mismatch",
+                    "1 while the promoted prompt set is refused for having been adapted for \
+                     another visual tower and the bundle's own set (version 0) scores instead.",
+                )
+                .expect("valid metric"),
             ),
             inference_errors: counter(
                 &r,

@@ -10,7 +10,7 @@ use std::path::Path;
 use anyhow::{Context, bail};
 use streamiq::config::Config;
 use streamiq::score::bundle::Bundle;
-use streamiq::score::prompt_store::PromptDir;
+use streamiq::score::prompt_store::{MODEL_SHA256_KEY, PromptDir, check_model};
 use streamiq::score::prompts::PromptSet;
 use tch::Tensor;
 
@@ -45,12 +45,24 @@ fn to_vec(t: &Tensor) -> anyhow::Result<Vec<f32>> {
     )?)
 }
 
-/// The currently active prompt set: the promoted version, or the bundle's own.
-fn active_set(dir: &PromptDir, bundle: &Bundle) -> anyhow::Result<PromptSet> {
+/// The prompt set the daemon scores with, which a new set must not do worse than: the
+/// promoted version, or the bundle's own. A promoted version adapted for another visual
+/// tower is one the daemon refuses (it scores with the bundle's own set then), so the
+/// bundle's own set is the one to beat.
+fn active_set(dir: &PromptDir, bundle: &Bundle, model_sha: &str) -> anyhow::Result<PromptSet> {
     let dim = bundle.manifest.embed_dim;
-    match dir.active()? {
-        Some(v) if v > 0 => Ok(PromptSet::load(&dir.path(v), dim)?),
-        _ => Ok(PromptSet::load(&bundle.prompts_path(), dim)?),
+    let own = || PromptSet::load(&bundle.prompts_path(), dim);
+    let Some(v) = dir.active()?.filter(|v| *v > 0) else {
+        return Ok(own()?);
+    };
+    let mut set = PromptSet::load(&dir.path(v), dim)?;
+    set.version = v;
+    match check_model(&set, model_sha) {
+        Ok(_) => Ok(set),
+        Err(e) => {
+            println!("{e}\nthe daemon scores with the bundle's own set: comparing with it");
+            Ok(own()?)
+        }
     }
 }
 
@@ -127,7 +139,7 @@ pub fn run(config: &Path, lambda: Option<f64>) -> anyhow::Result<()> {
     fastrand::Rng::with_seed(usable as u64).shuffle(&mut samples);
     let (holdout, train) = samples.split_at(n_hold);
 
-    let parent = active_set(&prompt_dir, &bundle)?;
+    let parent = active_set(&prompt_dir, &bundle, &model_sha)?;
     let (e_ho, _) = adapt::stack(holdout, tch::Device::Cpu);
     let y_ho: Vec<f64> = holdout.iter().map(|s| s.target as f64).collect();
     let parent_text =
@@ -196,7 +208,7 @@ pub fn run(config: &Path, lambda: Option<f64>) -> anyhow::Result<()> {
         ("lambda", lambda.to_string()),
         ("best_epoch", out.best_epoch.to_string()),
         ("bundle", bundle.manifest.name.clone()),
-        ("model_sha256", model_sha),
+        (MODEL_SHA256_KEY, model_sha),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))

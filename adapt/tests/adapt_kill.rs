@@ -198,6 +198,7 @@ fn daemon_view(
         dir.clone(),
         bundle.prompts_path(),
         dim,
+        &bundle.manifest.files["visual.onnx"],
         Arc::new(arc_swap::ArcSwap::from_pointee(initial)),
         None,
     );

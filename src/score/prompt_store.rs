@@ -10,10 +10,52 @@
 //! Every file is written atomically (temporary file, fsync, rename, fsync of the
 //! directory), so a writer killed at any point leaves the previous state intact.
 //! Version 0 is the bundle's own `prompts.safetensors`.
+//!
+//! A set records in its metadata the sha256 of the `visual.onnx` it was adapted for
+//! ([`MODEL_SHA256_KEY`]); [`check_model`] refuses it for any other visual tower. Sets
+//! written before this was checked record none and load as before, by their shape.
 
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+
+/// The metadata key of a prompt set that holds the sha256 (hex) of the `visual.onnx`
+/// it was adapted for.
+pub const MODEL_SHA256_KEY: &str = "model_sha256";
+
+/// Which visual tower a usable prompt set was made for, by [`check_model`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MadeFor {
+    /// It records this model's `visual.onnx` sha256 (or it is version 0, the bundle's
+    /// own set, which the bundle's checksums tie to its tower).
+    ThisModel,
+    /// It records none: written before streamiq recorded it. Usable, checked only by
+    /// its shape.
+    Unrecorded,
+}
+
+/// Checks that `set` was made for the visual tower whose `visual.onnx` has sha256
+/// `model_sha256` (hex, any case). Version 0 (the bundle's own set) always is; a set
+/// with no recorded sha is [`MadeFor::Unrecorded`]; a set recording another sha is
+/// refused with [`PromptError::ModelMismatch`], naming both.
+pub fn check_model(
+    set: &super::prompts::PromptSet,
+    model_sha256: &str,
+) -> Result<MadeFor, super::prompts::PromptError> {
+    if set.version == 0 {
+        return Ok(MadeFor::ThisModel);
+    }
+    match set.metadata.get(MODEL_SHA256_KEY).map(|s| s.trim()) {
+        None | Some("") => Ok(MadeFor::Unrecorded),
+        Some(sha) if sha.eq_ignore_ascii_case(model_sha256) => Ok(MadeFor::ThisModel),
+        Some(sha) => Err(super::prompts::PromptError::ModelMismatch {
+            path: set.path.clone(),
+            version: set.version,
+            set_sha256: sha.to_ascii_lowercase(),
+            model_sha256: model_sha256.to_ascii_lowercase(),
+        }),
+    }
+}
 
 /// The prompt directory.
 #[derive(Debug, Clone)]
@@ -182,6 +224,85 @@ mod tests {
         assert!(p.active().unwrap_err().to_string().contains("active"));
     }
 
+    /// A prompt set file of embedding size 2 with `meta`.
+    fn set_file(meta: &[(&str, &str)]) -> Vec<u8> {
+        let v: Vec<u8> = [1.0f32, 0.0, 0.0, 1.0]
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        let view =
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![2, 2], &v).unwrap();
+        let meta = meta
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        safetensors::serialize([("quality", view)], Some(meta)).unwrap()
+    }
+
+    #[test]
+    fn sets_adapted_for_another_tower_are_refused_naming_both_shas() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = PromptDir::new(dir.path().join("prompts"));
+        let bundle = dir.path().join("prompts.safetensors");
+        fs::write(&bundle, set_file(&[])).unwrap();
+        p.write_next(&set_file(&[("model_sha256", "AAAA")]))
+            .unwrap(); // v1: this tower
+        p.write_next(&set_file(&[("model_sha256", "bbbb")]))
+            .unwrap(); // v2: another
+        p.write_next(&set_file(&[])).unwrap(); // v3: written before shas were recorded
+        let initial = crate::score::prompts::PromptSet::load(&bundle, 2).unwrap();
+        let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
+        let m = PromptManager::new(
+            p.clone(),
+            bundle,
+            2,
+            "aaaa",
+            std::sync::Arc::new(arc_swap::ArcSwap::from_pointee(initial)),
+            Some(metrics.clone()),
+        );
+        assert_eq!(m.rollback(1).unwrap(), 1);
+        let e = m.rollback(2).unwrap_err();
+        assert_eq!(e.kind(), "model_mismatch");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("v0002.safetensors")
+                && msg.contains("prompt set v2")
+                && msg.contains("bbbb")
+                && msg.contains("aaaa"),
+            "{msg}"
+        );
+        assert_eq!(m.active().version, 1, "the active set stays");
+        assert_eq!(
+            m.rollback(3).unwrap(),
+            3,
+            "no recorded sha: loaded as before"
+        );
+        let listed = m.history();
+        assert!(listed[2].error.as_deref().unwrap().contains("bbbb"));
+        assert!(listed[3].error.is_none());
+
+        // At start, a promoted set for another tower leaves the bundle's own set active,
+        // loudly; any other unusable set stops the start.
+        p.set_active(2).unwrap();
+        m.rollback(0).unwrap();
+        p.set_active(2).unwrap();
+        assert_eq!(m.start().unwrap(), 0);
+        assert_eq!(m.active().version, 0);
+        assert_eq!(metrics.prompt_model_mismatch.get(), 1);
+        assert_eq!(
+            metrics
+                .prompt_rejects
+                .with_label_values(&["model_mismatch"])
+                .get(),
+            2
+        );
+        p.set_active(1).unwrap();
+        assert_eq!(m.reload().unwrap(), 1);
+        assert_eq!(metrics.prompt_model_mismatch.get(), 0);
+        fs::write(p.path(1), b"truncated").unwrap();
+        assert_eq!(m.start().unwrap_err().kind(), "invalid");
+    }
+
     #[test]
     fn concurrent_promotions_each_land_whole() {
         let dir = tempfile::tempdir().unwrap();
@@ -279,13 +400,15 @@ mod tests {
 
 /// Loads, validates and swaps the daemon's active prompt set: at start, when another
 /// process promotes a version (the `active` file changes), and on request (reload,
-/// rollback). A set that fails validation is refused and counted; scoring goes on
-/// with the previous one. The swap is one atomic pointer store: the model thread picks
-/// the new set up at its next batch, with no lock on the scoring path.
+/// rollback). A set that fails validation, or that was adapted for another visual
+/// tower ([`check_model`]), is refused and counted; scoring goes on with the previous
+/// one. The swap is one atomic pointer store: the model thread picks the new set up at
+/// its next batch, with no lock on the scoring path.
 pub struct PromptManager {
     dir: PromptDir,
     bundle_prompts: PathBuf,
     dim: usize,
+    model_sha256: String,
     active: super::ActivePrompts,
     metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
     seen: std::sync::Mutex<Option<std::time::SystemTime>>,
@@ -308,12 +431,14 @@ pub struct VersionInfo {
 }
 
 impl PromptManager {
-    /// A manager over `dir` for a model with embedding size `dim`; `active` starts with
-    /// whatever set the caller loaded (the bundle's).
+    /// A manager over `dir` for a model with embedding size `dim` whose `visual.onnx`
+    /// has sha256 `model_sha256`; `active` starts with whatever set the caller loaded
+    /// (the bundle's).
     pub fn new(
         dir: PromptDir,
         bundle_prompts: PathBuf,
         dim: usize,
+        model_sha256: &str,
         active: super::ActivePrompts,
         metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
     ) -> Self {
@@ -321,6 +446,7 @@ impl PromptManager {
             dir,
             bundle_prompts,
             dim,
+            model_sha256: model_sha256.to_ascii_lowercase(),
             active,
             metrics,
             seen: std::sync::Mutex::new(None),
@@ -346,11 +472,62 @@ impl PromptManager {
         }
     }
 
-    /// Loads and validates version `v` without activating it.
+    /// Loads and validates version `v` without activating it: its shape, and that it
+    /// was made for this model's visual tower ([`check_model`]).
     pub fn load(&self, v: u64) -> Result<super::prompts::PromptSet, super::prompts::PromptError> {
+        self.load_checked(v).map(|(set, _)| set)
+    }
+
+    fn load_checked(
+        &self,
+        v: u64,
+    ) -> Result<(super::prompts::PromptSet, MadeFor), super::prompts::PromptError> {
         let mut set = super::prompts::PromptSet::load(&self.path_of(v), self.dim)?;
         set.version = v;
+        let made_for = check_model(&set, &self.model_sha256)?;
+        Ok((set, made_for))
+    }
+
+    /// [`load_checked`](Self::load_checked) for activation: refusals are counted and
+    /// logged, and a set that records no model says so in the log.
+    fn load_for_activation(
+        &self,
+        v: u64,
+    ) -> Result<super::prompts::PromptSet, super::prompts::PromptError> {
+        let (set, made_for) = self.load_checked(v).inspect_err(|e| self.reject(e))?;
+        if made_for == MadeFor::Unrecorded {
+            tracing::warn!(
+                version = v,
+                path = %set.path.display(),
+                model_sha256 = %self.model_sha256,
+                "Prompt set records no model_sha256 (written before streamiq recorded the \
+                 visual tower a set was adapted for): loaded, checked by its shape only"
+            );
+        }
         Ok(set)
+    }
+
+    /// Activates what `active` names at the daemon's start, like [`reload`](Self::reload),
+    /// except that a set adapted for another visual tower (a model upgrade) does not
+    /// stop the start: it is refused and counted, the bundle's own set (version 0, which
+    /// the caller activated) stays active, and `streamiq_prompt_set_model_mismatch` is
+    /// 1 until a set made for this model is activated. Other refusals are returned.
+    pub fn start(&self) -> Result<u64, super::prompts::PromptError> {
+        match self.reload() {
+            Err(e @ super::prompts::PromptError::ModelMismatch { .. }) => {
+                tracing::error!(
+                    error = %e,
+                    "The promoted prompt set was adapted for another model: scoring with the \
+                     bundle's own prompt set (version 0) until a set adapted for this model is \
+                     promoted or rolled back to"
+                );
+                if let Some(m) = &self.metrics {
+                    m.prompt_model_mismatch.set(1);
+                }
+                Ok(self.active.load().version)
+            }
+            other => other,
+        }
     }
 
     fn reject(&self, e: &super::prompts::PromptError) {
@@ -365,6 +542,7 @@ impl PromptManager {
         self.active.store(std::sync::Arc::new(set));
         if let Some(m) = &self.metrics {
             m.prompt_version.set(to as i64);
+            m.prompt_model_mismatch.set(0);
         }
         if from != to {
             tracing::info!(from, to, "Prompt set switched");
@@ -386,13 +564,13 @@ impl PromptManager {
             })
             .inspect_err(|e| self.reject(e))?
             .unwrap_or(0);
-        let set = self.load(v).inspect_err(|e| self.reject(e))?;
+        let set = self.load_for_activation(v)?;
         Ok(self.swap(set))
     }
 
     /// Activates version `v` (validated first) and records it as the promoted one.
     pub fn rollback(&self, v: u64) -> Result<u64, super::prompts::PromptError> {
-        let set = self.load(v).inspect_err(|e| self.reject(e))?;
+        let set = self.load_for_activation(v)?;
         let _switching = self.switching.lock().unwrap_or_else(|e| e.into_inner());
         self.dir
             .set_active(v)

@@ -26,6 +26,25 @@ pub enum PromptError {
         /// What is wrong.
         message: String,
     },
+    /// A prompt set adapted for another visual tower than the model's: its text
+    /// features were trained against that tower's embeddings and would score this
+    /// model's embeddings wrongly.
+    #[error(
+        "{path}: prompt set v{version} was adapted for the visual tower with sha256 \
+         {set_sha256}, but this model's visual.onnx has sha256 {model_sha256}; roll back \
+         to version 0 (the bundle's own set) or adapt a set for this model \
+         (streamiq-adapt reembed, then streamiq-adapt once)"
+    )]
+    ModelMismatch {
+        /// The file.
+        path: PathBuf,
+        /// The set's version.
+        version: u64,
+        /// The `model_sha256` the set records.
+        set_sha256: String,
+        /// The running model's `visual.onnx` sha256.
+        model_sha256: String,
+    },
 }
 
 impl PromptError {
@@ -34,6 +53,7 @@ impl PromptError {
         match self {
             Self::Io { .. } => "io",
             Self::Invalid { .. } => "invalid",
+            Self::ModelMismatch { .. } => "model_mismatch",
         }
     }
 }
