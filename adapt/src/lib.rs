@@ -11,6 +11,8 @@
 //! - [`pretrain`]: meta-prompt pre-training of the context vectors over distortion-type
 //!   tasks, writing a new bundle.
 //! - [`mod@bench`]: the few-shot evaluation protocol.
+//! - [`reembed`]: after a model upgrade, re-embeds the stored labels with the new
+//!   visual tower so that adaptation can use them again.
 //!
 //! What the daemon and the sidecar share (bundle checksums, prompt-set files, the label
 //! store) lives once, in the `streamiq` library.
@@ -20,6 +22,7 @@ pub mod bench;
 pub mod clip;
 pub mod once;
 pub mod pretrain;
+pub mod reembed;
 
 use streamiq::config::TorchDevice;
 use streamiq::score::bundle::Bundle;

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use streamiq_adapt::{bench, check, device, once, pretrain};
+use streamiq_adapt::{bench, check, device, once, pretrain, reembed};
 
 #[derive(Parser)]
 #[command(
@@ -89,6 +89,27 @@ enum Command {
         #[arg(long)]
         lambda: Option<f64>,
     },
+    /// After a model upgrade: re-embed every stored label with the new bundle's visual
+    /// tower, from its stored frame, so that `once` trains on it again. One transaction
+    /// at the end (an interrupted run changes nothing); safe to run again.
+    Reembed {
+        /// Configuration file of the daemon that runs (or will run) the new model:
+        /// model.*, scorer.views and labels.db are used.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// The new model bundle directory (overrides model.bundle).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// The label store (overrides labels.db).
+        #[arg(long)]
+        db: Option<PathBuf>,
+        /// "global", "crops:N", ... as the daemon scores (overrides scorer.views).
+        #[arg(long)]
+        views: Option<String>,
+        /// Print the report as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// Load a bundle's text tower and check that it reproduces the bundle's prompt
     /// features from its context vectors (max abs difference at most --tolerance).
     Check {
@@ -166,6 +187,44 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::Reembed {
+            config,
+            model,
+            db,
+            views,
+            json,
+        } => {
+            let o = reembed::ReembedOptions {
+                config,
+                model,
+                db,
+                views,
+            };
+            match reembed::run(&o) {
+                Ok(r) => {
+                    if json {
+                        println!(
+                            "{}",
+                            serde_json::to_string(&r).expect("the report serialises")
+                        );
+                    } else {
+                        println!("{r}");
+                        for (id, why) in &r.failed {
+                            println!("label {id}: not re-embedded: {why}");
+                        }
+                    }
+                    if r.failed.is_empty() {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(1)
+                    }
+                }
+                Err(e) => {
+                    eprintln!("streamiq-adapt: {e:#}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         Command::Check {
             model,
             device: dev,

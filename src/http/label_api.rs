@@ -86,6 +86,7 @@ pub(super) async fn create(
             prompt_version: sf.prompt_version,
             model_score: sf.score,
             thumbnail: encode_jpeg(&sf, &normaliser),
+            frame: Some(crate::labels::encode_frame_png(&sf.frame.image)),
         };
         store.insert(&label)
     })
@@ -296,6 +297,7 @@ mod tests {
             prompt_version: 0,
             model_score: 0.5,
             created: 0.0,
+            embedding_source: "live".into(),
         }
     }
 

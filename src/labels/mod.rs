@@ -9,6 +9,7 @@
 //!   ─▶ load_training_set (read-only; the sidecar) ─▶ (embedding, target) pairs
 //! ```
 
+pub mod reembed;
 pub mod store;
 
 use serde::{Deserialize, Serialize};
@@ -225,6 +226,9 @@ pub struct NewLabel {
     pub model_score: f32,
     /// The frame as scored, JPEG.
     pub thumbnail: Vec<u8>,
+    /// The whole working frame the scorer was given, PNG ([`encode_frame_png`]): what
+    /// `streamiq-adapt reembed` re-embeds with another model. `None` stores no frame.
+    pub frame: Option<Vec<u8>>,
 }
 
 /// A stored label, without its blobs (embedding, thumbnail).
@@ -262,6 +266,35 @@ pub struct Label {
     pub model_score: f64,
     /// When the label was stored, unix seconds.
     pub created: f64,
+    /// How the embedding was computed: `live` (by the daemon, when labelled), `frame`
+    /// or `thumbnail` (re-embedded from the stored frame or thumbnail by
+    /// `streamiq-adapt reembed`).
+    pub embedding_source: String,
+}
+
+/// The frame as the scorer was given it (the whole working frame: GStreamer already
+/// brought it to the model's working size), losslessly as PNG, so that another model's
+/// preprocessing can start from exactly these pixels.
+pub fn encode_frame_png(img: &crate::frame::RgbImage) -> Vec<u8> {
+    use image::ImageEncoder as _;
+    let mut rgb = Vec::with_capacity(img.width * img.height * 3);
+    for y in 0..img.height {
+        rgb.extend_from_slice(img.row(y));
+    }
+    let mut out = Vec::new();
+    image::codecs::png::PngEncoder::new_with_quality(
+        &mut out,
+        image::codecs::png::CompressionType::Fast,
+        image::codecs::png::FilterType::Adaptive,
+    )
+    .write_image(
+        &rgb,
+        img.width as u32,
+        img.height as u32,
+        image::ExtendedColorType::Rgb8,
+    )
+    .expect("encoding into memory does not fail");
+    out
 }
 
 /// Little-endian f32 bytes of an embedding, as stored.

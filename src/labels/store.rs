@@ -39,6 +39,23 @@ const MIGRATIONS: &[&str] = &[
         UNIQUE (run_id, frame_id, labeller)
     );
     CREATE INDEX labels_by_model ON labels (model_sha256);",
+    // 2: what a model upgrade needs to re-embed a label. `frame`: the frame as scored
+    // (the whole working frame the scorer was given), PNG, NULL for labels stored
+    // before; `embedding_source`: how the row's embedding was computed (`live` by the
+    // daemon, `frame` or `thumbnail` by `streamiq-adapt reembed`); `label_embeddings`:
+    // a label's embeddings by other encoders than its current one, kept when it is
+    // re-embedded so that returning to an earlier model loses nothing.
+    "ALTER TABLE labels ADD COLUMN frame BLOB;
+    ALTER TABLE labels ADD COLUMN embedding_source TEXT NOT NULL DEFAULT 'live';
+    CREATE TABLE label_embeddings (
+        label_id         INTEGER NOT NULL,
+        model_sha256     TEXT    NOT NULL,
+        bundle           TEXT    NOT NULL,
+        embedding        BLOB    NOT NULL,
+        embed_dim        INTEGER NOT NULL CHECK (length(embedding) = 4 * embed_dim),
+        embedding_source TEXT    NOT NULL,
+        PRIMARY KEY (label_id, model_sha256)
+    );",
 ];
 
 /// The schema version this build writes.
@@ -46,7 +63,8 @@ pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// The columns of a [`Label`], in [`label_from_row`]'s order.
 const LABEL_COLUMNS: &str = "id, run_id, stream, frame_id, captured, pts, mos, score, target, \
-     labeller, embed_dim, bundle, model_sha256, prompt_version, model_score, created";
+     labeller, embed_dim, bundle, model_sha256, prompt_version, model_score, created, \
+     embedding_source";
 
 /// The label store cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -132,6 +150,57 @@ pub struct Inserted {
     pub label: Label,
     /// Whether it replaced an earlier label of the same frame by the same labeller.
     pub replaced: bool,
+}
+
+/// A label whose current embedding is by another encoder than the one asked for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReembedCandidate {
+    /// The label's id.
+    pub id: i64,
+    /// The encoder of its current embedding.
+    pub model_sha256: String,
+    /// An embedding by the encoder asked for is kept (`label_embeddings`): it was by that
+    /// encoder before, so nothing needs computing.
+    pub kept: bool,
+    /// Its frame is stored (labels stored before frames were kept have only their
+    /// thumbnail).
+    pub has_frame: bool,
+}
+
+/// What an embedding was computed from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EmbeddingSource {
+    /// By the daemon, from the live frame, when the label was made.
+    Live,
+    /// By `streamiq-adapt reembed`, from the stored frame (PNG, lossless).
+    Frame,
+    /// By `streamiq-adapt reembed`, from the stored thumbnail (JPEG; labels stored
+    /// before frames were kept).
+    Thumbnail,
+}
+
+impl EmbeddingSource {
+    /// The name stored in `embedding_source`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Live => "live",
+            Self::Frame => "frame",
+            Self::Thumbnail => "thumbnail",
+        }
+    }
+}
+
+/// One label's move to another encoder, for [`LabelStore::apply_reembedding`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reembedded {
+    /// The label's id.
+    pub id: i64,
+    /// The encoder of its current embedding when it was read; the move is skipped if
+    /// that changed since.
+    pub from_sha256: String,
+    /// The new embedding and what it was computed from; `None` takes the embedding
+    /// kept from the label's earlier time with the target encoder.
+    pub embedding: Option<(Vec<f32>, EmbeddingSource)>,
 }
 
 /// The label store: one SQLite connection, used from blocking threads only.
@@ -239,6 +308,12 @@ impl LabelStore {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(&sql)?;
+        tx.execute(
+            "DELETE FROM label_embeddings WHERE label_id IN
+                 (SELECT id FROM labels WHERE run_id = ?1 AND frame_id = ?2 AND labeller = ?3)",
+            params![self.run_id, frame_id, l.labeller],
+        )
+        .map_err(&sql)?;
         let replaced = tx
             .execute(
                 "DELETE FROM labels WHERE run_id = ?1 AND frame_id = ?2 AND labeller = ?3",
@@ -249,8 +324,9 @@ impl LabelStore {
         tx.execute(
             "INSERT INTO labels (run_id, stream, frame_id, captured, pts, mos, score, target,
                  labeller, embedding, embed_dim, bundle, model_sha256, prompt_version,
-                 model_score, thumbnail, created)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+                 model_score, thumbnail, created, frame)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
+                 ?18)",
             params![
                 self.run_id,
                 l.stream,
@@ -269,6 +345,7 @@ impl LabelStore {
                 shortest_f64(l.model_score),
                 l.thumbnail,
                 unix_now(),
+                l.frame,
             ],
         )
         .map_err(&sql)?;
@@ -329,6 +406,140 @@ impl LabelStore {
             .map_err(self.sql())?;
         blob.map(|b| decode_embedding(&b).ok_or_else(|| self.invalid(id, "embedding blob")))
             .transpose()
+    }
+
+    /// The labels whose current embedding is not by the encoder `model_sha256`, oldest
+    /// first: what [`reembed`](super::reembed::reembed) has to bring over to it.
+    pub fn reembed_candidates(
+        &self,
+        model_sha256: &str,
+    ) -> Result<Vec<ReembedCandidate>, LabelError> {
+        let sql = self.sql();
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(
+                "SELECT l.id, l.model_sha256, e.label_id IS NOT NULL, l.frame IS NOT NULL
+                 FROM labels l LEFT JOIN label_embeddings e
+                     ON e.label_id = l.id AND e.model_sha256 = ?1
+                 WHERE l.model_sha256 != ?1 ORDER BY l.id",
+            )
+            .map_err(&sql)?;
+        let rows = stmt
+            .query_map([model_sha256.to_ascii_lowercase()], |r| {
+                Ok(ReembedCandidate {
+                    id: r.get(0)?,
+                    model_sha256: r.get(1)?,
+                    kept: r.get(2)?,
+                    has_frame: r.get(3)?,
+                })
+            })
+            .map_err(&sql)?;
+        rows.collect::<Result<_, _>>().map_err(&sql)
+    }
+
+    /// How many labels have their current embedding by the encoder `model_sha256`.
+    pub fn count_for_model(&self, model_sha256: &str) -> Result<u64, LabelError> {
+        self.conn()
+            .query_row(
+                "SELECT count(*) FROM labels WHERE model_sha256 = ?1",
+                [model_sha256.to_ascii_lowercase()],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n as u64)
+            .map_err(self.sql())
+    }
+
+    /// The stored frame (PNG) of label `id`, if it has one (labels stored before frames
+    /// were kept have only their thumbnail).
+    pub fn frame(&self, id: i64) -> Result<Option<Vec<u8>>, LabelError> {
+        self.conn()
+            .query_row("SELECT frame FROM labels WHERE id = ?1", [id], |r| {
+                r.get::<_, Option<Vec<u8>>>(0)
+            })
+            .optional()
+            .map(Option::flatten)
+            .map_err(self.sql())
+    }
+
+    /// Moves labels over to the encoder `to`, in one durable transaction: each label's
+    /// current embedding goes to `label_embeddings` (kept for a return to that encoder)
+    /// and the new one takes its place: the one computed ([`Reembedded::embedding`]), or
+    /// the one kept from an earlier move to `to`. A label that was replaced or moved by
+    /// someone else since it was read (its encoder is no longer `from_sha256`) is left
+    /// alone. Nothing is written unless everything is. Returns how many labels moved.
+    pub fn apply_reembedding(
+        &self,
+        to: &super::Provenance,
+        items: &[Reembedded],
+    ) -> Result<usize, LabelError> {
+        let to_sha = to.model_sha256.to_ascii_lowercase();
+        let sql = self.sql();
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(&sql)?;
+        let mut moved = 0;
+        for item in items {
+            let current: Option<(String, String, Vec<u8>, i64, String)> = tx
+                .query_row(
+                    "SELECT model_sha256, bundle, embedding, embed_dim, embedding_source
+                     FROM labels WHERE id = ?1",
+                    [item.id],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+                )
+                .optional()
+                .map_err(&sql)?;
+            let Some((sha, bundle, blob, dim, source)) = current else {
+                continue;
+            };
+            if !sha.eq_ignore_ascii_case(&item.from_sha256) {
+                continue;
+            }
+            let new: Option<(Vec<u8>, i64, String)> = match &item.embedding {
+                Some((e, source)) => Some((
+                    encode_embedding(e),
+                    e.len() as i64,
+                    source.as_str().to_string(),
+                )),
+                None => tx
+                    .query_row(
+                        "SELECT embedding, embed_dim, embedding_source FROM label_embeddings
+                         WHERE label_id = ?1 AND model_sha256 = ?2",
+                        params![item.id, to_sha],
+                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                    )
+                    .optional()
+                    .map_err(&sql)?,
+            };
+            let Some((new_blob, new_dim, new_source)) = new else {
+                continue;
+            };
+            if new_dim == 0 {
+                return Err(self.invalid(item.id, "empty embedding"));
+            }
+            tx.execute(
+                "INSERT OR REPLACE INTO label_embeddings
+                     (label_id, model_sha256, bundle, embedding, embed_dim, embedding_source)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![item.id, sha.to_ascii_lowercase(), bundle, blob, dim, source],
+            )
+            .map_err(&sql)?;
+            tx.execute(
+                "DELETE FROM label_embeddings WHERE label_id = ?1 AND model_sha256 = ?2",
+                params![item.id, to_sha],
+            )
+            .map_err(&sql)?;
+            tx.execute(
+                "UPDATE labels SET embedding = ?2, embed_dim = ?3, bundle = ?4,
+                     model_sha256 = ?5, embedding_source = ?6
+                 WHERE id = ?1",
+                params![item.id, new_blob, new_dim, to.bundle, to_sha, new_source],
+            )
+            .map_err(&sql)?;
+            moved += 1;
+        }
+        tx.commit().map_err(&sql)?;
+        Ok(moved)
     }
 
     /// [`list`](Self::list), written as JSON or CSV (without the blobs).
@@ -408,6 +619,7 @@ fn label_from_row(r: &Row<'_>) -> rusqlite::Result<Label> {
         prompt_version: r.get::<_, i64>(13)? as u64,
         model_score: r.get(14)?,
         created: r.get(15)?,
+        embedding_source: r.get(16)?,
     })
 }
 
@@ -545,6 +757,7 @@ mod tests {
             prompt_version: 3,
             model_score: 0.42,
             thumbnail: vec![0xff, 0xd8, 0xff, 0xe0],
+            frame: None,
         }
     }
 
@@ -693,6 +906,123 @@ mod tests {
         let missing = path.with_file_name("missing.sqlite");
         assert!(load_training_set(&missing, "aa").is_err());
         assert!(!missing.exists(), "read-only: nothing created");
+    }
+
+    #[test]
+    fn reembedding_moves_labels_keeps_the_old_embedding_and_is_all_or_nothing() {
+        let (_dir, path) = temp_db();
+        let store = LabelStore::open(&path).unwrap();
+        let a = store
+            .insert(&label(1, Rating::Mos(5.0), "ana", "aa"))
+            .unwrap()
+            .label;
+        let mut with_frame = label(2, Rating::Mos(1.0), "ana", "aa");
+        with_frame.frame = Some(vec![0x89, b'P', b'N', b'G']);
+        let b = store.insert(&with_frame).unwrap().label;
+        assert_eq!(store.frame(a.id).unwrap(), None);
+        assert_eq!(store.frame(b.id).unwrap().unwrap(), b"\x89PNG");
+        let cands = store.reembed_candidates("BB").unwrap();
+        assert_eq!(
+            cands,
+            vec![
+                ReembedCandidate {
+                    id: a.id,
+                    model_sha256: "aa".into(),
+                    kept: false,
+                    has_frame: false
+                },
+                ReembedCandidate {
+                    id: b.id,
+                    model_sha256: "aa".into(),
+                    kept: false,
+                    has_frame: true
+                },
+            ]
+        );
+        let to_b = Provenance {
+            bundle: "b".into(),
+            model_sha256: "BB".into(),
+        };
+        let moves = |e: f32, source| -> Vec<Reembedded> {
+            [a.id, b.id]
+                .iter()
+                .map(|id| Reembedded {
+                    id: *id,
+                    from_sha256: "aa".into(),
+                    embedding: Some((vec![e, 0.0], source)),
+                })
+                .collect()
+        };
+        // A bad item (an empty embedding) fails the whole transaction: nothing moves.
+        let mut bad = moves(1.0, EmbeddingSource::Frame);
+        bad[1].embedding = Some((vec![], EmbeddingSource::Frame));
+        assert!(store.apply_reembedding(&to_b, &bad).is_err());
+        assert_eq!(store.count_for_model("aa").unwrap(), 2);
+        assert_eq!(
+            store.embedding(a.id).unwrap().unwrap(),
+            [0.6, 0.8, 0.0, 0.0]
+        );
+
+        assert_eq!(
+            store
+                .apply_reembedding(&to_b, &moves(1.0, EmbeddingSource::Frame))
+                .unwrap(),
+            2
+        );
+        let l = &store.list(0, None).unwrap()[0];
+        assert_eq!(
+            (l.model_sha256.as_str(), l.bundle.as_str(), l.embed_dim),
+            ("bb", "b", 2)
+        );
+        assert_eq!(l.embedding_source, "frame");
+        assert_eq!(load_training_set(&path, "bb").unwrap().len(), 2);
+        assert!(load_training_set(&path, "aa").unwrap().is_empty());
+        // Again: the labels are by "bb" already, and moves read before are skipped.
+        assert!(store.reembed_candidates("bb").unwrap().is_empty());
+        assert_eq!(
+            store
+                .apply_reembedding(&to_b, &moves(0.5, EmbeddingSource::Frame))
+                .unwrap(),
+            0
+        );
+        assert_eq!(store.embedding(a.id).unwrap().unwrap(), [1.0, 0.0]);
+        // Back to "aa": the live embeddings were kept, nothing to compute.
+        let back = store.reembed_candidates("aa").unwrap();
+        assert!(back.iter().all(|c| c.kept), "{back:?}");
+        let to_a = Provenance {
+            bundle: "streamiq-test".into(),
+            model_sha256: "aa".into(),
+        };
+        let restore: Vec<Reembedded> = back
+            .iter()
+            .map(|c| Reembedded {
+                id: c.id,
+                from_sha256: c.model_sha256.clone(),
+                embedding: None,
+            })
+            .collect();
+        assert_eq!(store.apply_reembedding(&to_a, &restore).unwrap(), 2);
+        assert_eq!(
+            store.embedding(a.id).unwrap().unwrap(),
+            [0.6, 0.8, 0.0, 0.0]
+        );
+        assert_eq!(store.list(0, None).unwrap()[0].embedding_source, "live");
+        assert!(
+            store
+                .reembed_candidates("bb")
+                .unwrap()
+                .iter()
+                .all(|c| c.kept)
+        );
+        // A relabelled frame takes its kept embeddings with it.
+        store
+            .insert(&label(1, Rating::Mos(2.0), "ana", "aa"))
+            .unwrap();
+        let kept: i64 = store
+            .conn()
+            .query_row("SELECT count(*) FROM label_embeddings", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(kept, 1, "only label 2's embedding by bb is left");
     }
 
     #[test]

@@ -235,6 +235,7 @@ impl HiddenDirectionLabels {
                     prompt_version: 0,
                     model_score: 0.5,
                     thumbnail: vec![0xff, 0xd8, 0xff, 0xd9],
+                    frame: None,
                 })
                 .unwrap();
         }
