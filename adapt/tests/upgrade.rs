@@ -279,3 +279,113 @@ fn a_model_upgrade_keeps_the_operators_labels_and_refuses_the_old_prompt_set() {
         assert_eq!(live, &back);
     }
 }
+
+/// Labels stored before frames were kept are re-embedded from their thumbnail and
+/// counted apart; a label whose images cannot be read is reported (exit 1) and left as
+/// it was while the others move; a bundle that cannot be loaded changes nothing.
+#[test]
+fn reembed_falls_back_to_thumbnails_and_reports_what_it_cannot_read() {
+    use streamiq::labels::{LabelStore, NewLabel, Provenance, Rating};
+    let work = tempfile::tempdir().unwrap();
+    let db = work.path().join("labels.sqlite");
+    let bundle = common::bundle();
+    let sha = Bundle::open(&bundle).unwrap().manifest.files["visual.onnx"].clone();
+    let picture = image::RgbImage::from_fn(298, 224, |x, y| {
+        image::Rgb([
+            (x % 256) as u8,
+            (y * 255 / 224) as u8,
+            ((x * y) % 251) as u8,
+        ])
+    });
+    let encode = |format| {
+        let mut out = std::io::Cursor::new(Vec::new());
+        picture.write_to(&mut out, format).unwrap();
+        out.into_inner()
+    };
+    let store = LabelStore::open(&db).unwrap();
+    let old = "1".repeat(64);
+    for (frame_id, thumbnail, frame) in [
+        (
+            1,
+            encode(image::ImageFormat::Jpeg),
+            Some(encode(image::ImageFormat::Png)),
+        ),
+        (2, encode(image::ImageFormat::Jpeg), None),
+        (3, b"not a picture".to_vec(), None),
+    ] {
+        store
+            .insert(&NewLabel {
+                stream: "cam".into(),
+                frame_id,
+                captured: 0.0,
+                pts: None,
+                rating: Rating::Mos(3.0),
+                labeller: "ana".into(),
+                embedding: vec![1.0, 0.0],
+                provenance: Provenance {
+                    bundle: "old".into(),
+                    model_sha256: old.clone(),
+                },
+                prompt_version: 0,
+                model_score: 0.5,
+                thumbnail,
+                frame,
+            })
+            .unwrap();
+    }
+    drop(store);
+    let reembed = |model: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_streamiq-adapt"))
+            .args(["reembed", "--model"])
+            .arg(model)
+            .arg("--db")
+            .arg(&db)
+            .output()
+            .unwrap()
+    };
+    let before = rows(&db);
+
+    // A bundle that does not load: exit 2, nothing changed.
+    let broken = work.path().join("broken");
+    std::fs::create_dir_all(&broken).unwrap();
+    let o = reembed(&broken);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("manifest.toml"));
+    assert_eq!(rows(&db), before);
+
+    for run in 0..2 {
+        let o = reembed(&bundle);
+        let text = String::from_utf8_lossy(&o.stdout);
+        assert_eq!(o.status.code(), Some(1), "{text}");
+        let expected = if run == 0 {
+            "1 from stored frames, 1 from thumbnails, 0 restored from kept embeddings; 0 were \
+             for this model already, 0 changed meanwhile (left alone), 1 failed; 2 labels"
+        } else {
+            "0 from stored frames, 0 from thumbnails, 0 restored from kept embeddings; 2 were \
+             for this model already, 0 changed meanwhile (left alone), 1 failed; 2 labels"
+        };
+        assert!(text.contains(expected), "{text}");
+        assert!(text.contains("label 3: not re-embedded"), "{text}");
+        let now = rows(&db);
+        let summary: Vec<(&str, &str)> = now
+            .iter()
+            .map(|(_, s, _, src, _)| (s.as_str(), src.as_str()))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                (sha.as_str(), "frame"),
+                (sha.as_str(), "thumbnail"),
+                (old.as_str(), "live")
+            ]
+        );
+        assert_eq!(now[2], before[2], "the unreadable label is left as it was");
+        // The frame and the thumbnail are the same picture, the thumbnail lossy (JPEG
+        // q75 of a fine texture here): close, not the same.
+        let c = cosine(&now[0].2, &now[1].2);
+        assert!(
+            (0.8..0.9999).contains(&c),
+            "frame vs thumbnail embedding: cosine {c}"
+        );
+    }
+}

@@ -37,7 +37,8 @@ pub enum MadeFor {
 /// Checks that `set` was made for the visual tower whose `visual.onnx` has sha256
 /// `model_sha256` (hex, any case). Version 0 (the bundle's own set) always is; a set
 /// with no recorded sha is [`MadeFor::Unrecorded`]; a set recording another sha is
-/// refused with [`PromptError::ModelMismatch`], naming both.
+/// refused with [`ModelMismatch`](super::prompts::PromptError::ModelMismatch), naming
+/// both.
 pub fn check_model(
     set: &super::prompts::PromptSet,
     model_sha256: &str,
