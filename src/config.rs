@@ -205,7 +205,7 @@ pub struct ScorerConfig {
     pub queue_capacity: usize,
     /// What a live source does when the queue is full: "drop_oldest" or "drop_newest".
     pub when_full: String,
-    /// "global" (whole frame resized) or "crops:N".
+    /// "global" (whole frame resized), "crops:N" or "mixed:N" (the whole frame and N crops).
     pub views: String,
 }
 
@@ -375,6 +375,37 @@ pub enum Views {
     /// N crops at (close to) native scale, the most detailed N of a grid of 2N, scores
     /// averaged.
     Crops(NonZeroUsize),
+    /// The whole frame and N crops: the frame's score is a weighted mean of the
+    /// whole-frame score and the crops' mean score (the whole frame's share is
+    /// `score::preprocess::MIXED_GLOBAL_WEIGHT`).
+    /// The whole frame carries content and exposure, the crops the fine artefacts a
+    /// reduction to the model's input erases.
+    Mixed(NonZeroUsize),
+}
+
+impl Views {
+    /// Crops per frame (0 for `global`).
+    pub fn crops(self) -> usize {
+        match self {
+            Views::Global => 0,
+            Views::Crops(n) | Views::Mixed(n) => n.get(),
+        }
+    }
+
+    /// Whether the model sees the whole frame (`global` and `mixed:N`).
+    pub fn has_global(self) -> bool {
+        !matches!(self, Views::Crops(_))
+    }
+}
+
+impl std::fmt::Display for Views {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Views::Global => f.write_str("global"),
+            Views::Crops(n) => write!(f, "crops:{n}"),
+            Views::Mixed(n) => write!(f, "mixed:{n}"),
+        }
+    }
 }
 
 /// One validated stream.
@@ -921,15 +952,20 @@ fn parse_views(v: &str) -> Result<Views, ConfigError> {
     if v == "global" {
         return Ok(Views::Global);
     }
+    let count = |n: &str| {
+        n.parse::<usize>()
+            .ok()
+            .and_then(|n| NonZeroUsize::new(n).filter(|n| n.get() <= 64))
+    };
     v.strip_prefix("crops:")
-        .and_then(|n| n.parse::<usize>().ok())
-        .and_then(|n| NonZeroUsize::new(n).filter(|n| n.get() <= 64))
+        .and_then(count)
         .map(Views::Crops)
+        .or_else(|| v.strip_prefix("mixed:").and_then(count).map(Views::Mixed))
         .ok_or_else(|| {
             ConfigError::invalid(
                 "scorer.views",
                 format!("{v:?}"),
-                "expected \"global\" or \"crops:N\" with N in 1..=64",
+                "expected \"global\", \"crops:N\" or \"mixed:N\" with N in 1..=64",
             )
         })
 }
@@ -1015,6 +1051,21 @@ mod tests {
             parse_views("crops:5").unwrap(),
             Views::Crops(NonZeroUsize::new(5).unwrap())
         );
+        let mixed = parse_views("mixed:4").unwrap();
+        assert_eq!(mixed, Views::Mixed(NonZeroUsize::new(4).unwrap()));
+        assert_eq!((mixed.crops(), mixed.has_global()), (4, true));
+        for v in ["global", "crops:3", "mixed:4"] {
+            assert_eq!(parse_views(v).unwrap().to_string(), v, "round trip");
+        }
+        for bad in [
+            "mixed:0", "mixed:65", "mixed:", "mixed", "crops:x", "Global",
+        ] {
+            let e = parse_views(bad).unwrap_err().to_string();
+            assert!(
+                e.starts_with("scorer.views") && e.contains("mixed:N"),
+                "{bad}: {e}"
+            );
+        }
     }
 }
 

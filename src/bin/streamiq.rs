@@ -69,7 +69,7 @@ enum Command {
         /// Model bundle directory.
         #[arg(long)]
         model: PathBuf,
-        /// How the model looks at each image: `global` or `crops:N` (as `scorer.views`).
+        /// How the model looks at each image: `global`, `crops:N` or `mixed:N` (as `scorer.views`).
         #[arg(long, default_value = "global")]
         views: String,
         /// One JSON object per line.
@@ -107,7 +107,7 @@ enum Command {
         /// Label CSV; relative image paths are resolved against its directory.
         #[arg(long)]
         labels: PathBuf,
-        /// How the model looks at each image: `global` or `crops:N` (as `scorer.views`).
+        /// How the model looks at each image: `global`, `crops:N` or `mixed:N` (as `scorer.views`).
         #[arg(long, default_value = "global")]
         views: String,
         /// Random 80/20 splits to summarise.

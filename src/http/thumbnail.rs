@@ -4,7 +4,7 @@ use crate::frame::ScoredFrame;
 use crate::score::preprocess::Normaliser;
 
 /// The frame as scored, as JPEG: the centre region the model saw for `global`
-/// views, the whole working frame for `crops:N`.
+/// views, the whole working frame for `crops:N` and `mixed:N`.
 pub fn encode_jpeg(sf: &ScoredFrame, normaliser: &Normaliser) -> Vec<u8> {
     let img = &sf.frame.image;
     let (x0, y0, w, h) = if normaliser.is_global() {

@@ -143,6 +143,7 @@ impl Engine {
             geometry: Geometry {
                 size: normaliser.size(),
                 views: normaliser.views_per_frame(),
+                weights: normaliser.view_weights(),
             },
             logit_scale: bundle.manifest.logit_scale,
             prompts,
@@ -188,18 +189,20 @@ impl Engine {
     }
 }
 
-/// Input side and model inputs per frame.
-#[derive(Clone, Copy)]
+/// Input side, model inputs per frame and each input's share of the frame's score.
+#[derive(Clone)]
 struct Geometry {
     size: usize,
     views: usize,
+    weights: Vec<f32>,
 }
 
-/// Mean of `views` normalised embeddings, normalised again (the frame's embedding).
-fn mean_embedding(views: &[f32], dim: usize) -> Vec<f32> {
+/// Weighted mean of the views' normalised embeddings, normalised again (the frame's
+/// embedding).
+fn mean_embedding(views: &[f32], weights: &[f32], dim: usize) -> Vec<f32> {
     let mut m = vec![0.0; dim];
-    for v in views.chunks_exact(dim) {
-        m.iter_mut().zip(v).for_each(|(a, b)| *a += b);
+    for (v, w) in views.chunks_exact(dim).zip(weights) {
+        m.iter_mut().zip(v).for_each(|(a, b)| *a += w * b);
     }
     if !prompts::normalise_in_place(&mut m) {
         m.fill(f32::NAN);
@@ -259,13 +262,13 @@ impl ModelTask {
     /// so one bad output can never poison a stream's quality window or the label store.
     fn publish(&self, frames: Vec<Frame>, embeds: &[f32], dim: usize) {
         let active = self.prompts.load();
-        let views = self.geometry.views;
-        let mean_score = |pair: &PromptPair, embeds: &[f32]| {
-            let s: f32 = embeds
+        let (views, weights) = (self.geometry.views, &self.geometry.weights);
+        let mean_score = |pair: &PromptPair, embeds: &[f32]| -> f32 {
+            embeds
                 .chunks_exact(dim)
-                .map(|e| pair.score(e, self.logit_scale))
-                .sum();
-            s / views as f32
+                .zip(weights)
+                .map(|(e, w)| w * pair.score(e, self.logit_scale))
+                .sum()
         };
         let mut scored = Vec::with_capacity(frames.len());
         let mut bad = Vec::new();
@@ -280,7 +283,7 @@ impl ModelTask {
                 embedding: if views == 1 {
                     e.to_vec()
                 } else {
-                    mean_embedding(e, dim)
+                    mean_embedding(e, weights, dim)
                 },
                 prompt_version: active.version,
                 frame,
@@ -339,10 +342,13 @@ mod tests {
 
     #[test]
     fn mean_embedding_of_views_is_normalised_or_nan() {
-        let m = mean_embedding(&[1.0, 0.0, 0.0, 1.0], 2);
+        let m = mean_embedding(&[1.0, 0.0, 0.0, 1.0], &[0.5, 0.5], 2);
         assert!((m[0] - m[1]).abs() < 1e-6 && (m[0] * m[0] + m[1] * m[1] - 1.0).abs() < 1e-5);
+        // Weights tilt the mean: 3:1 towards the first view (atan(1/3), about 18 degrees).
+        let m = mean_embedding(&[1.0, 0.0, 0.0, 1.0], &[0.75, 0.25], 2);
+        assert!((m[1] / m[0] - 1.0 / 3.0).abs() < 1e-5, "{m:?}");
         assert!(
-            mean_embedding(&[1.0, 0.0, -1.0, 0.0], 2)
+            mean_embedding(&[1.0, 0.0, -1.0, 0.0], &[0.5, 0.5], 2)
                 .iter()
                 .all(|x| x.is_nan())
         );

@@ -14,8 +14,16 @@ use crate::score::bundle::{InputSpec, ResizeRule};
 /// 672-px one, at every crop count tried (models/README.md).
 pub const CROP_SCALE: u32 = 2;
 
-/// For `crops:N`, the grid holds this many candidate regions per crop scored.
+/// For `crops:N` and `mixed:N`, the grid holds this many candidate regions per crop scored.
 pub const CANDIDATES_PER_CROP: usize = 2;
+
+/// For `mixed:N`, the whole frame's share of the frame's score and embedding; the N
+/// crops share the rest equally. The whole frame ranks exposure, colour and content
+/// better, the crops blur and compression once a frame is much larger than the model's
+/// input; of the shares measured (0.15 to 0.6, models/README.md) a quarter kept most of
+/// both: the crops' ranking at 1080 px within 0.015 and the whole frame's gain on
+/// 384-px pictures by more than half.
+pub const MIXED_GLOBAL_WEIGHT: f32 = 0.25;
 
 /// Normalisation lookup tables: `lut[c][v] = (v / 255 - mean[c]) / std[c]`.
 #[derive(Debug, Clone)]
@@ -23,6 +31,7 @@ pub struct Normaliser {
     size: usize,
     lut: [[f32; 256]; 3],
     views: Views,
+    resize: ResizeRule,
 }
 
 impl Normaliser {
@@ -38,14 +47,28 @@ impl Normaliser {
             size: input.size as usize,
             lut,
             views,
+            resize: input.resize,
         }
     }
 
-    /// Model inputs per frame (1, or N for `crops:N`).
+    /// Model inputs per frame (1 for `global`, N for `crops:N`, N + 1 for `mixed:N`).
     pub fn views_per_frame(&self) -> usize {
+        usize::from(self.views.has_global()) + self.views.crops()
+    }
+
+    /// Each view's share of the frame's score and embedding, in the order
+    /// [`Normaliser::write_views`] writes them (they sum to 1).
+    pub fn view_weights(&self) -> Vec<f32> {
+        let crops = self.views.crops();
         match self.views {
-            Views::Global => 1,
-            Views::Crops(n) => n.get(),
+            Views::Global => vec![1.0],
+            Views::Crops(_) => vec![1.0 / crops as f32; crops],
+            Views::Mixed(_) => std::iter::once(MIXED_GLOBAL_WEIGHT)
+                .chain(std::iter::repeat_n(
+                    (1.0 - MIXED_GLOBAL_WEIGHT) / crops as f32,
+                    crops,
+                ))
+                .collect(),
         }
     }
 
@@ -54,15 +77,16 @@ impl Normaliser {
         self.views == Views::Global
     }
 
-    /// Top-left corners of the `size x size` regions the model sees in `img`: the centre
-    /// for `global`; for `crops:N`, the N most detailed (largest luma standard deviation)
-    /// of `CANDIDATES_PER_CROP * N` regions spread over the frame, in grid order. Flat
-    /// regions (sky, a soft background, letterbox bars) say little about blur or
-    /// compression and pull a clean frame's score down (models/README.md).
+    /// Top-left corners of the `size x size` regions the model sees in `img` at native
+    /// scale: the centre for `global`; for `crops:N` and the crops of `mixed:N`, the N
+    /// most detailed (largest luma standard deviation) of `CANDIDATES_PER_CROP * N`
+    /// regions spread over the frame, in grid order. Flat regions (sky, a soft
+    /// background, letterbox bars) say little about blur or compression and pull a
+    /// clean frame's score down (models/README.md).
     pub fn view_origins(&self, img: &RgbImage) -> Vec<(usize, usize)> {
         let n = match self.views {
             Views::Global => return vec![self.crop_origin(img)],
-            Views::Crops(n) => n.get(),
+            Views::Crops(n) | Views::Mixed(n) => n.get(),
         };
         let grid = self.grid_origins(img, CANDIDATES_PER_CROP * n);
         let detail: Vec<f64> = grid
@@ -119,15 +143,81 @@ impl Normaliser {
             .sqrt()
     }
 
-    /// Writes every view of `img` (`views_per_frame` planes of `[3, size, size]`).
+    /// Writes every view of `img` (`views_per_frame` planes of `[3, size, size]`): for
+    /// `mixed:N` the whole frame first, reduced to the input size, then the crops.
     pub fn write_views(&self, img: &RgbImage, out: &mut [f32]) {
         let plane = self.plane_len();
+        let out = if matches!(self.views, Views::Mixed(_)) {
+            let (whole, rest) = out.split_at_mut(plane);
+            self.write_reduced(img, whole);
+            rest
+        } else {
+            out
+        };
         for ((x0, y0), o) in self
             .view_origins(img)
             .into_iter()
             .zip(out.chunks_exact_mut(plane))
         {
             self.write_at(img, x0, y0, o);
+        }
+    }
+
+    /// Writes the region the manifest's resize rule makes of a whole frame (the centred
+    /// square for `shorter_side_crop`, everything for `squash`), area-averaged down to
+    /// `size x size`: what `global` views see, from a frame delivered larger for crops.
+    pub fn write_reduced(&self, img: &RgbImage, out: &mut [f32]) {
+        let s = self.size;
+        assert_eq!(out.len(), self.plane_len(), "output plane size");
+        let (x0, y0, w, h) = match self.resize {
+            ResizeRule::Squash => (0, 0, img.width, img.height),
+            ResizeRule::ShorterSideCrop => {
+                let m = img.width.min(img.height);
+                ((img.width - m) / 2, (img.height - m) / 2, m, m)
+            }
+        };
+        if w == 0 || h == 0 {
+            out.fill(0.0);
+            return;
+        }
+        // Source span [start, end) of each output column / row; at least one pixel.
+        let spans = |len: usize, origin: usize| -> Vec<(usize, usize)> {
+            (0..s)
+                .map(|i| {
+                    let a = origin + i * len / s;
+                    (a, (origin + (i + 1) * len / s).max(a + 1))
+                })
+                .collect()
+        };
+        let (xs, ys) = (spans(w, x0), spans(h, y0));
+        // The tables are affine in the 0-255 value: lut[v] = lut[0] + v * (lut[1] - lut[0]).
+        let affine: [(f32, f32); 3] =
+            std::array::from_fn(|c| (self.lut[c][0], self.lut[c][1] - self.lut[c][0]));
+        let (r, rest) = out.split_at_mut(s * s);
+        let (g, b) = rest.split_at_mut(s * s);
+        let mut sums = vec![[0u32; 3]; s];
+        for (oy, &(ya, yb)) in ys.iter().enumerate() {
+            sums.iter_mut().for_each(|v| *v = [0; 3]);
+            for y in ya..yb {
+                let row = img.row(y);
+                for (acc, &(xa, xb)) in sums.iter_mut().zip(&xs) {
+                    for px in row[3 * xa..3 * xb].chunks_exact(3) {
+                        acc[0] += u32::from(px[0]);
+                        acc[1] += u32::from(px[1]);
+                        acc[2] += u32::from(px[2]);
+                    }
+                }
+            }
+            for (ox, (acc, &(xa, xb))) in sums.iter().zip(&xs).enumerate() {
+                let n = ((xb - xa) * (yb - ya)) as f32;
+                let o = oy * s + ox;
+                for (plane, (c, &(base, step))) in [&mut *r, &mut *g, &mut *b]
+                    .into_iter()
+                    .zip(affine.iter().enumerate())
+                {
+                    plane[o] = base + step * acc[c] as f32 / n;
+                }
+            }
         }
     }
 
@@ -192,7 +282,7 @@ impl Normaliser {
 }
 
 /// Target frame size GStreamer should deliver for a source of `width x height` with
-/// pixel aspect ratio `par` (numerator, denominator). For `crops:N` the shorter side
+/// pixel aspect ratio `par` (numerator, denominator). For `crops:N` and `mixed:N` the shorter side
 /// is the native one, capped at `CROP_SCALE` times the input size (never below it).
 pub fn working_size(
     rule: ResizeRule,
@@ -204,11 +294,11 @@ pub fn working_size(
 ) -> (u32, u32) {
     let rule = match views {
         Views::Global => rule,
-        Views::Crops(_) => ResizeRule::ShorterSideCrop,
+        Views::Crops(_) | Views::Mixed(_) => ResizeRule::ShorterSideCrop,
     };
     let size = match views {
         Views::Global => size,
-        Views::Crops(_) => width.min(height).clamp(size, CROP_SCALE * size),
+        Views::Crops(_) | Views::Mixed(_) => width.min(height).clamp(size, CROP_SCALE * size),
     };
     match rule {
         ResizeRule::Squash => (size, size),
@@ -333,5 +423,57 @@ mod tests {
         let flat = RgbImage::from_packed(32, 8, vec![90; 32 * 8 * 3]);
         assert_eq!(n.view_origins(&flat), [(0, 0), (8, 0)]);
         assert!(Normaliser::new(&spec(8), Views::Global).is_global() && !n.is_global());
+    }
+
+    #[test]
+    fn mixed_views_are_the_reduced_frame_then_the_crops() {
+        // 16x8 frame for an input of 4: the whole-frame view is the centred 8x8 square
+        // averaged in 2x2 blocks; then the crops, as crops:2 writes them.
+        let data: Vec<u8> = (0..16 * 8)
+            .flat_map(|i| {
+                let (x, y) = (i % 16, i / 16);
+                [(x * 10) as u8, (y * 20) as u8, 7]
+            })
+            .collect();
+        let img = RgbImage::from_packed(16, 8, data);
+        let two = std::num::NonZeroUsize::new(2).unwrap();
+        let mixed = Normaliser::new(&spec(4), Views::Mixed(two));
+        let crops = Normaliser::new(&spec(4), Views::Crops(two));
+        assert_eq!(mixed.views_per_frame(), 3);
+        assert_eq!(mixed.view_weights(), [0.25, 0.375, 0.375]);
+        assert_eq!(crops.view_weights(), [0.5, 0.5]);
+        assert!(!mixed.is_global());
+        let plane = mixed.plane_len();
+        let mut out = vec![f32::NAN; 3 * plane];
+        mixed.write_views(&img, &mut out);
+        let mut want = vec![0.0; 2 * plane];
+        crops.write_views(&img, &mut want);
+        assert_eq!(&out[plane..], &want[..], "the crops follow the whole frame");
+        // Whole-frame pixel (1, 2): source x 6..8 (mean 65), y 4..6 (mean 90), blue 7;
+        // spec: (v / 255 - 0.5) / [0.5, 0.25, 1.0].
+        let expect = |v: f32, c: usize| (v / 255.0 - 0.5) / [0.5, 0.25, 1.0][c];
+        let (s, o) = (4, 2 * 4 + 1);
+        for (c, v) in [65.0, 90.0, 7.0].into_iter().enumerate() {
+            let got = out[c * s * s + o];
+            assert!((got - expect(v, c)).abs() < 1e-5, "channel {c}: {got}");
+        }
+        // `squash` models see the whole frame: x 4..8 (mean 55) for column 1.
+        let squash = InputSpec {
+            resize: ResizeRule::Squash,
+            ..spec(4)
+        };
+        let mut whole = vec![0.0; plane];
+        Normaliser::new(&squash, Views::Mixed(two)).write_reduced(&img, &mut whole);
+        assert!((whole[o] - expect(55.0, 0)).abs() < 1e-5, "{}", whole[o]);
+        // Frames are delivered at crop size for mixed views too.
+        let hd = working_size(
+            ResizeRule::Squash,
+            Views::Mixed(two),
+            224,
+            1920,
+            1080,
+            (1, 1),
+        );
+        assert_eq!(hd, (796, 448));
     }
 }
