@@ -20,9 +20,11 @@ numbers per image. scripts/tests/test_efficientnet_weights.py checks the weights
 preprocessing.
 """
 import hashlib
+import math
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from streamiq_train.model_input import CLIP_MEAN, CLIP_STD  # the daemon's pixel normalisation
@@ -79,14 +81,35 @@ def std_pool(x):
     return torch.cat([m, (v + 1e-6).sqrt()], dim=1)
 
 
+class GaussianBlur(nn.Module):
+    """A fixed depthwise Gaussian blur of 3-channel images, reflect-padded (size kept)."""
+
+    def __init__(self, sigma):
+        super().__init__()
+        r = math.ceil(3 * sigma)
+        x = torch.arange(-r, r + 1, dtype=torch.float32)
+        k = torch.exp(-x * x / (2 * sigma * sigma))
+        k = k / k.sum()
+        self.register_buffer("weight", torch.outer(k, k).expand(3, 1, -1, -1).contiguous())
+        self.pad = r
+
+    def forward(self, x):
+        x = F.pad(x, (self.pad,) * 4, mode="reflect")
+        return F.conv2d(x, self.weight, groups=3)
+
+
 class ContentStream(nn.Module):
     """CLIP-normalised pixels [N,3,H,W] -> pooled multi-level EfficientNet-Lite0 features
     [N, FEATURE_DIM] (frozen). The affine map from CLIP's normalisation to EfficientNet's
     is the first operation of the graph."""
 
-    def __init__(self, image_size=224):
+    def __init__(self, image_size=224, blur=0.0):
         super().__init__()
         self.net = load_effnet(image_size)
+        # An optional fixed Gaussian low-pass on the input (sigma in pixels): ImageNet
+        # features read faint grain as fine texture, i.e. as sharpness; with the low-pass
+        # the content stream sees content, and the distortion stream the fine detail.
+        self.blur = GaussianBlur(blur) if blur > 0 else None
         # pixels * clip_std + clip_mean = x / 255, so (x - 127) / 128 = pixels * scale + shift.
         mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
         std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
@@ -97,6 +120,8 @@ class ContentStream(nn.Module):
         return pixels * self.scale + self.shift
 
     def forward(self, pixels):
+        if self.blur is not None:
+            pixels = self.blur(pixels)
         return self.features(self.effnet_input(pixels))
 
     def features(self, x):

@@ -11,7 +11,7 @@
 #      photographs it never saw (three scikit-image ones; eight photographs from Debian's
 #      mate-backgrounds and lomiri-wallpapers-16.04, reduced to 768 px wide; twelve GCompris
 #      photographs kept aside, reduced as for training; the eight wallpapers again at a
-#      broadcast frame's 1080 px; global and crops:4 views; the sets are distorted with
+#      broadcast frame's 1080 px; global, crops:4 and mixed:1 views; the sets are distorted with
 #      seed 0 whatever SEED is, so figures of different seeds compare), reports in WORK/.
 # Usage: scripts/make_tiny.sh [OUT]   (env: WORK=target/tiny SEED=0 STEPS=2400 TRAIN_GROUPS=12000;
 #        REUSE_BASE=1 skips step 1 when WORK/base holds a bundle; variants measured in
@@ -89,7 +89,7 @@ rm -rf "$WORK/heldout-gcompris" "$WORK/heldout-gcompris-src"
 rm -rf "$WORK/heldout-hd"
 "$SQ" distort --out "$WORK/heldout-hd" --seed 0 --size 1080 "${EVAL_WALLPAPERS[@]}"
 for set in heldout heldout-photos heldout-gcompris heldout-hd; do
-    for views in global crops:4; do
+    for views in global crops:4 mixed:1; do
         "$SQ" eval --model "$OUT" --labels "$WORK/$set/labels.csv" --views "$views" \
             | tee "$WORK/$set-${views/:/}.txt"
     done

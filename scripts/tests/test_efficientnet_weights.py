@@ -140,11 +140,50 @@ def test_onnx():
     return assert_close(got, reference_features())
 
 
+def test_content_blur():
+    """The content stream's optional low-pass: a flat picture stays flat, faint grain
+    shrinks, and the export under ONNX Runtime computes what torch does."""
+    import onnxruntime as ort
+
+    import convert_clip as cc
+    blur = el.GaussianBlur(1.5)
+    flat = torch.full((1, 3, 32, 48), 0.3)
+    with torch.inference_mode():
+        assert float((blur(flat) - flat).abs().max()) < 1e-6, "a flat picture changed"
+        grain = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+        ratio = float(blur(grain).std() / grain.std())
+    assert ratio < 0.25, f"grain kept {ratio:.2f} of its standard deviation"
+    stream = el.ContentStream(image_size=224, blur=1.5).eval()
+    img = clip_input(chelsea_224())
+    with torch.inference_mode():
+        want = stream(img).numpy()
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = Path(tmp) / "content.onnx"
+        cc.export_visual(stream, path, 224)
+        got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+            None, {"pixels": img.numpy()})[0]
+    return f"grain std x{ratio:.2f}; " + assert_close(got, want)
+
+
+def content_blur_of(bundle):
+    """The --content-blur sigma a train_two_stream bundle was made with (0 without)."""
+    import re
+    import tomllib
+    generator = tomllib.loads((Path(bundle) / "manifest.toml").read_text())["info"]["generator"]
+    m = re.search(r"--content-blur (\S+)", generator)
+    return float(m.group(1)) if m else 0.0
+
+
 def check_bundle(bundle):
     """The content features inside a two-stream bundle's visual.onnx."""
     import onnx
     import onnxruntime as ort
+    sigma = content_blur_of(bundle)
     model = onnx.load(str(Path(bundle) / "visual.onnx"))
+    # Weights stored as float16 (scripts/onnx_fp16.py) round the features by about 1e-3.
+    half = any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer)
+    rel = 2e-3 if half else REL_TOL
     inits = {i.name for i in model.graph.initializer}
     mean_name = next((n for n in inits if n.endswith("feat_mean")), None)
     assert mean_name, "no feat_mean initializer in visual.onnx (not a train_two_stream bundle?)"
@@ -152,8 +191,13 @@ def check_bundle(bundle):
     feats = next(i for i in node.input if i != mean_name)
     model.graph.output.append(onnx.helper.make_tensor_value_info(feats, onnx.TensorProto.FLOAT, None))
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    got = sess.run([feats], {"pixels": clip_input(chelsea_224()).numpy()})[0]
-    return assert_close(got, reference_features())
+    img = clip_input(chelsea_224())
+    got = sess.run([feats], {"pixels": img.numpy()})[0]
+    if not sigma:
+        return assert_close(got, reference_features(), rel)
+    with torch.inference_mode():
+        want = el.ContentStream(image_size=224, blur=sigma).eval()(img).numpy()
+    return f"content low-pass sigma {sigma:g}; " + assert_close(got, want, rel)
 
 
 def test_bundle():
@@ -173,7 +217,8 @@ def main():
     a = ap.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
     checks = [("weights file", test_weights_file), ("classifies cat", test_classifies_cat),
-              ("preprocessing", test_preprocessing), ("padding", test_padding), ("onnx", test_onnx)]
+              ("preprocessing", test_preprocessing), ("padding", test_padding), ("onnx", test_onnx),
+              ("content blur", test_content_blur)]
     if a.bundle:
         checks.append((f"bundle {a.bundle}", lambda: check_bundle(a.bundle)))
     passed = failed = 0
