@@ -20,6 +20,25 @@ pub struct LabelsError {
     pub message: String,
 }
 
+/// Embeddings that could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum SaveEmbeddingsError {
+    /// Not one image of the set could be scored.
+    #[error("no image could be scored")]
+    NothingScored,
+    /// The safetensors serialisation failed.
+    #[error("{0}")]
+    Serialise(#[from] safetensors::SafeTensorError),
+    /// The file could not be written.
+    #[error("{}: {source}", path.display())]
+    Write {
+        /// The embeddings file.
+        path: PathBuf,
+        /// What the file system said.
+        source: std::io::Error,
+    },
+}
+
 /// One labelled image.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Labelled {
@@ -373,14 +392,14 @@ pub fn save_embeddings(
     path: &Path,
     labelled: &[Labelled],
     embeds: &[Option<Vec<f32>>],
-) -> Result<usize, String> {
+) -> Result<usize, SaveEmbeddingsError> {
     let rows: Vec<(&Labelled, &Vec<f32>)> = labelled
         .iter()
         .zip(embeds)
         .filter_map(|(l, e)| e.as_ref().map(|e| (l, e)))
         .collect();
     let Some(dim) = rows.first().map(|(_, e)| e.len()) else {
-        return Err("no image could be scored".into());
+        return Err(SaveEmbeddingsError::NothingScored);
     };
     let targets = unit_targets(&rows.iter().map(|(l, _)| l.mos).collect::<Vec<_>>());
     let e: Vec<u8> = rows
@@ -392,9 +411,11 @@ pub fn save_embeddings(
         .flat_map(|v| (*v as f32).to_le_bytes())
         .collect();
     let n = rows.len();
-    fn view(s: Vec<usize>, b: &[u8]) -> Result<safetensors::tensor::TensorView<'_>, String> {
+    fn view(
+        s: Vec<usize>,
+        b: &[u8],
+    ) -> Result<safetensors::tensor::TensorView<'_>, safetensors::SafeTensorError> {
         safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s, b)
-            .map_err(|e| e.to_string())
     }
     let meta: std::collections::HashMap<String, String> = [
         (
@@ -420,9 +441,13 @@ pub fn save_embeddings(
             ("targets", view(vec![n], &t)?),
         ],
         Some(meta),
-    )
-    .map_err(|e| e.to_string())?;
-    crate::score::prompt_store::write_atomic(path, &bytes).map_err(|e| e.to_string())?;
+    )?;
+    crate::score::prompt_store::write_atomic(path, &bytes).map_err(|source| {
+        SaveEmbeddingsError::Write {
+            path: path.to_owned(),
+            source,
+        }
+    })?;
     Ok(n)
 }
 

@@ -13,9 +13,7 @@ use prometheus::{
 pub enum DropReason {
     /// The handoff queue was full.
     QueueFull,
-    /// The frame waited too long (e.g. at shutdown).
-    Stale,
-    /// Inference failed for its batch.
+    /// Inference failed for its batch (or produced a non-finite output).
     Error,
 }
 
@@ -24,7 +22,6 @@ impl DropReason {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::QueueFull => "queue_full",
-            Self::Stale => "stale",
             Self::Error => "error",
         }
     }
@@ -320,7 +317,6 @@ impl Metrics {
             decoded: self.decoded.with_label_values(&[stream]),
             scored: self.scored.with_label_values(&[stream]),
             dropped_queue_full: dropped(DropReason::QueueFull),
-            dropped_stale: dropped(DropReason::Stale),
             dropped_error: dropped(DropReason::Error),
             quality: self.quality.with_label_values(&[stream]),
             quality_drop_threshold: self.quality_drop_threshold.with_label_values(&[stream]),
@@ -353,7 +349,7 @@ impl Metrics {
         for (_, m) in self.segment_events.iter() {
             let _ = m.remove_label_values(&one);
         }
-        for r in [DropReason::QueueFull, DropReason::Stale, DropReason::Error] {
+        for r in [DropReason::QueueFull, DropReason::Error] {
             let _ = self.dropped.remove_label_values(&[stream, r.as_str()]);
         }
         for a in attributes {
@@ -389,7 +385,6 @@ pub struct StreamMetrics {
     /// `streamiq_frames_scored_total`.
     pub scored: IntCounter,
     dropped_queue_full: IntCounter,
-    dropped_stale: IntCounter,
     dropped_error: IntCounter,
     /// `streamiq_quality_score`.
     pub quality: Gauge,
@@ -410,7 +405,6 @@ impl StreamMetrics {
     pub fn dropped(&self, reason: DropReason, n: u64) {
         match reason {
             DropReason::QueueFull => &self.dropped_queue_full,
-            DropReason::Stale => &self.dropped_stale,
             DropReason::Error => &self.dropped_error,
         }
         .inc_by(n);
@@ -420,7 +414,6 @@ impl StreamMetrics {
     pub fn dropped_count(&self, reason: DropReason) -> u64 {
         match reason {
             DropReason::QueueFull => &self.dropped_queue_full,
-            DropReason::Stale => &self.dropped_stale,
             DropReason::Error => &self.dropped_error,
         }
         .get()

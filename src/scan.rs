@@ -165,7 +165,7 @@ pub fn scan(settings: &Settings, opts: &ScanOptions) -> Result<Vec<FileReport>, 
         if let Some(e) = &err {
             tracing::error!(path = %path.display(), error = %e, "Cannot read file");
         }
-        errors.push(err);
+        errors.push(err.map(|e| e.to_string()));
     }
     drop(handoff);
     engine.stop();
@@ -235,7 +235,6 @@ fn report(
     }
 }
 
-/// Decodes one file to its end, feeding frames to `handoff` with backpressure.
 /// Why a file's pipeline did not reach its end.
 enum RunError {
     /// No frame and no message for the stall timeout.
@@ -244,19 +243,46 @@ enum RunError {
     Failed(String),
 }
 
+/// Why a file could not be scanned to its end (the JSON line's `error`).
+#[derive(Debug, thiserror::Error)]
+pub enum ScanError {
+    /// The file cannot be read or resolved.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// The path names something other than a regular file.
+    #[error("not a regular file")]
+    NotAFile,
+    /// The path cannot be written as a file URI.
+    #[error("{0}")]
+    Uri(String),
+    /// The pipeline could not be built.
+    #[error("{0}")]
+    Pipeline(String),
+    /// No frame and no pipeline message for the stall timeout.
+    #[error("stalled: no frame for {} ms", .0.as_millis())]
+    Stalled(std::time::Duration),
+    /// The pipeline reported an error (decoder, demuxer, missing plug-in).
+    #[error("{0}")]
+    Failed(String),
+    /// The file ended without one decoded video frame.
+    #[error("no video frames decoded")]
+    NoFrames,
+}
+
+/// Decodes one file to its end, feeding frames to `handoff` with backpressure.
 fn scan_file(
     path: &Path,
     mut spec: PipelineSpec,
     state: Arc<StreamState>,
     handoff: Handoff,
     stall_timeout: std::time::Duration,
-) -> Result<(), String> {
-    let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
+) -> Result<(), ScanError> {
+    let meta = std::fs::metadata(path)?;
     if !meta.is_file() {
-        return Err("not a regular file".into());
+        return Err(ScanError::NotAFile);
     }
-    let abs = std::fs::canonicalize(path).map_err(|e| e.to_string())?;
-    let uri = gst::glib::filename_to_uri(&abs, None).map_err(|e| e.to_string())?;
+    let abs = std::fs::canonicalize(path)?;
+    let uri = gst::glib::filename_to_uri(&abs, None).map_err(|e| ScanError::Uri(e.to_string()))?;
     spec.source = Source::Uri(uri.to_string());
     // A pipeline that stalls before its first frame (a rare start-up race in GStreamer's
     // decoder bins) is rebuilt once; one that stalls later is reported, never waited on.
@@ -277,7 +303,8 @@ fn scan_file(
                 sent
             }
         };
-        let pipe = pipeline::build(&state.id, &spec, deliver).map_err(|e| e.to_string())?;
+        let pipe = pipeline::build(&state.id, &spec, deliver)
+            .map_err(|e| ScanError::Pipeline(e.to_string()))?;
         result = run_to_end(&pipe, &state, &waiting, stall_timeout);
         let _ = pipe.set_state(gst::State::Null);
         let retry = matches!(result, Err(RunError::Stalled)) && state.metrics.decoded.get() == 0;
@@ -288,11 +315,11 @@ fn scan_file(
     }
     state.finish_segments();
     result.map_err(|e| match e {
-        RunError::Stalled => format!("stalled: no frame for {} ms", stall_timeout.as_millis()),
-        RunError::Failed(m) => m,
+        RunError::Stalled => ScanError::Stalled(stall_timeout),
+        RunError::Failed(m) => ScanError::Failed(m),
     })?;
     if state.metrics.decoded.get() == 0 {
-        return Err("no video frames decoded".into());
+        return Err(ScanError::NoFrames);
     }
     Ok(())
 }

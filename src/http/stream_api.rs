@@ -57,7 +57,7 @@ pub(super) async fn streams(State(s): State<AppState>) -> Json<Vec<StreamView>> 
                 last_error: status.last_error,
                 frames_decoded: m.decoded.get(),
                 frames_scored: m.scored.get(),
-                frames_dropped: [DropReason::QueueFull, DropReason::Stale, DropReason::Error]
+                frames_dropped: [DropReason::QueueFull, DropReason::Error]
                     .into_iter()
                     .map(|r| (r.as_str(), m.dropped_count(r)))
                     .collect(),
