@@ -11,7 +11,7 @@ export LIBTORCH := $(VENV)/torch
 export LIBTORCH_CXX11_ABI := 1
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: all setup bundle demo build build-daemon run test lint bench peers tiny few-shot-evidence clean
+.PHONY: all setup bundle demo build build-daemon run test lint bench peers tiny model few-shot-evidence clean
 
 all: build
 
@@ -75,7 +75,13 @@ peers: setup
 tiny: build
 	scripts/make_tiny.sh models/streamiq-tiny
 
-# The few-shot protocol on the held-out color_cast family (issue figures in README.md).
+# Builds the default model models/streamiq-effnet from the EfficientNet-Lite0 wheels and
+# models/streamiq-tiny's image tower (about an hour on 2 cores; see models/README.md).
+# Not part of `make test`.
+model: build
+	scripts/make_model.sh models/streamiq-effnet
+
+# The few-shot protocol on the held-out color_cast family (figures in README.md, The few-shot loop).
 few-shot-evidence: build
 	scripts/few_shot_evidence.sh models/streamiq-tiny
 

@@ -3,7 +3,7 @@
 # 50 operator labels teach the model a distortion family it has never seen?
 #   1. 45 source pictures: three crops of each of 15 scikit-image photographs, 384 px;
 #   2. `streamiq distort --kinds color_cast`: the family that neither the contrastive
-#      nor the meta-prompt pre-training of streamiq-tiny saw (270 images, 5 levels
+#      nor the meta-prompt pre-training of the shipped models saw (270 images, 5 levels
 #      plus the pristine picture);
 #   3. their image embeddings through the bundle (`streamiq eval --save-embeddings`);
 #   4. `streamiq-adapt bench`: 10 random splits of 50 training labels, comparing the

@@ -212,11 +212,11 @@ pub struct ScorerConfig {
 impl Default for ScorerConfig {
     fn default() -> Self {
         Self {
-            max_batch: 32,
+            max_batch: 8,
             max_wait: "20ms".into(),
             queue_capacity: 256,
             when_full: "drop_oldest".into(),
-            views: "global".into(),
+            views: "crops:4".into(),
         }
     }
 }
@@ -988,7 +988,7 @@ mod tests {
     #[test]
     fn defaults_validate() {
         let s = Config::from_toml(&base()).unwrap().validate().unwrap();
-        assert_eq!(s.scorer.max_batch.get(), 32);
+        assert_eq!(s.scorer.max_batch.get(), 8);
         assert_eq!(s.scorer.max_wait, Duration::from_millis(20));
         assert_eq!(s.qc.window, Duration::from_secs(10));
         assert_eq!(s.streams[0].sample_fps, Some(2.0));

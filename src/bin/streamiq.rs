@@ -69,9 +69,10 @@ enum Command {
         /// Model bundle directory.
         #[arg(long)]
         model: PathBuf,
-        /// How the model looks at each image: `global`, `crops:N` or `mixed:N` (as `scorer.views`).
-        #[arg(long, default_value = "global")]
-        views: String,
+        /// How the model looks at each image: `global`, `crops:N` or `mixed:N` (as
+        /// `scorer.views`; default: the default configuration's).
+        #[arg(long)]
+        views: Option<String>,
         /// One JSON object per line.
         #[arg(long)]
         json: bool,
@@ -107,9 +108,10 @@ enum Command {
         /// Label CSV; relative image paths are resolved against its directory.
         #[arg(long)]
         labels: PathBuf,
-        /// How the model looks at each image: `global`, `crops:N` or `mixed:N` (as `scorer.views`).
-        #[arg(long, default_value = "global")]
-        views: String,
+        /// How the model looks at each image: `global`, `crops:N` or `mixed:N` (as
+        /// `scorer.views`; default: the default configuration's).
+        #[arg(long)]
+        views: Option<String>,
         /// Random 80/20 splits to summarise.
         #[arg(long, default_value_t = 10)]
         splits: usize,
@@ -194,8 +196,8 @@ fn model_config(model: PathBuf, views: Option<String>) -> Config {
 }
 
 /// Validated [`model_config`].
-fn model_settings(model: PathBuf, views: String) -> Result<Settings, ConfigError> {
-    model_config(model, Some(views)).validate()
+fn model_settings(model: PathBuf, views: Option<String>) -> Result<Settings, ConfigError> {
+    model_config(model, views).validate()
 }
 
 /// Prints `msg` (credentials removed: a config error may quote a stream's URI) and
