@@ -36,7 +36,8 @@
 //!   SQLite label store, read back by `streamiq-adapt`.
 //! - [`distort`]: synthetic distortions (13 kinds x 5 levels, plus `color_cast` on request)
 //!   for training and evaluation sets.
-//! - [`scan`]: file scan mode (CDN / VOD); [`eval`]: SRCC / PLCC against labels.
+//! - [`scan`]: file scan mode (CDN / VOD); [`eval`]: SRCC / PLCC against labels;
+//!   [`csv`]: the CSV fields of label exports and `scan --format csv`.
 //! - [`app`]: the daemon's wiring and ordered shutdown; [`shutdown`]: signals;
 //!   [`reload`]: SIGHUP re-reads the config into the registry.
 //! - [`error`]: the errors that end a command, each with its exit status;
@@ -45,6 +46,7 @@
 pub mod app;
 pub mod batch;
 pub mod config;
+pub mod csv;
 pub mod distort;
 pub mod error;
 pub mod eval;

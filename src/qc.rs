@@ -113,13 +113,32 @@ impl<T> IndexMut<SegmentKind> for PerKind<T> {
     }
 }
 
-/// A finished (or, at end of input, closed) segment in stream seconds.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+/// A finished (or, at end of input, closed) segment in stream seconds; serialised as
+/// `{"start", "end", "duration"}`.
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Segment {
     /// First second of the segment.
     pub start: f64,
     /// First second after it.
     pub end: f64,
+}
+
+impl Segment {
+    /// Length in seconds.
+    pub fn duration(&self) -> f64 {
+        self.end - self.start
+    }
+}
+
+impl Serialize for Segment {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut st = s.serialize_struct("Segment", 3)?;
+        st.serialize_field("start", &self.start)?;
+        st.serialize_field("end", &self.end)?;
+        st.serialize_field("duration", &self.duration())?;
+        st.end()
+    }
 }
 
 /// What a detector reports for one frame.

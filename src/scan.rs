@@ -17,7 +17,7 @@ use crate::error::Error;
 use crate::frame::{Frame, ScoredFrame};
 use crate::ingest::{Handoff, PipelineSpec, pipeline};
 use crate::metrics::{DropReason, Metrics};
-use crate::qc::{PerKind, Segment};
+use crate::qc::{PerKind, Segment, SegmentKind};
 use crate::score::prompts::PromptSet;
 use crate::score::{Engine, ScoreSink};
 use crate::state::StreamState;
@@ -214,7 +214,7 @@ fn report(
     for (kind, limit) in gates.segment_at_least.iter() {
         let longest = segments[kind]
             .iter()
-            .map(|s| s.end - s.start)
+            .map(Segment::duration)
             .fold(0.0, f64::max);
         if limit.is_some_and(|l| longest >= l.as_secs_f64() - 1e-6) {
             failed_gates.push(kind.name());
@@ -388,10 +388,69 @@ pub fn format_text(r: &FileReport) -> String {
     for (kind, segs) in r.segments.iter() {
         let kind = kind.name();
         for seg in segs {
-            let _ = writeln!(s, "  {kind} {:.2}s - {:.2}s", seg.start, seg.end);
+            let _ = writeln!(
+                s,
+                "  {kind} {:.2}s - {:.2}s ({:.2}s)",
+                seg.start,
+                seg.end,
+                seg.duration()
+            );
         }
     }
     s
+}
+
+/// The reports as CSV with a header row: one row per file with its scores, per segment
+/// kind the number of segments, their total and their longest duration (seconds), one
+/// `attr_<name>` column per attribute pair any report has, the error, whether it failed
+/// and the failed gates (`;`-separated). Fields are quoted and formula-neutralised as
+/// label exports are ([`crate::csv::field`]).
+pub fn to_csv(reports: &[FileReport]) -> String {
+    use std::fmt::Write;
+    let attrs: std::collections::BTreeSet<&String> =
+        reports.iter().flat_map(|r| r.attributes.keys()).collect();
+    let mut header: Vec<String> = [
+        "path",
+        "frames_scored",
+        "mean_score",
+        "min_score",
+        "p5_score",
+    ]
+    .map(String::from)
+    .to_vec();
+    for kind in SegmentKind::ALL {
+        for col in ["segments", "seconds", "longest_seconds"] {
+            header.push(format!("{}_{col}", kind.name()));
+        }
+    }
+    header.extend(attrs.iter().map(|a| format!("attr_{a}")));
+    header.extend(["error", "failed", "failed_gates"].map(String::from));
+    let mut out = header.join(",");
+    out.push('\n');
+    let num = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.6}"));
+    for r in reports {
+        let mut row = vec![
+            crate::csv::field(&r.path),
+            r.frames_scored.to_string(),
+            num(r.mean_score),
+            num(r.min_score),
+            num(r.p5_score),
+        ];
+        for kind in SegmentKind::ALL {
+            let segs = &r.segments[kind];
+            let total: f64 = segs.iter().map(Segment::duration).sum();
+            let longest = segs.iter().map(Segment::duration).fold(0.0, f64::max);
+            row.push(segs.len().to_string());
+            row.push(format!("{total:.3}"));
+            row.push(format!("{longest:.3}"));
+        }
+        row.extend(attrs.iter().map(|a| num(r.attributes.get(*a).copied())));
+        row.push(crate::csv::field(r.error.as_deref().unwrap_or("")));
+        row.push(r.failed.to_string());
+        row.push(crate::csv::field(&r.failed_gates.join(";")));
+        let _ = writeln!(out, "{}", row.join(","));
+    }
+    out
 }
 
 /// Exit code for a set of reports: 2 if any file was unreadable, else 1 if any failed

@@ -385,12 +385,64 @@ fn scan_finds_black_and_freeze_segments() {
     let mean = r["mean_score"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&mean));
 
+    let d = &r["freeze_segments"][0];
+    let duration = d["duration"].as_f64().unwrap();
+    assert!((duration - (freeze[0].1 - freeze[0].0)).abs() < 1e-9, "{d}");
+
     // Sampling at 5 fps finds the same segments, within a sample period.
     let r = scan_json(&cfg, &clip, &["--sample-fps", "5"]);
     let n = r["frames_scored"].as_u64().unwrap();
     assert!((59..=61).contains(&n), "{r}");
     assert_eq!(r["black_segments"].as_array().unwrap().len(), 1, "{r}");
     assert_eq!(r["freeze_segments"].as_array().unwrap().len(), 1, "{r}");
+
+    // --format csv: a header and a row per file, segment counts and durations; a file
+    // name a spreadsheet would run as a formula is quoted and neutralised.
+    let odd = "=odd, name.mp4";
+    std::fs::copy(&clip, dir.path().join(odd)).unwrap();
+    let out = Command::new(bin())
+        .current_dir(dir.path())
+        .args(["scan", "--format", "csv", "--sample-fps", "5", "--config"])
+        .arg(&cfg)
+        .arg(&clip)
+        .arg(odd)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    let header: Vec<&str> = lines[0].split(',').collect();
+    let col = |name: &str| header.iter().position(|h| *h == name).expect(name);
+    let row: Vec<&str> = lines[1].split(',').collect();
+    assert_eq!(row.len(), header.len(), "{text}");
+    assert_eq!(row[col("path")], clip.to_str().unwrap());
+    assert_eq!(row[col("black_segments")], "1", "{text}");
+    assert_eq!(row[col("freeze_segments")], "1", "{text}");
+    assert_eq!(row[col("bars_segments")], "0", "{text}");
+    let secs = |c: &str| row[col(c)].parse::<f64>().unwrap();
+    assert!((secs("black_seconds") - 2.0).abs() <= 0.25, "{text}");
+    assert!(
+        (secs("freeze_longest_seconds") - 3.0).abs() <= 0.25,
+        "{text}"
+    );
+    assert_eq!(row[col("failed")], "false");
+    assert!(header.contains(&"attr_sharp"), "{text}");
+    assert!(
+        lines[2].starts_with("\"'=odd, name.mp4\","),
+        "the odd name is quoted and neutralised: {text}"
+    );
+    let both = Command::new(bin())
+        .args(["scan", "--json", "--format", "csv", "--config"])
+        .arg(&cfg)
+        .arg(&clip)
+        .output()
+        .unwrap();
+    assert_eq!(both.status.code(), Some(2), "--json and --format conflict");
 }
 
 /// Colour bars (ffmpeg's SMPTE pattern, H.264-encoded) over a moving picture from 5 s

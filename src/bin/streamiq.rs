@@ -52,9 +52,13 @@ enum Command {
         /// With --model: how the model looks at each frame (as `scorer.views`).
         #[arg(long, requires = "model")]
         views: Option<String>,
-        /// One JSON object per file instead of text.
-        #[arg(long)]
+        /// One JSON object per file instead of text (as `--format jsonl`).
+        #[arg(long, conflicts_with = "format")]
         json: bool,
+        /// Output: `text` (default), `jsonl` (one JSON object per file) or `csv` (a header
+        /// and one row per file: scores, segment counts and durations, attributes, gates).
+        #[arg(long, value_enum)]
+        format: Option<ScanFormat>,
         /// Frames per second to sample (default: every frame).
         #[arg(long)]
         sample_fps: Option<f64>,
@@ -218,6 +222,7 @@ fn main() -> ExitCode {
             model,
             views,
             json,
+            format,
             sample_fps,
             gates,
             videos,
@@ -236,7 +241,12 @@ fn main() -> ExitCode {
                 Ok(g) => g,
                 Err(e) => return fail(2, e),
             };
-            scan_cmd(&s, videos, sample_fps, json)
+            let format = format.unwrap_or(if json {
+                ScanFormat::Jsonl
+            } else {
+                ScanFormat::Text
+            });
+            scan_cmd(&s, videos, sample_fps, format)
         }
         Command::Score {
             model,
@@ -437,7 +447,23 @@ fn check_config(config: PathBuf) -> ExitCode {
     }
 }
 
-fn scan_cmd(s: &Settings, files: Vec<PathBuf>, sample_fps: Option<f64>, json: bool) -> ExitCode {
+/// `scan`'s output formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ScanFormat {
+    /// Readable lines per file.
+    Text,
+    /// One JSON object per file.
+    Jsonl,
+    /// A header row and one row per file.
+    Csv,
+}
+
+fn scan_cmd(
+    s: &Settings,
+    files: Vec<PathBuf>,
+    sample_fps: Option<f64>,
+    format: ScanFormat,
+) -> ExitCode {
     let sample_fps = match sample_fps.map(|f| streamiq::config::sample_fps("--sample-fps", f)) {
         Some(Err(e)) => return fail(2, e),
         Some(Ok(f)) => f,
@@ -452,12 +478,16 @@ fn scan_cmd(s: &Settings, files: Vec<PathBuf>, sample_fps: Option<f64>, json: bo
         Ok(r) => r,
         Err(e) => return fail(e.exit_code(), e),
     };
-    for r in &reports {
-        if json {
-            println!("{}", serde_json::to_string(r).expect("report serialises"));
-        } else {
-            print!("{}", scan::format_text(r));
+    match format {
+        ScanFormat::Csv => print!("{}", scan::to_csv(&reports)),
+        ScanFormat::Jsonl => {
+            for r in &reports {
+                println!("{}", serde_json::to_string(r).expect("report serialises"));
+            }
         }
+        ScanFormat::Text => reports
+            .iter()
+            .for_each(|r| print!("{}", scan::format_text(r))),
     }
     ExitCode::from(scan::exit_code(&reports) as u8)
 }

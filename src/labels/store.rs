@@ -13,6 +13,7 @@ use std::time::Duration;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior, params};
 
 use super::{Label, NewLabel, decode_embedding, encode_embedding};
+use crate::csv::field as csv_field;
 
 /// Schema migrations, in order; `schema_version` holds how many have been applied.
 const MIGRATIONS: &[&str] = &[
@@ -621,23 +622,6 @@ fn label_from_row(r: &Row<'_>) -> rusqlite::Result<Label> {
         created: r.get(15)?,
         embedding_source: r.get(16)?,
     })
-}
-
-/// Quotes a CSV field when it holds a separator, a quote or a line break (RFC 4180).
-/// A field a spreadsheet would read as a formula (starting with `=`, `+`, `-`, `@`, a
-/// tab or a carriage return) gets a leading `'`, so an export opened in a spreadsheet
-/// never runs what a labeller typed (OWASP's CSV-injection rule).
-fn csv_field(s: &str) -> String {
-    let s = if s.starts_with(['=', '+', '-', '@', '\t', '\r']) {
-        format!("'{s}")
-    } else {
-        s.to_string()
-    };
-    if s.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s
-    }
 }
 
 /// Labels as CSV with a header row ([`CSV_COLUMNS`]).
