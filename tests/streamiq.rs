@@ -333,13 +333,12 @@ fn make_clip(dir: &Path) -> PathBuf {
     out
 }
 
-/// `streamiq scan --json` of one file, which must succeed; its report.
-fn scan_json(cfg: &Path, clip: &Path, extra: &[&str]) -> serde_json::Value {
+/// `streamiq scan ARGS` run in `dir`, which must succeed; its standard output.
+fn scan_ok(dir: &Path, args: &[&std::ffi::OsStr]) -> Vec<u8> {
     let out = Command::new(bin())
-        .args(["scan", "--json", "--config"])
-        .arg(cfg)
-        .args(extra)
-        .arg(clip)
+        .current_dir(dir)
+        .arg("scan")
+        .args(args)
         .output()
         .unwrap();
     assert!(
@@ -347,7 +346,15 @@ fn scan_json(cfg: &Path, clip: &Path, extra: &[&str]) -> serde_json::Value {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice(&out.stdout).unwrap()
+    out.stdout
+}
+
+/// `streamiq scan --json` of one file, which must succeed; its report.
+fn scan_json(cfg: &Path, clip: &Path, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec!["--json".as_ref(), "--config".as_ref(), cfg.as_os_str()];
+    args.extend(extra.iter().map(std::ffi::OsStr::new));
+    args.push(clip.as_os_str());
+    serde_json::from_slice(&scan_ok(Path::new("."), &args)).unwrap()
 }
 
 fn write_config(dir: &Path, text: &str) -> PathBuf {
@@ -400,20 +407,10 @@ fn scan_finds_black_and_freeze_segments() {
     // name a spreadsheet would run as a formula is quoted and neutralised.
     let odd = "=odd, name.mp4";
     std::fs::copy(&clip, dir.path().join(odd)).unwrap();
-    let out = Command::new(bin())
-        .current_dir(dir.path())
-        .args(["scan", "--format", "csv", "--sample-fps", "5", "--config"])
-        .arg(&cfg)
-        .arg(&clip)
-        .arg(odd)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).unwrap();
+    let csv = ["--format", "csv", "--sample-fps", "5", "--config"].map(std::ffi::OsStr::new);
+    let mut args = csv.to_vec();
+    args.extend([cfg.as_os_str(), clip.as_os_str(), odd.as_ref()]);
+    let text = String::from_utf8(scan_ok(dir.path(), &args)).unwrap();
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 3, "{text}");
     let header: Vec<&str> = lines[0].split(',').collect();
