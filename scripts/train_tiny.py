@@ -53,7 +53,6 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -70,6 +69,7 @@ from streamiq_train.data import (  # noqa: E402
     build_dataset,
     caption,
     data_fingerprint,
+    load_dataset,
     make_chunk,
     severity_word,
     to_input,
@@ -179,24 +179,7 @@ def main():
     if a.threads:
         torch.set_num_threads(a.threads)
     t0 = time.time()
-    variant = (f"-video{a.video:g}" if a.video else "") + (f"-grain{a.grain:g}" if a.grain else "")
-    name = f"data-{data_fingerprint()}-seed{a.seed}-groups{a.groups}{variant}.npz"
-    cache = Path(a.cache) / name if a.cache else None
-    if cache and cache.is_file():
-        with np.load(cache) as z:
-            images, meta, caps = z["images"], z["meta"], [str(c) for c in z["caps"]]
-        log(f"data: loaded {cache}")
-    else:
-        # (The photographs are read in the workers only: OpenCV's thread pool does not survive a fork.)
-        log(f"data: {a.groups} groups x 4 images from {len(photo_sources())} photographs "
-            "and dead-leaves pictures")
-        images, meta, caps = build_dataset(a.groups, a.workers, a.seed, a.video, a.grain)
-        if cache:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(".tmp.npz")
-            np.savez(tmp, images=images, meta=meta, caps=np.array(caps))
-            tmp.rename(cache)
-    log(f"data: {len(images)} images, {len(set(caps))} distinct captions, {time.time() - t0:.0f} s")
+    images, meta, caps, _ = load_dataset(a.groups, a.workers, a.seed, a.cache, a.video, a.grain)
     if a.data_only:
         return
     tok = CompactTokenizer(all_texts(caps))

@@ -78,28 +78,6 @@ FEATURE_BATCH = 64
 # Data and cached content features.
 # ---------------------------------------------------------------------------------------
 
-def load_data(groups, seed, workers, cache_dir):
-    """train_tiny's training groups, made or read from the same cache file as train_tiny's."""
-    t0 = time.time()
-    name = f"data-{tt.data_fingerprint()}-seed{seed}-groups{groups}.npz"
-    cache = Path(cache_dir) / name if cache_dir else None
-    if cache and cache.is_file():
-        with np.load(cache) as z:
-            images, meta, caps = z["images"], z["meta"], [str(c) for c in z["caps"]]
-        log(f"data: loaded {cache}")
-    else:
-        log(f"data: {groups} groups x 4 images from {len(tt.photo_sources())} photographs "
-            "and dead-leaves pictures")
-        images, meta, caps = tt.build_dataset(groups, workers, seed)
-        if cache:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(".tmp.npz")
-            np.savez(tmp, images=images, meta=meta, caps=np.array(caps))
-            tmp.rename(cache)
-    log(f"data: {len(images)} images, {len(set(caps))} distinct captions, {time.time() - t0:.0f} s")
-    return images, meta, caps, name
-
-
 def feature_fingerprint(data_name, blur=0.0):
     """Hash of what the cached features depend on: the data file, the weights, the taps,
     the content stream's low-pass (when there is one) and the code that computes them."""
@@ -399,7 +377,7 @@ def main():
     torch.manual_seed(a.seed)
     t0 = time.time()
     el.weights_path()  # fail early when the packages are missing
-    images, meta, caps, data_name = load_data(a.groups, a.seed, a.workers, a.cache)
+    images, meta, caps, data_name = tt.load_dataset(a.groups, a.workers, a.seed, a.cache)
     t_data = time.time() - t0
     feats, t_feat = content_features(images, a.cache, data_name, a.content_blur)
     f32 = feats.astype(np.float32)

@@ -3,7 +3,9 @@ the stored model input, with their captions; made in seeded chunks in worker pro
 `data_fingerprint` names the data cache."""
 import hashlib
 import inspect
+import time
 from multiprocessing import Pool
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -185,3 +187,28 @@ def data_fingerprint():
         h.update(inspect.getsource(f).encode())
     return h.hexdigest()[:12]
 
+
+def load_dataset(groups, workers, seed, cache_dir, video=0.0, grain=0.0):
+    """The training groups, read from `cache_dir` when a file made by the same code,
+    constants, seed, group count and options is there, else made (and written there when
+    `cache_dir` is set). Returns (images, meta, caps, cache file name)."""
+    t0 = time.time()
+    variant = (f"-video{video:g}" if video else "") + (f"-grain{grain:g}" if grain else "")
+    name = f"data-{data_fingerprint()}-seed{seed}-groups{groups}{variant}.npz"
+    cache = Path(cache_dir) / name if cache_dir else None
+    if cache and cache.is_file():
+        with np.load(cache) as z:
+            images, meta, caps = z["images"], z["meta"], [str(c) for c in z["caps"]]
+        log(f"data: loaded {cache}")
+    else:
+        # (The photographs are read in the workers only: OpenCV's thread pool does not survive a fork.)
+        log(f"data: {groups} groups x 4 images from {len(photo_sources())} photographs "
+            "and dead-leaves pictures")
+        images, meta, caps = build_dataset(groups, workers, seed, video, grain)
+        if cache:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(".tmp.npz")
+            np.savez(tmp, images=images, meta=meta, caps=np.array(caps))
+            tmp.rename(cache)
+    log(f"data: {len(images)} images, {len(set(caps))} distinct captions, {time.time() - t0:.0f} s")
+    return images, meta, caps, name
