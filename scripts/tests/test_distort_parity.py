@@ -27,7 +27,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import traceback
 from pathlib import Path
 
 import cv2
@@ -194,16 +193,5 @@ def test_outputs_agree():
 
 
 if __name__ == "__main__":
-    tests = [(k, f) for k, f in sorted(globals().items()) if k.startswith("test_") and callable(f)]
-    passed = failed = 0
-    for name, f in tests:
-        try:
-            f()
-            print(f"PASS {name}")
-            passed += 1
-        except Exception:  # noqa: BLE001
-            print(f"FAIL {name}")
-            traceback.print_exc()
-            failed += 1
-    print(f"{passed} passed, {failed} failed")
-    sys.exit(1 if failed else 0)
+    from runner import run_tests
+    run_tests(globals())
