@@ -120,6 +120,7 @@ from streamiq_train.training import (  # noqa: E402
     batch_pixels,
     encode_text,
     export,
+    fit,
     group_loss,
     train,
 )
@@ -131,10 +132,10 @@ __all__ = [
     "LOG_INTERP", "MEAN", "MSCN_C", "MSCN_CORE", "PALAPELI_PHOTOS", "PHOTO_SIDE", "SCALES", "SEVERITY",
     "SIZE", "STD", "STORE", "TABLES", "TRAIN_CROP", "TRAIN_PHOTOS", "VIDEO_QP", "WEBP_REDUCTION", "WIDTH",
     "CompactTokenizer", "Mscn", "Objective", "TinyVisual", "all_texts", "batch_pixels", "build_dataset",
-    "caption", "data_fingerprint", "dead_leaves", "distort", "encode_text", "export", "gcompris_pictures",
-    "group_loss", "h264_batch", "init_text", "load_photo", "log", "make_chunk", "main", "manifest_names",
-    "motion_kernel", "param", "photo_sources", "pool_stats", "severity_word", "text_config", "to_input",
-    "train", "training_photos", "write_held_out",
+    "caption", "data_fingerprint", "dead_leaves", "distort", "encode_text", "export", "fit", "gcompris_pictures",
+    "group_loss", "h264_batch", "init_text", "load_dataset", "load_photo", "log", "make_chunk", "main",
+    "manifest_names", "motion_kernel", "param", "photo_sources", "pool_stats", "severity_word", "text_config",
+    "to_input", "train", "training_photos", "write_held_out",
 ]
 
 

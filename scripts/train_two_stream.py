@@ -49,7 +49,6 @@ Progress lines carry timings: data, feature extraction (images, images/s), train
 import argparse
 import hashlib
 import inspect
-import math
 import os
 import sys
 import time
@@ -58,7 +57,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -257,52 +255,22 @@ class TwoStreamVisual(nn.Module):
 
 
 def train(visual, feats, images, meta, caps, tok, tokens, steps, batch_groups, seed, lr=2e-3, dist_feats=None):
-    """train_tiny.train's objectives and schedule, with the image embedding from
+    """train_tiny's objectives and schedule (`fit`), with the image embedding from
     `visual.fused(crops, cached content features)`."""
     g = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed + 1)
-    text = cc.TextTower(tt.text_config(len(tok.clip_ids)))
-    tt.init_text(text)
-    logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-    params = visual.trainable() + list(text.parameters()) + [logit_scale]
-    opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.05},
-                             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=lr)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.08)
-
-    objective = tt.Objective(meta, caps, tok, tokens)
-    n_groups, per = objective.n_groups, objective.per
     feats_t = torch.from_numpy(feats)
 
-    visual.train(), text.train()
-    t0, hist = time.time(), []
-    for step in range(steps):
-        gsel = torch.randint(0, n_groups, (batch_groups,), generator=g)
-        idx = (gsel[:, None] * per + torch.arange(per)).flatten()
+    def embed(idx):
         x, d = None, None
         if dist_feats is not None:
             d = dist_feats[idx]
         elif visual.distortion is not None:
             x = tt.batch_pixels(images, idx.numpy(), rng, tt.TRAIN_CROP).contiguous(memory_format=torch.channels_last)
-        img = F.normalize(visual.fused(x, feats_t[idx].float(), d), dim=-1)
-        s = logit_scale.clamp(max=math.log(100)).exp()
+        return visual.fused(x, feats_t[idx].float(), d)
 
-        loss, l_con, l_q, l_rank = objective.loss(img, idx, s, text)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 5.0)
-        opt.step()
-        sched.step()
-        hist.append([loss.item(), l_con.item(), l_q.item(), l_rank.item()])
-        if (step + 1) % 50 == 0 or step == 0 or step + 1 == steps:
-            h = np.mean(hist[-50:], axis=0)
-            el_s = time.time() - t0
-            rate = (step + 1) * len(idx) / el_s
-            log(f"step {step + 1}/{steps}: loss {h[0]:.3f} (contrastive {h[1]:.3f}, quality {h[2]:.3f}, "
-                f"rank {h[3]:.3f}), scale {s.item():.1f}, {rate:.0f} img/s, "
-                f"{(steps - step - 1) * el_s / (step + 1) / 60:.1f} min left")
-    visual.eval(), text.eval()
-    log(f"training: {steps} steps of {batch_groups * per} images in {(time.time() - t0) / 60:.1f} min")
-    return text, float(logit_scale.detach().clamp(max=math.log(100)).exp()), time.time() - t0
+    return tt.fit(visual, visual.trainable(), embed, tt.Objective(meta, caps, tok, tokens), tok,
+                  steps, batch_groups, g, lr)
 
 
 # ---------------------------------------------------------------------------------------

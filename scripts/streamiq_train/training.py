@@ -129,20 +129,18 @@ class Objective:
         return loss, l_con, l_q, l_rank
 
 
-def train(images, meta, caps, tok, tokens, steps, batch_groups, seed, lr=2e-3, mscn=None, mscn_core=0.0):
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed + 1)
-    visual = TinyVisual(mscn=mscn, mscn_core=mscn_core).to(memory_format=torch.channels_last)
+def fit(visual, params, embed, objective, tok, steps, batch_groups, g, lr=2e-3):
+    """Trains `params` (the image tower's trainable ones) with a new text tower and the
+    logit scale against `objective`: AdamW, one-cycle lr, gradient clipping, progress lines.
+    `embed(idx)` gives the image tower's output for the images of batch `idx`; `g` draws
+    the batches. Returns (text tower, logit scale, seconds)."""
     text = cc.TextTower(text_config(len(tok.clip_ids)))
     init_text(text)
     logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-    params = list(visual.parameters()) + list(text.parameters()) + [logit_scale]
+    params = list(params) + list(text.parameters()) + [logit_scale]
     opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.05},
                              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.08)
-
-    objective = Objective(meta, caps, tok, tokens)
     n_groups, per = objective.n_groups, objective.per
 
     visual.train(), text.train()
@@ -150,8 +148,7 @@ def train(images, meta, caps, tok, tokens, steps, batch_groups, seed, lr=2e-3, m
     for step in range(steps):
         gsel = torch.randint(0, n_groups, (batch_groups,), generator=g)
         idx = (gsel[:, None] * per + torch.arange(per)).flatten()
-        x = batch_pixels(images, idx.numpy(), rng, TRAIN_CROP).contiguous(memory_format=torch.channels_last)
-        img = F.normalize(visual(x), dim=-1)
+        img = F.normalize(embed(idx), dim=-1)
         s = logit_scale.clamp(max=math.log(100)).exp()
 
         loss, l_con, l_q, l_rank = objective.loss(img, idx, s, text)
@@ -163,11 +160,29 @@ def train(images, meta, caps, tok, tokens, steps, batch_groups, seed, lr=2e-3, m
         hist.append([loss.item(), l_con.item(), l_q.item(), l_rank.item()])
         if (step + 1) % 50 == 0 or step == 0 or step + 1 == steps:
             h = np.mean(hist[-50:], axis=0)
-            rate = (step + 1) * len(idx) / (time.time() - t0)
+            el_s = time.time() - t0
+            rate = (step + 1) * len(idx) / el_s
             log(f"step {step + 1}/{steps}: loss {h[0]:.3f} (contrastive {h[1]:.3f}, quality {h[2]:.3f}, "
-                f"rank {h[3]:.3f}), scale {s.item():.1f}, {rate:.0f} img/s")
+                f"rank {h[3]:.3f}), scale {s.item():.1f}, {rate:.0f} img/s, "
+                f"{(steps - step - 1) * el_s / (step + 1) / 60:.1f} min left")
     visual.eval(), text.eval()
-    return visual, text, float(logit_scale.detach().clamp(max=math.log(100)).exp())
+    log(f"training: {steps} steps of {batch_groups * per} images in {(time.time() - t0) / 60:.1f} min")
+    return text, float(logit_scale.detach().clamp(max=math.log(100)).exp()), time.time() - t0
+
+
+def train(images, meta, caps, tok, tokens, steps, batch_groups, seed, lr=2e-3, mscn=None, mscn_core=0.0):
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed + 1)
+    visual = TinyVisual(mscn=mscn, mscn_core=mscn_core).to(memory_format=torch.channels_last)
+
+    def embed(idx):
+        x = batch_pixels(images, idx.numpy(), rng, TRAIN_CROP).contiguous(memory_format=torch.channels_last)
+        return visual(x)
+
+    text, scale, _ = fit(visual, visual.parameters(), embed, Objective(meta, caps, tok, tokens), tok,
+                         steps, batch_groups, g, lr)
+    return visual, text, scale
 
 
 def all_texts(caps):
