@@ -1,4 +1,4 @@
-"""Bundle file writing shared by the model scripts (make_test_bundle.py, convert_clip.py)."""
+"""Bundle file helpers shared by the model scripts (make_test_bundle.py, convert_clip.py, peers.py)."""
 import hashlib
 import json
 from pathlib import Path

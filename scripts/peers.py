@@ -51,6 +51,8 @@ import time
 import warnings
 from pathlib import Path
 
+from bundle_io import sha256
+
 METHODS = ("brisque", "niqe")
 BRISQUE_DIR = Path(os.environ.get("STREAMIQ_BRISQUE_DIR", "/usr/share/opencv4/quality"))
 BRISQUE_MODEL = BRISQUE_DIR / "brisque_model_live.yml"
@@ -516,14 +518,6 @@ def _worker(task):
 # ---------------------------------------------------------------------------------------
 # The cache.
 # ---------------------------------------------------------------------------------------
-
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for b in iter(lambda: f.read(1 << 20), b""):
-            h.update(b)
-    return h.hexdigest()
-
 
 class Cache:
     def __init__(self, path):
