@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from streamiq_train.model import gaussian_window
 from streamiq_train.model_input import CLIP_MEAN, CLIP_STD  # the daemon's pixel normalisation
 
 EFFNET_MEAN = 127.0  # x in 0..255 -> (x - 127) / 128
@@ -87,10 +88,7 @@ class GaussianBlur(nn.Module):
     def __init__(self, sigma):
         super().__init__()
         r = math.ceil(3 * sigma)
-        x = torch.arange(-r, r + 1, dtype=torch.float32)
-        k = torch.exp(-x * x / (2 * sigma * sigma))
-        k = k / k.sum()
-        self.register_buffer("weight", torch.outer(k, k).expand(3, 1, -1, -1).contiguous())
+        self.register_buffer("weight", gaussian_window(2 * r + 1, sigma).expand(3, 1, -1, -1).contiguous())
         self.pad = r
 
     def forward(self, x):
