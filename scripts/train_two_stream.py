@@ -335,17 +335,26 @@ def main():
                     help="variant: the distortion stream is the (frozen) convolutional part of this "
                          "train_tiny visual.onnx (e.g. the committed models/streamiq-tiny), its pooled "
                          "statistics cached like the content features; only the fusion head is trained")
+    ap.add_argument("--video", type=float, default=0.0, metavar="SHARE",
+                    help="data variant (as train_tiny's): this share of the groups is H.264-encoded as a "
+                         "whole at a mild quantiser")
+    ap.add_argument("--grain", type=float, default=0.0, metavar="SHARE",
+                    help="data variant (as train_tiny's): this share of the images gets faint grain, "
+                         "targets unchanged, so the head learns that grain is not sharpness")
     ap.add_argument("--state", default="", help="also save the torch weights (tower head, distortion "
                                                  "stream, text tower) to this file")
     a = ap.parse_args()
     if a.distortion_from and a.mode != "two-stream":
         ap.error("--distortion-from needs --mode two-stream")
+    for opt in ("video", "grain"):
+        if not 0 <= getattr(a, opt) <= 1:
+            ap.error(f"--{opt} {getattr(a, opt)}: the share must be between 0 and 1")
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     t0 = time.time()
     el.weights_path()  # fail early when the packages are missing
-    images, meta, caps, data_name = tt.load_dataset(a.groups, a.workers, a.seed, a.cache)
+    images, meta, caps, data_name = tt.load_dataset(a.groups, a.workers, a.seed, a.cache, a.video, a.grain)
     t_data = time.time() - t0
     feats, t_feat = content_features(images, a.cache, data_name, a.content_blur)
     f32 = feats.astype(np.float32)
@@ -377,7 +386,8 @@ def main():
         generator=f"scripts/train_two_stream.py --mode {a.mode} --seed {a.seed} --groups {a.groups} "
                   f"--steps {a.steps} --batch-groups {a.batch_groups} --lr {a.lr:g}"
                   + (f" --distortion-from {a.distortion_from}" if a.distortion_from else "")
-                  + (f" --content-blur {a.content_blur:g}" if a.content_blur else ""),
+                  + (f" --content-blur {a.content_blur:g}" if a.content_blur else "")
+                  + (f" --video {a.video:g}" if a.video else "") + (f" --grain {a.grain:g}" if a.grain else ""),
         purpose="streamiq's own quality model: a frozen ImageNet EfficientNet-Lite0 (content) "
                 + ("beside a small convolutional tower trained from scratch (distortion), "
                    if a.mode == "two-stream" else "")
