@@ -12,7 +12,13 @@
 //! *active* segment as soon as it has lasted the minimum duration (not when it ends);
 //! it ends at the first frame that no longer matches. A frozen run is measured against
 //! its first frame (the anchor), not only frame to frame, so that slow motion never
-//! adds up to a freeze; black frames never count as frozen.
+//! adds up to a freeze: a frame continues the run when it is within `qc.freeze_mad_max`
+//! of the anchor, or within it of the previous frame while no further than
+//! [`FREEZE_DRIFT`] times that from the anchor. The second rule keeps a still picture one
+//! freeze while an encoder refines it within a GOP and re-encodes it at the next key
+//! frame (each step well under a grey level, a few steps adding up past the limit),
+//! where FFmpeg's `freezedetect`, which compares with the first frame only, splits it.
+//! Black frames never count as frozen.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::ops::{Index, IndexMut};
@@ -22,6 +28,10 @@ use serde::Serialize;
 
 use crate::config::QcSettings;
 use crate::frame::{RgbImage, luma256};
+
+/// How far (in multiples of `qc.freeze_mad_max`) a frozen run may drift from its first
+/// frame through small frame-to-frame steps (an encoder refining a still picture).
+pub const FREEZE_DRIFT: f32 = 4.0;
 
 /// A kind of picture segment a stream can be in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -313,10 +323,13 @@ pub struct PictureDetectors<A> {
     /// One segment detector per kind.
     pub segments: PerKind<SegmentDetector>,
     anchor: Option<(f64, A)>,
+    /// The previous picture (not black, not bars).
+    previous: Option<A>,
     last_end: Option<f64>,
+    flags: PerKind<bool>,
 }
 
-impl<A: AsRef<RgbImage>> PictureDetectors<A> {
+impl<A: AsRef<RgbImage> + Clone> PictureDetectors<A> {
     /// Detectors with `[qc]`'s thresholds.
     pub fn new(qc: &QcSettings) -> Self {
         Self {
@@ -325,8 +338,16 @@ impl<A: AsRef<RgbImage>> PictureDetectors<A> {
             mad_max: qc.freeze_mad_max,
             segments: qc.min_duration.map(|_, d| SegmentDetector::new(*d)),
             anchor: None,
+            previous: None,
             last_end: None,
+            flags: PerKind::default(),
         }
+    }
+
+    /// What the last frame was by itself: black, still (like the first picture of its
+    /// still run) or colour bars, before any minimum duration.
+    pub fn flags(&self) -> &PerKind<bool> {
+        &self.flags
     }
 
     /// Whether a segment of `kind` is active.
@@ -345,16 +366,24 @@ impl<A: AsRef<RgbImage>> PictureDetectors<A> {
         let bars = !black && looks_like_bars(img);
         let still = if black || bars {
             self.anchor = None;
+            self.previous = None;
             None
         } else {
+            let near_previous = || {
+                self.previous
+                    .as_ref()
+                    .and_then(|p| mean_abs_diff(p.as_ref(), img))
+                    .is_some_and(|mad| mad <= self.mad_max)
+            };
             let still = self.anchor.as_ref().and_then(|(t0, a)| {
-                mean_abs_diff(a.as_ref(), img)
-                    .filter(|mad| *mad <= self.mad_max)
-                    .map(|_| *t0)
+                let drift = mean_abs_diff(a.as_ref(), img)?;
+                (drift <= self.mad_max || (drift <= FREEZE_DRIFT * self.mad_max && near_previous()))
+                    .then_some(*t0)
             });
             if still.is_none() {
-                self.anchor = Some((t, frame));
+                self.anchor = Some((t, frame.clone()));
             }
+            self.previous = Some(frame);
             still
         };
         let runs = PerKind::from_fn(|k| match k {
@@ -362,6 +391,7 @@ impl<A: AsRef<RgbImage>> PictureDetectors<A> {
             SegmentKind::Freeze => still,
             SegmentKind::Bars => bars.then_some(t),
         });
+        self.flags = runs.map(|_, r| r.is_some());
         PerKind::from_fn(|k| self.segments[k].update(t, end, runs[k]))
     }
 
@@ -369,6 +399,7 @@ impl<A: AsRef<RgbImage>> PictureDetectors<A> {
     pub fn finish(&mut self) -> QcEvents {
         let t = self.last_end.unwrap_or(0.0);
         self.anchor = None;
+        self.previous = None;
         PerKind::from_fn(|k| self.segments[k].close(t))
     }
 }
@@ -430,7 +461,8 @@ mod tests {
         }
     }
 
-    struct Img(RgbImage);
+    #[derive(Clone)]
+    struct Img(std::sync::Arc<RgbImage>);
     impl AsRef<RgbImage> for Img {
         fn as_ref(&self) -> &RgbImage {
             &self.0
@@ -438,17 +470,21 @@ mod tests {
     }
 
     fn solid(v: u8) -> Img {
-        Img(RgbImage::from_packed(8, 8, vec![v; 8 * 8 * 3]))
+        Img(std::sync::Arc::new(RgbImage::from_packed(
+            8,
+            8,
+            vec![v; 8 * 8 * 3],
+        )))
     }
 
     fn moving(i: usize) -> Img {
-        Img(RgbImage::from_packed(
+        Img(std::sync::Arc::new(RgbImage::from_packed(
             8,
             8,
             (0..8 * 8 * 3)
                 .map(|k| ((k * 7 + i * 13) % 256) as u8)
                 .collect(),
-        ))
+        )))
     }
 
     #[test]
@@ -507,6 +543,66 @@ mod tests {
         );
         assert_eq!(freeze.len(), 1, "{freeze:?}");
         assert!((freeze[0].start - 9.0).abs() < 1e-9 && (freeze[0].end - 12.0).abs() < 1e-9);
+    }
+
+    /// An 8x8 grey picture (values 100..164) brightened by `tenths` / 10 grey levels on
+    /// average: every value by `tenths / 10`, and the first share `tenths % 10` / 10 of
+    /// the values by one more.
+    fn brightened(tenths: usize) -> Img {
+        let n = 8 * 8 * 3;
+        Img(std::sync::Arc::new(RgbImage::from_packed(
+            8,
+            8,
+            (0..n)
+                .map(|k| {
+                    (100 + k % 64 + tenths / 10 + usize::from(k * 10 < n * (tenths % 10))) as u8
+                })
+                .collect(),
+        )))
+    }
+
+    /// Frozen runs over `pictures` (one per 0.1 s, `tenths` of brightening each).
+    fn freezes(pictures: impl IntoIterator<Item = usize>) -> Vec<Segment> {
+        let mut det = PictureDetectors::new(&qc());
+        let mut out = Vec::new();
+        let mut last = 0.0;
+        for (i, tenths) in pictures.into_iter().enumerate() {
+            last = i as f64 * 0.1;
+            if let Transition::Ended(s) =
+                det.update(last, Some(0.1), brightened(tenths))[SegmentKind::Freeze]
+            {
+                out.push(s);
+            }
+        }
+        if let Transition::Ended(s) = det.finish()[SegmentKind::Freeze] {
+            out.push(s);
+        }
+        assert!(last > 0.0);
+        out
+    }
+
+    #[test]
+    fn a_still_picture_refined_in_small_steps_stays_one_freeze_but_slow_change_does_not() {
+        // qc() allows 0.51 grey levels (0.002). An encoder refining a still picture: 0.4
+        // grey levels at a time, 1.6 in all, each step held for 1 s.
+        let refined = (0..50).map(|i| (i / 10) * 4);
+        assert_eq!(
+            freezes(refined),
+            [Segment {
+                start: 0.0,
+                end: 5.0
+            }],
+            "one freeze from the first picture to the end"
+        );
+        // The same steps going on (a slow fade): the drift passes 4 x 0.51 levels after
+        // the sixth step, and the next run, from there, starts again.
+        let fading = (0..100).map(|i| (i / 10) * 4);
+        let runs = freezes(fading);
+        assert_eq!(runs.len(), 2, "{runs:?}");
+        assert!((runs[0].end - 6.0).abs() < 1e-9, "{runs:?}");
+        // Steps too large to be refinement (0.6 levels) never continue a run.
+        let jumps = (0..40).map(|i| (i / 5) * 6);
+        assert!(freezes(jumps).is_empty());
     }
 
     #[test]
@@ -571,7 +667,7 @@ mod tests {
     #[test]
     fn bars_make_a_segment_of_their_own_never_a_freeze() {
         let mut det = PictureDetectors::new(&qc());
-        let img = || Img(bars(112, 64, 191, 16));
+        let img = || Img(std::sync::Arc::new(bars(112, 64, 191, 16)));
         let mut events = Vec::new();
         for i in 0..30 {
             let ev = det.update(i as f64 * 0.1, Some(0.1), img());

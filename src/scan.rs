@@ -2,10 +2,10 @@
 //! (backpressure, no drops, no pacing), score every frame (or `--sample-fps`), and
 //! report per file: frames scored, mean / min / p5 score, black, freeze and bars segments.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use arc_swap::ArcSwap;
 use gstreamer as gst;
@@ -31,6 +31,37 @@ pub struct ScanOptions {
     pub sample_fps: Option<f64>,
     /// What fails a file (exit code 1).
     pub gates: ScanGates,
+    /// Files decoded at once (`-j`); one model scores them all, in shared batches.
+    pub jobs: usize,
+    /// Keep every scored frame in its file's report ([`FileReport::frames`]).
+    pub per_frame: bool,
+}
+
+impl ScanOptions {
+    /// Every frame of `files`, one at a time, no gates, no per-frame rows.
+    pub fn files(files: Vec<PathBuf>) -> Self {
+        Self {
+            files,
+            sample_fps: None,
+            gates: ScanGates::default(),
+            jobs: 1,
+            per_frame: false,
+        }
+    }
+}
+
+/// One scored frame of a file (`scan --per-frame`).
+#[derive(Debug, Clone)]
+pub struct FrameRow {
+    /// Stream time of the frame, seconds (`None` when the decoder gave none).
+    pub pts: Option<f64>,
+    /// Quality score.
+    pub score: f32,
+    /// Score of each attribute pair, in the prompt set's order.
+    pub attributes: Vec<f32>,
+    /// Whether the picture itself was black, still (the same as the picture that began
+    /// its still run) or colour bars; a segment needs such frames for `qc.min_duration`.
+    pub flags: PerKind<bool>,
 }
 
 /// The report for one file.
@@ -62,6 +93,9 @@ pub struct FileReport {
     pub failed_gates: Vec<&'static str>,
     /// Whether any gate failed.
     pub failed: bool,
+    /// Every scored frame in stream order, with [`ScanOptions::per_frame`] (not printed).
+    #[serde(skip)]
+    pub frames: Vec<FrameRow>,
 }
 
 /// Writes each kind's segments as a `{kind}_segments` field.
@@ -72,23 +106,76 @@ fn segments_as_fields<S: serde::Serializer>(
     segments.named("_segments", |v| v).serialize(s)
 }
 
-/// Scores per file, and attribute sums per file.
+/// What a scan tells its caller while it runs (all on the calling thread).
+pub trait ScanObserver {
+    /// The model is loaded: the prompt set's attribute names, in order.
+    fn started(&mut self, _attributes: &[String]) {}
+    /// About five times a second: frames scored so far, over all files.
+    fn progress(&mut self, _frames_scored: u64) {}
+    /// A file's report, as soon as its last frame is scored (files end in any order
+    /// when [`ScanOptions::jobs`] > 1).
+    fn finished(&mut self, _report: &FileReport) {}
+}
+
+impl ScanObserver for () {}
+
+/// Scores and frame counts of one file.
 #[derive(Default, Clone)]
 struct FileScores {
     scores: Vec<f32>,
     attributes: BTreeMap<String, f64>,
     embedding_sum: Vec<f32>,
+    rows: Vec<FrameRow>,
+    /// Frames handed to the scorer.
+    sent: usize,
+    /// Of those, frames scored or dropped.
+    done: usize,
 }
 
 struct ScanSink {
     files: Mutex<Vec<FileScores>>,
+    /// Signalled whenever frames are scored or dropped.
+    progress: Condvar,
+    /// Picture flags of frames not yet scored (with `per_frame`), by frame id.
+    flags: Mutex<HashMap<u64, PerKind<bool>>>,
+    per_frame: bool,
+    scored: AtomicU64,
+}
+
+impl ScanSink {
+    fn files(&self) -> MutexGuard<'_, Vec<FileScores>> {
+        self.files.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counts a frame handed to the scorer for file `i`.
+    fn sent(&self, i: usize) {
+        self.files()[i].sent += 1;
+    }
+
+    /// Waits until every frame handed over for file `i` is scored or dropped, and
+    /// takes its scores.
+    fn take_when_done(&self, i: usize) -> FileScores {
+        let mut files = self.files();
+        while files[i].done < files[i].sent {
+            files = self.progress.wait(files).unwrap_or_else(|e| e.into_inner());
+        }
+        std::mem::take(&mut files[i])
+    }
 }
 
 impl ScoreSink for ScanSink {
     fn publish(&self, frames: Vec<ScoredFrame>, prompts: &PromptSet) {
-        let mut files = self.files.lock().unwrap_or_else(|e| e.into_inner());
+        let mut flags = if self.per_frame {
+            Some(self.flags.lock().unwrap_or_else(|e| e.into_inner()))
+        } else {
+            None
+        };
+        let mut files = self.files();
+        self.scored
+            .fetch_add(frames.len() as u64, Ordering::Relaxed);
         for sf in frames {
             let file = &mut files[sf.frame.stream];
+            file.done += 1;
             file.scores.push(sf.score);
             if file.embedding_sum.is_empty() {
                 file.embedding_sum = vec![0.0; sf.embedding.len()];
@@ -99,7 +186,17 @@ impl ScoreSink for ScanSink {
             for ((name, _), v) in prompts.attributes.iter().zip(&sf.attributes) {
                 *file.attributes.entry(name.clone()).or_default() += *v as f64;
             }
+            if let Some(flags) = flags.as_mut() {
+                file.rows.push(FrameRow {
+                    pts: sf.frame.pts,
+                    score: sf.score,
+                    flags: flags.remove(&sf.frame.id).unwrap_or_default(),
+                    attributes: sf.attributes,
+                });
+            }
         }
+        drop(files);
+        self.progress.notify_all();
     }
 
     fn dropped(&self, frames: &[Frame], reason: DropReason) {
@@ -108,78 +205,139 @@ impl ScoreSink for ScanSink {
             reason = reason.as_str(),
             "Frames not scored"
         );
+        let mut files = self.files();
+        for f in frames {
+            files[f.stream].done += 1;
+        }
+        drop(files);
+        if self.per_frame {
+            let mut flags = self.flags.lock().unwrap_or_else(|e| e.into_inner());
+            frames.iter().for_each(|f| {
+                flags.remove(&f.id);
+            });
+        }
+        self.progress.notify_all();
     }
 }
 
 /// Scans the files and returns one report per file, in order.
 pub fn scan(settings: &Settings, opts: &ScanOptions) -> Result<Vec<FileReport>, Error> {
+    scan_with(settings, opts, &mut ())
+}
+
+/// Scans the files, `opts.jobs` at a time with one engine, telling `observer` of each
+/// report as its file ends; returns the reports in the order of `opts.files`.
+pub fn scan_with(
+    settings: &Settings,
+    opts: &ScanOptions,
+    observer: &mut dyn ScanObserver,
+) -> Result<Vec<FileReport>, Error> {
     pipeline::init()?;
     let loaded = crate::score::load(&settings.model)?;
     let bundle = loaded.bundle.clone();
+    let attribute_names: Vec<String> = loaded
+        .prompts
+        .attributes
+        .iter()
+        .map(|(n, _)| n.clone())
+        .collect();
     let prompts = Arc::new(ArcSwap::from_pointee(loaded.prompts.clone()));
     // Scan's metrics are its own registry, never exported: the engine and the per-file
     // detectors count into it as the daemon's do.
     let metrics = Arc::new(Metrics::new());
-    let states: Vec<Arc<StreamState>> = opts
-        .files
-        .iter()
-        .enumerate()
-        .map(|(i, p)| {
-            Arc::new(StreamState::new(
-                i,
-                &format!("file{i}"),
-                &p.display().to_string(),
-                metrics.stream(&format!("file{i}")),
-                &settings.qc,
-                1,
-            ))
-        })
-        .collect();
     let sink = Arc::new(ScanSink {
         files: Mutex::new(vec![FileScores::default(); opts.files.len()]),
+        progress: Condvar::new(),
+        flags: Mutex::new(HashMap::new()),
+        per_frame: opts.per_frame,
+        scored: AtomicU64::new(0),
     });
-    let engine = Engine::start(loaded, prompts, &settings.scorer, sink.clone(), metrics)
-        .map_err(|e| Error::runtime("starting the scoring threads", e))?;
+    let engine = Engine::start(
+        loaded,
+        prompts,
+        &settings.scorer,
+        sink.clone(),
+        metrics.clone(),
+    )
+    .map_err(|e| Error::runtime("starting the scoring threads", e))?;
+    observer.started(&attribute_names);
     let handoff = engine.handoff();
-    let mut errors: Vec<Option<String>> = Vec::with_capacity(opts.files.len());
-    for (path, state) in opts.files.iter().zip(&states) {
-        let spec = PipelineSpec {
-            source: Source::Uri(String::new()),
-            sample_fps: opts.sample_fps,
-            realtime: false,
-            input_size: bundle.manifest.input.size,
-            resize: bundle.manifest.input.resize,
-            views: settings.scorer.views,
-        };
-        let err = scan_file(
-            path,
-            spec,
-            state.clone(),
-            handoff.clone(),
-            settings
-                .qc
-                .stall_timeout
-                .max(std::time::Duration::from_secs(10)),
-        )
-        .err();
-        if let Some(e) = &err {
-            tracing::error!(path = %path.display(), error = %e, "Cannot read file");
+    let spec = PipelineSpec {
+        source: Source::Uri(String::new()),
+        sample_fps: opts.sample_fps,
+        realtime: false,
+        input_size: bundle.manifest.input.size,
+        resize: bundle.manifest.input.resize,
+        views: settings.scorer.views,
+    };
+    let stall_timeout = settings
+        .qc
+        .stall_timeout
+        .max(std::time::Duration::from_secs(10));
+    let next = AtomicUsize::new(0);
+    let (tx, rx) = crossbeam_channel::unbounded::<(usize, FileReport)>();
+    let mut reports: Vec<Option<FileReport>> = vec![None; opts.files.len()];
+    std::thread::scope(|scope| {
+        for _ in 0..opts.jobs.clamp(1, opts.files.len().max(1)) {
+            let (tx, sink, handoff, spec, metrics) = (
+                tx.clone(),
+                sink.clone(),
+                handoff.clone(),
+                spec.clone(),
+                metrics.clone(),
+            );
+            let next = &next;
+            scope.spawn(move || {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(path) = opts.files.get(i) else { break };
+                    let state = Arc::new(StreamState::new(
+                        i,
+                        &format!("file{i}"),
+                        &path.display().to_string(),
+                        metrics.stream(&format!("file{i}")),
+                        &settings.qc,
+                        1,
+                    ));
+                    let err =
+                        scan_file(path, spec.clone(), &state, &sink, &handoff, stall_timeout).err();
+                    if let Some(e) = &err {
+                        tracing::error!(path = %path.display(), error = %e, "Cannot read file");
+                    }
+                    let scores = sink.take_when_done(i);
+                    let r = report(
+                        path,
+                        scores,
+                        state.segments(),
+                        err.map(|e| e.to_string()),
+                        &opts.gates,
+                    );
+                    if tx.send((i, r)).is_err() {
+                        break;
+                    }
+                }
+            });
         }
-        errors.push(err.map(|e| e.to_string()));
-    }
+        drop(tx);
+        loop {
+            match rx.recv_timeout(std::time::Duration::from_millis(200)) {
+                Ok((i, r)) => {
+                    observer.progress(sink.scored.load(Ordering::Relaxed));
+                    observer.finished(&r);
+                    reports[i] = Some(r);
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    observer.progress(sink.scored.load(Ordering::Relaxed))
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+    });
     drop(handoff);
     engine.stop();
-    let scores = std::mem::take(&mut *sink.files.lock().unwrap_or_else(|e| e.into_inner()));
-    Ok(opts
-        .files
-        .iter()
-        .zip(states)
-        .zip(scores)
-        .zip(errors)
-        .map(|(((path, state), scores), error)| {
-            let segments = state.segments();
-            report(path, scores, segments, error, &opts.gates)
-        })
+    Ok(reports
+        .into_iter()
+        .map(|r| r.expect("every file is reported"))
         .collect())
 }
 
@@ -194,7 +352,14 @@ fn report(
         mut scores,
         mut attributes,
         mut embedding_sum,
+        mut rows,
+        ..
     } = file;
+    rows.sort_by(|a, b| {
+        a.pts
+            .unwrap_or(f64::MAX)
+            .total_cmp(&b.pts.unwrap_or(f64::MAX))
+    });
     let embedding =
         crate::score::prompts::normalise_in_place(&mut embedding_sum).then_some(embedding_sum);
     scores.sort_by(f32::total_cmp);
@@ -232,6 +397,7 @@ fn report(
         error,
         failed: !failed_gates.is_empty(),
         failed_gates,
+        frames: rows,
     }
 }
 
@@ -273,8 +439,9 @@ pub enum ScanError {
 fn scan_file(
     path: &Path,
     mut spec: PipelineSpec,
-    state: Arc<StreamState>,
-    handoff: Handoff,
+    state: &Arc<StreamState>,
+    sink: &Arc<ScanSink>,
+    handoff: &Handoff,
     stall_timeout: std::time::Duration,
 ) -> Result<(), ScanError> {
     let meta = std::fs::metadata(path)?;
@@ -288,24 +455,35 @@ fn scan_file(
     // decoder bins) is rebuilt once; one that stalls later is reported, never waited on.
     let mut result = Err(RunError::Stalled);
     for _attempt in 0..2 {
-        let st = state.clone();
-        let handoff = handoff.clone();
+        let (st, sink, handoff) = (state.clone(), sink.clone(), handoff.clone());
         // Frames waiting for room in the queue (a busy scorer) are progress, not a stall.
         let waiting = Arc::new(AtomicUsize::new(0));
         let deliver = {
             let waiting = waiting.clone();
             move |mut frame: Frame| {
                 frame.stream = st.index;
-                st.on_arrival(&frame);
+                let flags = st.on_arrival(&frame);
+                if sink.per_frame {
+                    sink.flags
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(frame.id, flags);
+                }
                 waiting.fetch_add(1, Ordering::Relaxed);
+                // Counted before the send: the scorer may finish the frame before `send`
+                // returns. A send that fails (the scorer gone) ends the scan anyway.
+                sink.sent(st.index);
                 let sent = handoff.send(frame);
+                if !sent {
+                    sink.files()[st.index].sent -= 1;
+                }
                 waiting.fetch_sub(1, Ordering::Relaxed);
                 sent
             }
         };
         let pipe = pipeline::build(&state.id, &spec, deliver)
             .map_err(|e| ScanError::Pipeline(e.to_string()))?;
-        result = run_to_end(&pipe, &state, &waiting, stall_timeout);
+        result = run_to_end(&pipe, state, &waiting, stall_timeout);
         let _ = pipe.set_state(gst::State::Null);
         let retry = matches!(result, Err(RunError::Stalled)) && state.metrics.decoded.get() == 0;
         if !retry {
@@ -400,15 +578,11 @@ pub fn format_text(r: &FileReport) -> String {
     s
 }
 
-/// The reports as CSV with a header row: one row per file with its scores, per segment
-/// kind the number of segments, their total and their longest duration (seconds), one
-/// `attr_<name>` column per attribute pair any report has, the error, whether it failed
-/// and the failed gates (`;`-separated). Fields are quoted and formula-neutralised as
-/// label exports are ([`crate::csv::field`]).
-pub fn to_csv(reports: &[FileReport]) -> String {
-    use std::fmt::Write;
-    let attrs: std::collections::BTreeSet<&String> =
-        reports.iter().flat_map(|r| r.attributes.keys()).collect();
+/// The header row of `scan --format csv` (with its newline): per file its scores, per
+/// segment kind the number of segments, their total and their longest duration
+/// (seconds), one `attr_<name>` column per attribute pair, the error, whether it failed
+/// and the failed gates.
+pub fn csv_header(attributes: &[String]) -> String {
     let mut header: Vec<String> = [
         "path",
         "frames_scored",
@@ -423,32 +597,65 @@ pub fn to_csv(reports: &[FileReport]) -> String {
             header.push(format!("{}_{col}", kind.name()));
         }
     }
-    header.extend(attrs.iter().map(|a| format!("attr_{a}")));
+    header.extend(attributes.iter().map(|a| format!("attr_{a}")));
     header.extend(["error", "failed", "failed_gates"].map(String::from));
-    let mut out = header.join(",");
-    out.push('\n');
-    let num = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.6}"));
-    for r in reports {
-        let mut row = vec![
-            crate::csv::field(&r.path),
-            r.frames_scored.to_string(),
-            num(r.mean_score),
-            num(r.min_score),
-            num(r.p5_score),
-        ];
-        for kind in SegmentKind::ALL {
-            let segs = &r.segments[kind];
-            let total: f64 = segs.iter().map(Segment::duration).sum();
-            let longest = segs.iter().map(Segment::duration).fold(0.0, f64::max);
-            row.push(segs.len().to_string());
-            row.push(format!("{total:.3}"));
-            row.push(format!("{longest:.3}"));
+    header.join(",") + "\n"
+}
+
+fn num(v: Option<f64>) -> String {
+    v.map_or(String::new(), |v| format!("{v:.6}"))
+}
+
+/// One file's row under [`csv_header`] (with its newline). Fields are quoted and
+/// formula-neutralised as label exports are ([`crate::csv::field`]); failed gates are
+/// `;`-separated.
+pub fn csv_row(r: &FileReport, attributes: &[String]) -> String {
+    let mut row = vec![
+        crate::csv::field(&r.path),
+        r.frames_scored.to_string(),
+        num(r.mean_score),
+        num(r.min_score),
+        num(r.p5_score),
+    ];
+    for kind in SegmentKind::ALL {
+        let segs = &r.segments[kind];
+        let total: f64 = segs.iter().map(Segment::duration).sum();
+        let longest = segs.iter().map(Segment::duration).fold(0.0, f64::max);
+        row.push(segs.len().to_string());
+        row.push(format!("{total:.3}"));
+        row.push(format!("{longest:.3}"));
+    }
+    row.extend(attributes.iter().map(|a| num(r.attributes.get(a).copied())));
+    row.push(crate::csv::field(r.error.as_deref().unwrap_or("")));
+    row.push(r.failed.to_string());
+    row.push(crate::csv::field(&r.failed_gates.join(";")));
+    row.join(",") + "\n"
+}
+
+/// The header row of `scan --per-frame` (with its newline): the file, the frame's
+/// stream time (`pts`, seconds), its score, one `attr_<name>` column per attribute
+/// pair, and 0/1 columns `black`, `freeze` and `bars` ([`FrameRow::flags`]).
+pub fn per_frame_header(attributes: &[String]) -> String {
+    let mut header: Vec<String> = ["path", "pts", "score"].map(String::from).to_vec();
+    header.extend(attributes.iter().map(|a| format!("attr_{a}")));
+    header.extend(SegmentKind::ALL.map(|k| k.name().to_string()));
+    header.join(",") + "\n"
+}
+
+/// A file's frames under [`per_frame_header`], one line each.
+pub fn per_frame_rows(r: &FileReport) -> String {
+    use std::fmt::Write;
+    let path = crate::csv::field(&r.path);
+    let mut out = String::new();
+    for f in &r.frames {
+        let _ = write!(out, "{path},{},{:.6}", num(f.pts), f.score);
+        for a in &f.attributes {
+            let _ = write!(out, ",{a:.6}");
         }
-        row.extend(attrs.iter().map(|a| num(r.attributes.get(*a).copied())));
-        row.push(crate::csv::field(r.error.as_deref().unwrap_or("")));
-        row.push(r.failed.to_string());
-        row.push(crate::csv::field(&r.failed_gates.join(";")));
-        let _ = writeln!(out, "{}", row.join(","));
+        for (_, on) in f.flags.iter() {
+            let _ = write!(out, ",{}", u8::from(*on));
+        }
+        out.push('\n');
     }
     out
 }

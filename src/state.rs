@@ -124,8 +124,9 @@ impl StreamState {
     }
 
     /// Called by ingest for every sampled frame, before it is queued: counts it,
-    /// marks the stream up and runs the black / freeze detectors.
-    pub fn on_arrival(&self, frame: &Frame) {
+    /// marks the stream up and runs the black / freeze detectors. Returns what the
+    /// picture was by itself ([`PictureDetectors::flags`]).
+    pub fn on_arrival(&self, frame: &Frame) -> PerKind<bool> {
         self.metrics.decoded.inc();
         self.metrics.up.set(1);
         let ms = frame.arrived.duration_since(self.epoch).as_millis() as u64;
@@ -134,6 +135,7 @@ impl StreamState {
         let mut qc = lock(&self.qc);
         let ev = qc.detectors.update(t, frame.duration, frame.image.clone());
         self.apply(&mut qc, ev);
+        qc.detectors.flags().clone()
     }
 
     fn apply(&self, qc: &mut Qc, ev: QcEvents) {

@@ -442,6 +442,65 @@ fn scan_finds_black_and_freeze_segments() {
     assert_eq!(both.status.code(), Some(2), "--json and --format conflict");
 }
 
+/// A still picture that an encoder re-encodes at every key frame (noisy content at
+/// CRF 35, a GOP of 1 s: the picture changes by about 0.4 grey levels at the first GOP
+/// boundary, then not at all) stays one freeze from 2 s to 10 s. FFmpeg's
+/// `freezedetect`, which compares every frame with the first of the run at a fixed
+/// noise floor, starts it at the first boundary (3 s) on the same file.
+#[test]
+fn a_freeze_holds_across_an_encoders_key_frame_refresh() {
+    let dir = tempfile::tempdir().unwrap();
+    let clip = dir.path().join("refresh.mp4");
+    common::synth(
+        "testsrc2=size=960x540:rate=25:duration=12",
+        &[
+            "-filter_complex",
+            "[0]noise=alls=20:allf=t,split[a][b];[a][b]freezeframes=first=50:last=249:replace=50",
+            "-c:v",
+            "libx264",
+            "-preset",
+            "veryfast",
+            "-crf",
+            "35",
+            "-g",
+            "25",
+            "-keyint_min",
+            "25",
+            "-sc_threshold",
+            "0",
+            "-threads",
+            "1",
+            "-pix_fmt",
+            "yuv420p",
+        ],
+        &clip,
+    );
+    let cfg = write_config(dir.path(), &config_text("", ""));
+    let r = scan_json(&cfg, &clip, &["--sample-fps", "5"]);
+    let freeze = r["freeze_segments"].as_array().unwrap();
+    assert_eq!(freeze.len(), 1, "{r}");
+    let (start, end) = (
+        freeze[0]["start"].as_f64().unwrap(),
+        freeze[0]["end"].as_f64().unwrap(),
+    );
+    assert!(
+        (start - 2.0).abs() <= 0.25 && (end - 10.0).abs() <= 0.25,
+        "{r}"
+    );
+    let ffmpeg = Command::new("ffmpeg")
+        .args(["-hide_banner", "-nostats", "-i"])
+        .arg(&clip)
+        .args(["-vf", "freezedetect", "-f", "null", "-"])
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&ffmpeg.stderr);
+    let theirs: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("lavfi.freezedetect.freeze_"))
+        .collect();
+    println!("streamiq: {start:.2} s - {end:.2} s; ffmpeg freezedetect: {theirs:?}");
+}
+
 /// Colour bars (ffmpeg's SMPTE pattern, H.264-encoded) over a moving picture from 5 s
 /// to 8 s are one bars segment, and never also a freeze though the pattern is still.
 #[test]
@@ -643,6 +702,112 @@ fn scan_gates_fail_black_frozen_and_low_files_by_name() {
     let (code, _, err) = scan(&["--fail-below", "NaN"], None);
     assert_eq!(code, Some(2));
     assert!(err.contains("--fail-below"), "{err}");
+}
+
+/// `scan -j 2` prints each file's line as it ends (a short file after a long one on the
+/// command line comes out first), reports the same as `-j 1`, and `--per-frame` writes
+/// one row per scored frame with its picture flags.
+#[test]
+fn scan_in_parallel_reports_files_as_they_end_with_per_frame_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let long = dir.path().join("long.mp4");
+    common::synth(
+        "testsrc2=size=320x180:rate=10:duration=8",
+        &[
+            "-vf",
+            "drawbox=x=0:y=0:w=iw:h=ih:color=black:t=fill:enable='between(t,1,3.99)'",
+            "-pix_fmt",
+            "yuv420p",
+        ],
+        &long,
+    );
+    let short = dir.path().join("short.mp4");
+    common::synth(
+        "testsrc2=size=320x180:rate=10:duration=1",
+        &["-pix_fmt", "yuv420p"],
+        &short,
+    );
+    let per_frame = dir.path().join("frames.csv");
+    let scan = |jobs: &str, extra: &[&std::ffi::OsStr]| -> Vec<serde_json::Value> {
+        let out = Command::new(bin())
+            .args(["scan", "--json", "-j", jobs, "--model"])
+            .arg(bundle())
+            .args(extra)
+            .args([&long, &short])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let serial = scan("1", &[]);
+    let parallel = scan("2", &["--per-frame".as_ref(), per_frame.as_os_str()]);
+    let path = |v: &serde_json::Value| v["path"].as_str().unwrap().to_string();
+    assert_eq!(
+        serial.iter().map(path).collect::<Vec<_>>(),
+        [long.display().to_string(), short.display().to_string()]
+    );
+    assert_eq!(
+        parallel.iter().map(path).collect::<Vec<_>>(),
+        [short.display().to_string(), long.display().to_string()],
+        "the short file ends first"
+    );
+    for p in &parallel {
+        let s = serial.iter().find(|s| path(s) == path(p)).unwrap();
+        for key in [
+            "frames_scored",
+            "black_segments",
+            "freeze_segments",
+            "failed_gates",
+            "error",
+        ] {
+            assert_eq!(s[key], p[key], "{key}");
+        }
+        let (a, b) = (
+            s["mean_score"].as_f64().unwrap(),
+            p["mean_score"].as_f64().unwrap(),
+        );
+        assert!((a - b).abs() < 1e-4, "{a} {b}");
+    }
+
+    let text = std::fs::read_to_string(&per_frame).unwrap();
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    assert_eq!(&header[..3], ["path", "pts", "score"]);
+    assert_eq!(&header[header.len() - 3..], ["black", "freeze", "bars"]);
+    let col = |name: &str| header.iter().position(|h| *h == name).unwrap();
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+    assert_eq!(rows.len(), 90, "{text}");
+    let mut black = 0;
+    for r in rows.iter().filter(|r| r[0] == long.to_str().unwrap()) {
+        assert_eq!(r.len(), header.len());
+        let t: f64 = r[col("pts")].parse().unwrap();
+        let score: f64 = r[col("score")].parse().unwrap();
+        assert!((0.0..=1.0).contains(&score));
+        let expect = if (1.0..3.95).contains(&t) { "1" } else { "0" };
+        assert_eq!(r[col("black")], expect, "t = {t}");
+        black += (r[col("black")] == "1") as usize;
+    }
+    assert_eq!(black, 30);
+
+    // An unwritable --per-frame file is refused before anything is scanned.
+    let out = Command::new(bin())
+        .args(["scan", "--model"])
+        .arg(bundle())
+        .args(["--per-frame", "/nonexistent/dir/frames.csv"])
+        .arg(&short)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--per-frame /nonexistent/dir/frames.csv")
+    );
 }
 
 fn check_config(dir: &Path, text: &str) -> (i32, String) {

@@ -62,6 +62,15 @@ enum Command {
         /// Frames per second to sample (default: every frame).
         #[arg(long)]
         sample_fps: Option<f64>,
+        /// Files decoded at once; one model scores all of them in shared batches. Each
+        /// file's report is printed as soon as it ends, so with more than one job the
+        /// order can differ from the command line's.
+        #[arg(long, short = 'j', default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+        jobs: u16,
+        /// Also write every scored frame to this CSV file (path, pts, score, attributes,
+        /// black/freeze/bars flags), for plotting.
+        #[arg(long, value_name = "FILE")]
+        per_frame: Option<PathBuf>,
         #[command(flatten)]
         gates: GateArgs,
         /// Video files.
@@ -224,6 +233,8 @@ fn main() -> ExitCode {
             json,
             format,
             sample_fps,
+            jobs,
+            per_frame,
             gates,
             videos,
         } => {
@@ -246,7 +257,14 @@ fn main() -> ExitCode {
             } else {
                 ScanFormat::Text
             });
-            scan_cmd(&s, videos, sample_fps, format)
+            let opts = ScanOptions {
+                files: videos,
+                sample_fps: None,
+                gates: s.scan.clone(),
+                jobs: jobs.into(),
+                per_frame: per_frame.is_some(),
+            };
+            scan_cmd(&s, opts, sample_fps, format, per_frame)
         }
         Command::Score {
             model,
@@ -350,11 +368,7 @@ fn eval_cmd(
         Ok(l) => l,
         Err(e) => return fail(2, e),
     };
-    let opts = ScanOptions {
-        files: labelled.iter().map(|l| l.path.clone()).collect(),
-        sample_fps: None,
-        gates: Default::default(),
-    };
+    let opts = ScanOptions::files(labelled.iter().map(|l| l.path.clone()).collect());
     let reports = match scan::scan(s, &opts) {
         Ok(r) => r,
         Err(e) => return fail(e.exit_code(), e),
@@ -458,46 +472,117 @@ enum ScanFormat {
     Csv,
 }
 
+/// Prints `scan`'s reports as files end, keeps the progress bar and writes the
+/// per-frame file.
+struct ScanPrinter {
+    format: ScanFormat,
+    attributes: Vec<String>,
+    per_frame: Option<(PathBuf, std::io::BufWriter<std::fs::File>)>,
+    write_error: Option<String>,
+    bar: indicatif::ProgressBar,
+}
+
+impl ScanPrinter {
+    fn write_per_frame(&mut self, text: &str) {
+        use std::io::Write;
+        if let Some((path, w)) = &mut self.per_frame
+            && self.write_error.is_none()
+            && let Err(e) = w.write_all(text.as_bytes())
+        {
+            self.write_error = Some(format!("--per-frame {}: {e}", path.display()));
+        }
+    }
+}
+
+impl scan::ScanObserver for ScanPrinter {
+    fn started(&mut self, attributes: &[String]) {
+        self.attributes = attributes.to_vec();
+        if self.format == ScanFormat::Csv {
+            print!("{}", scan::csv_header(attributes));
+        }
+        self.write_per_frame(&scan::per_frame_header(attributes));
+    }
+
+    fn progress(&mut self, frames_scored: u64) {
+        self.bar
+            .set_message(format!("{frames_scored} frames scored"));
+    }
+
+    fn finished(&mut self, r: &scan::FileReport) {
+        let line = match self.format {
+            ScanFormat::Csv => scan::csv_row(r, &self.attributes),
+            ScanFormat::Jsonl => serde_json::to_string(r).expect("report serialises") + "\n",
+            ScanFormat::Text => scan::format_text(r),
+        };
+        self.bar.suspend(|| print!("{line}"));
+        self.bar.inc(1);
+        self.write_per_frame(&scan::per_frame_rows(r));
+    }
+}
+
 fn scan_cmd(
     s: &Settings,
-    files: Vec<PathBuf>,
+    mut opts: ScanOptions,
     sample_fps: Option<f64>,
     format: ScanFormat,
+    per_frame: Option<PathBuf>,
 ) -> ExitCode {
-    let sample_fps = match sample_fps.map(|f| streamiq::config::sample_fps("--sample-fps", f)) {
+    use std::io::IsTerminal;
+    opts.sample_fps = match sample_fps.map(|f| streamiq::config::sample_fps("--sample-fps", f)) {
         Some(Err(e)) => return fail(2, e),
         Some(Ok(f)) => f,
         None => None,
     };
-    let opts = ScanOptions {
-        files,
-        sample_fps,
-        gates: s.scan.clone(),
+    let per_frame = match per_frame {
+        Some(path) => match std::fs::File::create(&path) {
+            Ok(f) => Some((path, std::io::BufWriter::new(f))),
+            Err(e) => return fail(2, format!("--per-frame {}: {e}", path.display())),
+        },
+        None => None,
     };
-    let reports = match scan::scan(s, &opts) {
+    // Progress on standard error only when a person watches it.
+    let bar = if std::io::stderr().is_terminal() {
+        let bar = indicatif::ProgressBar::new(opts.files.len() as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{elapsed_precise} [{bar:30}] {pos}/{len} files, {msg} (eta {eta})",
+            )
+            .expect("a valid template")
+            .progress_chars("=> "),
+        );
+        bar.enable_steady_tick(std::time::Duration::from_millis(200));
+        bar
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let mut printer = ScanPrinter {
+        format,
+        attributes: Vec::new(),
+        per_frame,
+        write_error: None,
+        bar,
+    };
+    let reports = match scan::scan_with(s, &opts, &mut printer) {
         Ok(r) => r,
         Err(e) => return fail(e.exit_code(), e),
     };
-    match format {
-        ScanFormat::Csv => print!("{}", scan::to_csv(&reports)),
-        ScanFormat::Jsonl => {
-            for r in &reports {
-                println!("{}", serde_json::to_string(r).expect("report serialises"));
-            }
+    printer.bar.finish_and_clear();
+    if let Some((path, mut w)) = printer.per_frame.take() {
+        use std::io::Write;
+        if let Err(e) = w.flush() {
+            printer
+                .write_error
+                .get_or_insert(format!("--per-frame {}: {e}", path.display()));
         }
-        ScanFormat::Text => reports
-            .iter()
-            .for_each(|r| print!("{}", scan::format_text(r))),
+    }
+    if let Some(e) = printer.write_error {
+        return fail(2, e);
     }
     ExitCode::from(scan::exit_code(&reports) as u8)
 }
 
 fn score_cmd(s: &Settings, images: Vec<PathBuf>, json: bool) -> ExitCode {
-    let opts = ScanOptions {
-        files: images,
-        sample_fps: None,
-        gates: Default::default(),
-    };
+    let opts = ScanOptions::files(images);
     let reports = match scan::scan(s, &opts) {
         Ok(r) => r,
         Err(e) => return fail(e.exit_code(), e),

@@ -124,11 +124,7 @@ pub fn embed_images(
         std::fs::write(&path, bytes).map_err(|e| Error::runtime("writing a temporary image", e))?;
         files.push(path);
     }
-    let opts = ScanOptions {
-        files,
-        sample_fps: None,
-        gates: Default::default(),
-    };
+    let opts = ScanOptions::files(files);
     Ok(scan(settings, &opts)?
         .into_iter()
         .map(|r| match r.embedding {
