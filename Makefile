@@ -11,7 +11,7 @@ export LIBTORCH := $(VENV)/torch
 export LIBTORCH_CXX11_ABI := 1
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: all setup bundle demo build build-daemon run test lint bench peers tiny model few-shot-evidence clean
+.PHONY: all setup bundle demo build build-daemon deb run test lint bench peers tiny model few-shot-evidence clean
 
 all: build
 
@@ -41,6 +41,11 @@ build: bundle
 
 build-daemon: setup
 	cargo build --release --locked -p streamiq --bins
+
+# The daemon's Debian package (target/deb/streamiq_VERSION_ARCH.deb; scripts/make_deb.sh
+# lists its contents). The sidecar is not in it (README, "Install").
+deb: build-daemon
+	scripts/make_deb.sh
 
 run: build demo
 	target/release/streamiq run --config $(CONFIG)

@@ -77,6 +77,8 @@ pub fn load(settings: &ModelSettings) -> Result<LoadedModel, LoadError> {
         execution = model.provider.name(),
         embed_dim = dim,
         prompt_version = prompts.version,
+        onnxruntime = %model::onnxruntime_path(settings.onnxruntime_lib.as_deref())
+            .map_or_else(|| "-".to_string(), |p| p.display().to_string()),
         "Model loaded"
     );
     Ok(LoadedModel {

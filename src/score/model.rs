@@ -47,16 +47,37 @@ impl ModelError {
 }
 
 /// Where ONNX Runtime is looked for: the explicit path, else `ORT_DYLIB_PATH`, else
-/// the library found in the Python environment at build time.
+/// the library installed beside the binary (`BIN/../lib/streamiq/libonnxruntime.so.*`,
+/// as the Debian package lays it out), else the library found in the Python
+/// environment at build time.
 pub fn onnxruntime_path(explicit: Option<&Path>) -> Option<PathBuf> {
     explicit
         .map(Path::to_owned)
         .or_else(|| std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from))
+        .or_else(beside_binary)
         .or_else(|| {
             option_env!("STREAMIQ_ORT_LIB")
                 .filter(|s| !s.is_empty())
                 .map(PathBuf::from)
         })
+}
+
+/// The newest `libonnxruntime.so.*` in `../lib/streamiq/` from the running binary.
+fn beside_binary() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let dir = exe.parent()?.parent()?.join("lib/streamiq");
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libonnxruntime.so."))
+        })
+        .collect();
+    found.sort();
+    found.pop()
 }
 
 static ENVIRONMENT: OnceLock<Result<ort::environment::Environment, String>> = OnceLock::new();
