@@ -33,7 +33,9 @@ pub struct DaemonFiles {
 pub fn open_files(settings: &Settings) -> Result<DaemonFiles, Error> {
     let api_token =
         ApiToken::load_or_create(&settings.server.api_token_file).map_err(Error::ApiToken)?;
-    let labels = LabelStore::open(&settings.labels_db).map_err(Error::Labels)?;
+    let labels = LabelStore::open(&settings.labels_db)
+        .map_err(Error::Labels)?
+        .with_max_labels(settings.label_limits.max_labels.get());
     tracing::info!(
         path = %labels.path().display(),
         run_id = labels.run_id(),
@@ -175,6 +177,9 @@ pub async fn run_with(
         prompt_manager: prompt_manager.clone(),
         provenance: Arc::new(provenance),
         adapt_min_labels: settings.adapt.min_labels,
+        label_rate: Arc::new(crate::http::label_api::RateLimit::per_minute(
+            settings.label_limits.max_per_minute,
+        )),
     });
     let listener = match tokio::net::TcpListener::bind(settings.server.listen).await {
         Ok(l) => l,

@@ -6,7 +6,7 @@
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::num::NonZeroUsize;
+use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -266,6 +266,11 @@ pub struct LabelsConfig {
     pub db: PathBuf,
     /// Recent scored frames kept per stream for labelling and thumbnails.
     pub recent_frames: usize,
+    /// Labels the store may hold; a label beyond it is refused (507), nothing stored is
+    /// ever deleted to make room.
+    pub max_labels: u64,
+    /// Labels accepted per minute, all clients together; more get 429 with Retry-After.
+    pub max_per_minute: u32,
 }
 
 impl Default for LabelsConfig {
@@ -273,6 +278,8 @@ impl Default for LabelsConfig {
         Self {
             db: "state/labels.sqlite".into(),
             recent_frames: 200,
+            max_labels: 100_000,
+            max_per_minute: 120,
         }
     }
 }
@@ -585,6 +592,8 @@ pub struct Settings {
     pub recent_frames: NonZeroUsize,
     /// Label store path.
     pub labels_db: PathBuf,
+    /// Bounds on what the label API stores.
+    pub label_limits: LabelLimits,
     /// Few-shot adaptation (the sidecar's).
     pub adapt: AdaptSettings,
     /// `streamiq scan`'s gates.
@@ -668,6 +677,14 @@ impl Config {
             qc,
             recent_frames,
             labels_db: self.labels.db.clone(),
+            label_limits: LabelLimits {
+                max_labels: NonZeroU64::new(self.labels.max_labels).ok_or_else(|| {
+                    ConfigError::invalid("labels.max_labels", 0, "must be at least 1")
+                })?,
+                max_per_minute: NonZeroU32::new(self.labels.max_per_minute).ok_or_else(|| {
+                    ConfigError::invalid("labels.max_per_minute", 0, "must be at least 1")
+                })?,
+            },
             adapt,
             scan: ScanGates::from_config(&self.scan, "scan.")?,
             streams,
@@ -913,6 +930,15 @@ impl Config {
     }
 }
 
+/// `[labels]` bounds on the label API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LabelLimits {
+    /// `labels.max_labels`.
+    pub max_labels: NonZeroU64,
+    /// `labels.max_per_minute`.
+    pub max_per_minute: NonZeroU32,
+}
+
 /// Most recent frames kept per stream (`labels.recent_frames`).
 pub const MAX_RECENT_FRAMES: usize = 1000;
 
@@ -1113,6 +1139,8 @@ mod props {
         "stall_timeout",
         "db",
         "recent_frames",
+        "max_labels",
+        "max_per_minute",
         "min_labels",
         "holdout",
         "lambda",

@@ -1256,6 +1256,104 @@ fn crops_view_scores_every_frame_at_native_scale() {
     );
 }
 
+/// The label API's bounds: past `labels.max_per_minute` a label gets 429 with
+/// Retry-After; past `labels.max_labels` it gets 507 naming the key; what is stored
+/// stays, and the summary still counts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn label_rate_and_store_limits_refuse_without_losing_labels() {
+    let dir = tempfile::tempdir().unwrap();
+    let streams = r#"
+[[streams]]
+id = "cam"
+pipeline = "videotestsrc is-live=true pattern=ball ! video/x-raw,width=160,height=120,framerate=10/1"
+sample_fps = 5.0
+"#;
+    let limits = |per_minute: u32, max: u64| {
+        let mut s = settings(&config_text(
+            streams,
+            &format!("[labels]\nmax_per_minute = {per_minute}\nmax_labels = {max}\n"),
+        ));
+        s.server.api_token_file = dir.path().join("api-token");
+        s.labels_db = dir.path().join("labels.sqlite");
+        s
+    };
+    for (per_minute, max, refused, field) in [(2, 100, 429, "labels"), (100, 2, 507, "labels")] {
+        let d = InProcess::start(limits(per_minute, max)).await;
+        d.wait_for(Duration::from_secs(30), |m| {
+            sample(m, "streamiq_frames_scored_total{stream=\"cam\"}").is_some_and(|v| v >= 4.0)
+        })
+        .await;
+        let token = std::fs::read_to_string(dir.path().join("api-token"))
+            .unwrap()
+            .trim()
+            .to_string();
+        let addr = d.addr;
+        tokio::task::spawn_blocking(move || {
+            let frames = json_as(addr, "/api/v1/streams/cam/frames?limit=3", &token);
+            let ids: Vec<u64> = frames
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|f| f["id"].as_u64().unwrap())
+                .collect();
+            assert_eq!(ids.len(), 3);
+            let before = json_as(addr, "/api/v1/labels", &token)
+                .as_array()
+                .unwrap()
+                .len();
+            for (i, id) in ids.iter().enumerate() {
+                let body = format!(r#"{{"frame_id": {id}, "mos": 3, "labeller": "l{i}"}}"#);
+                let (code, r) = post_label(addr, Some(&token), &body);
+                if i < 2 && before == 0 {
+                    assert_eq!(code, 201, "{r}");
+                } else {
+                    assert_eq!(code, refused, "{r}");
+                    assert_eq!(r["field"], field, "{r}");
+                    let e = r["error"].as_str().unwrap();
+                    assert!(
+                        e.contains(if refused == 429 {
+                            "labels.max_per_minute = 2"
+                        } else {
+                            "labels.max_labels = 2"
+                        }),
+                        "{e}"
+                    );
+                }
+            }
+            if refused == 429 {
+                let auth = format!("Bearer {token}");
+                let body = format!(r#"{{"frame_id": {}, "mos": 2}}"#, ids[0]);
+                let (code, head, _) = common::http::request_with_head(
+                    addr,
+                    "POST",
+                    "/api/v1/labels",
+                    &[
+                        ("Content-Type", "application/json"),
+                        ("Authorization", &auth),
+                    ],
+                    body.as_bytes(),
+                );
+                assert_eq!(code, 429);
+                let retry: u64 = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("retry-after: "))
+                    .unwrap_or_else(|| panic!("no Retry-After: {head}"))
+                    .trim()
+                    .parse()
+                    .unwrap();
+                assert!((1..=60).contains(&retry), "{retry}");
+            }
+            let stored = json_as(addr, "/api/v1/labels", &token);
+            assert_eq!(stored.as_array().unwrap().len(), 2, "{stored}");
+            let summary = json_as(addr, "/api/v1/labels/summary", &token);
+            assert_eq!(summary["streams"]["cam"]["labels"], 2, "{summary}");
+        })
+        .await
+        .unwrap();
+        d.stop().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn labels_are_stored_durably_behind_the_api_token() {
     let dir = tempfile::tempdir().unwrap();

@@ -15,6 +15,9 @@ use serde::{Deserialize, Serialize};
 
 use super::auth::Bearer;
 use super::{ApiError, AppState, encode_jpeg, find_frame};
+#[cfg(doc)]
+use crate::labels::LabelStore;
+use crate::labels::store::StoreSummary;
 use crate::labels::{ExportFormat, Label, LabelError, LabelRequest, NewLabel};
 use crate::state::unix_seconds;
 
@@ -39,6 +42,17 @@ struct StoredView {
 }
 
 fn store_error(e: LabelError) -> ApiError {
+    if let LabelError::Full { count, limit, .. } = e {
+        tracing::warn!(count, limit, "Label refused: the store is full");
+        return ApiError::new(
+            StatusCode::INSUFFICIENT_STORAGE,
+            format!(
+                "the label store holds {count} labels, labels.max_labels = {limit}: export and \
+                 prune old labels (README, Labels) or raise the limit"
+            ),
+            "labels",
+        );
+    }
     tracing::error!(error = %e, kind = e.kind(), "Label store failed");
     ApiError::internal("label store error")
 }
@@ -56,6 +70,20 @@ pub(super) async fn create(
     body: Result<Json<LabelRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(req) = body.map_err(|r| ApiError::new(r.status(), r.body_text(), "body"))?;
+    if let Err(wait) = s.label_rate.admit(std::time::Instant::now()) {
+        let secs = wait.as_secs().max(1);
+        let mut r = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "more than labels.max_per_minute = {} labels in the last minute; retry in {secs} s",
+                s.label_rate.max()
+            ),
+            "labels",
+        )
+        .into_response();
+        r.headers_mut().insert(header::RETRY_AFTER, secs.into());
+        return Ok(r);
+    }
     let req = req
         .validate()
         .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.message, e.field))?;
@@ -214,128 +242,119 @@ struct LabelledFrame {
     target: f64,
 }
 
-/// Summarises `labels` (oldest first) for the encoder `model_sha256` and `streams`.
-fn summarise(
-    labels: &[Label],
-    model_sha256: &str,
-    run_id: &str,
-    streams: &[&str],
-    min_labels: usize,
-) -> Summary {
-    let mut per_stream: BTreeMap<String, StreamSummary> = streams
-        .iter()
-        .map(|id| (id.to_string(), StreamSummary::default()))
-        .collect();
-    let mut labels_for_model = 0;
-    for l in labels.iter().rev() {
-        let same_model = l.model_sha256.eq_ignore_ascii_case(model_sha256);
-        labels_for_model += usize::from(same_model);
-        let Some(s) = per_stream.get_mut(&l.stream) else {
-            continue;
-        };
-        if same_model {
-            s.labels += 1;
-            if s.recent_targets.len() < RECENT_TARGETS {
-                s.recent_targets.push(l.target);
-            }
-        }
-        if l.run_id == run_id && s.labelled_frames.len() < LABELLED_FRAMES {
-            s.labelled_frames.push(LabelledFrame {
-                frame_id: l.frame_id,
-                mos: l.mos,
-                target: l.target,
-            });
-        }
-    }
+/// The summary from the store's counts ([`LabelStore::summary`]).
+fn summarise(counts: StoreSummary, model_sha256: &str, run_id: &str, min_labels: usize) -> Summary {
+    let labels_for_model = counts.labels_for_model as usize;
     Summary {
         model_sha256: model_sha256.to_ascii_lowercase(),
         run_id: run_id.to_string(),
         labels_for_model,
         min_labels,
         needed: min_labels.saturating_sub(labels_for_model),
-        streams: per_stream,
+        streams: counts
+            .streams
+            .into_iter()
+            .map(|c| {
+                let s = StreamSummary {
+                    labels: c.labels as usize,
+                    recent_targets: c.recent_targets,
+                    labelled_frames: c
+                        .labelled_frames
+                        .into_iter()
+                        .map(|(frame_id, mos, target)| LabelledFrame {
+                            frame_id,
+                            mos,
+                            target,
+                        })
+                        .collect(),
+                };
+                (c.stream, s)
+            })
+            .collect(),
     }
 }
 
-/// `GET /api/v1/labels/summary`.
+/// `GET /api/v1/labels/summary`: counted by SQLite, so its cost does not grow with the
+/// store (the page polls it every 5 s).
 pub(super) async fn summary(State(s): State<AppState>) -> Result<Json<Summary>, ApiError> {
     let store = s.labels.clone();
-    let labels = tokio::task::spawn_blocking(move || store.list(0, None))
-        .await
-        .map_err(join_error)?
-        .map_err(store_error)?;
-    let streams = s.streams.all();
-    let ids: Vec<&str> = streams.iter().map(|st| st.id.as_str()).collect();
+    let ids: Vec<String> = s.streams.all().iter().map(|st| st.id.clone()).collect();
+    let model = s.provenance.model_sha256.clone();
+    let run_id = s.labels.run_id().to_string();
+    let counts = tokio::task::spawn_blocking(move || {
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        store.summary(&model, &run_id, &ids, RECENT_TARGETS, LABELLED_FRAMES)
+    })
+    .await
+    .map_err(join_error)?
+    .map_err(store_error)?;
     Ok(Json(summarise(
-        &labels,
+        counts,
         &s.provenance.model_sha256,
         s.labels.run_id(),
-        &ids,
         s.adapt_min_labels,
     )))
+}
+
+/// At most `max` admissions in any 60 s (`labels.max_per_minute`), all clients together.
+#[derive(Debug)]
+pub struct RateLimit {
+    max: u32,
+    admitted: std::sync::Mutex<std::collections::VecDeque<std::time::Instant>>,
+}
+
+impl RateLimit {
+    const WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+
+    /// A limit of `max` per minute.
+    pub fn per_minute(max: std::num::NonZeroU32) -> Self {
+        Self {
+            max: max.get(),
+            admitted: Default::default(),
+        }
+    }
+
+    /// The limit.
+    pub fn max(&self) -> u32 {
+        self.max
+    }
+
+    /// Admits one at `now`, or says how long until the next would be admitted.
+    pub fn admit(&self, now: std::time::Instant) -> Result<(), std::time::Duration> {
+        let mut q = self.admitted.lock().unwrap_or_else(|e| e.into_inner());
+        while q
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= Self::WINDOW)
+        {
+            q.pop_front();
+        }
+        if q.len() >= self.max as usize {
+            let oldest = *q.front().expect("max >= 1");
+            return Err(Self::WINDOW.saturating_sub(now.duration_since(oldest)));
+        }
+        q.push_back(now);
+        Ok(())
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::{Duration, Instant};
 
-    fn label(id: i64, run: &str, stream: &str, sha: &str, mos: f64) -> Label {
-        Label {
-            id,
-            run_id: run.into(),
-            stream: stream.into(),
-            frame_id: id as u64 * 10,
-            captured: 0.0,
-            pts: None,
-            mos: Some(mos),
-            score: None,
-            target: (mos - 1.0) / 4.0,
-            labeller: "operator".into(),
-            embed_dim: 4,
-            bundle: "b".into(),
-            model_sha256: sha.into(),
-            prompt_version: 0,
-            model_score: 0.5,
-            created: 0.0,
-            embedding_source: "live".into(),
+    #[test]
+    fn rate_limit_admits_max_per_sliding_minute() {
+        let r = RateLimit::per_minute(std::num::NonZeroU32::new(3).unwrap());
+        let t0 = Instant::now();
+        for i in 0..3 {
+            assert!(r.admit(t0 + Duration::from_secs(i)).is_ok());
         }
-    }
-
-    #[test]
-    fn summary_counts_labels_of_the_active_encoder() {
-        let labels = vec![
-            label(1, "old", "cam", "aa", 1.0),
-            label(2, "old", "cam", "bb", 5.0),
-            label(3, "now", "cam", "AA", 5.0),
-            label(4, "now", "gone", "aa", 3.0),
-        ];
-        let s = summarise(&labels, "aa", "now", &["cam", "idle"], 5);
-        assert_eq!(s.labels_for_model, 3, "every stream, any case of the sha");
-        assert_eq!((s.min_labels, s.needed), (5, 2));
-        let cam = &s.streams["cam"];
-        assert_eq!(cam.labels, 2);
-        assert_eq!(cam.recent_targets, vec![1.0, 0.0], "newest first");
-        assert_eq!(
-            cam.labelled_frames,
-            vec![LabelledFrame {
-                frame_id: 30,
-                mos: Some(5.0),
-                target: 1.0
-            }]
+        let wait = r.admit(t0 + Duration::from_secs(10)).unwrap_err();
+        assert_eq!(wait, Duration::from_secs(50));
+        assert!(
+            r.admit(t0 + Duration::from_secs(60)).is_ok(),
+            "the first has left the window"
         );
-        assert_eq!(s.streams["idle"], StreamSummary::default());
-        assert!(!s.streams.contains_key("gone"), "configured streams only");
-        assert_eq!(summarise(&labels, "aa", "now", &[], 2).needed, 0);
-    }
-
-    #[test]
-    fn recent_targets_are_capped() {
-        let labels: Vec<Label> = (1..=30)
-            .map(|i| label(i, "r", "cam", "aa", 1.0 + (i % 5) as f64))
-            .collect();
-        let s = summarise(&labels, "aa", "r", &["cam"], 20);
-        assert_eq!(s.streams["cam"].recent_targets.len(), RECENT_TARGETS);
-        assert_eq!(s.streams["cam"].recent_targets[0], labels[29].target);
-        assert_eq!(s.streams["cam"].labels, 30);
+        assert!(r.admit(t0 + Duration::from_secs(60)).is_err());
     }
 }

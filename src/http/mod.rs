@@ -60,6 +60,8 @@ pub struct AppState {
     pub provenance: Arc<Provenance>,
     /// `adapt.min_labels`: labels the next adaptation needs (the labelling page shows it).
     pub adapt_min_labels: usize,
+    /// `labels.max_per_minute`.
+    pub label_rate: Arc<label_api::RateLimit>,
 }
 
 /// The router: `/metrics`, `/healthz`, `/readyz`, the labelling page and the stream

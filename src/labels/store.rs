@@ -96,6 +96,18 @@ pub enum LabelError {
         /// Why it cannot be used.
         reason: String,
     },
+    /// The store holds `labels.max_labels` labels already.
+    #[error(
+        "{path}: the store holds {count} labels, labels.max_labels = {limit}; export and prune old labels to add more"
+    )]
+    Full {
+        /// The database file.
+        path: PathBuf,
+        /// Labels stored.
+        count: u64,
+        /// The limit.
+        limit: u64,
+    },
     /// A stored row or a label to store is inconsistent.
     #[error("{path}: label {id}: {message}")]
     Invalid {
@@ -115,9 +127,32 @@ impl LabelError {
             Self::Io { .. } => "io",
             Self::Sqlite { .. } => "sqlite",
             Self::Schema { .. } => "schema",
+            Self::Full { .. } => "full",
             Self::Invalid { .. } => "invalid",
         }
     }
+}
+
+/// [`LabelStore::summary`]'s counts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoreSummary {
+    /// Labels for the encoder, all streams.
+    pub labels_for_model: u64,
+    /// Per stream asked for, in order.
+    pub streams: Vec<StreamCounts>,
+}
+
+/// One stream's part of a [`StoreSummary`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct StreamCounts {
+    /// Stream id.
+    pub stream: String,
+    /// Its labels for the encoder.
+    pub labels: u64,
+    /// Targets of its newest labels for the encoder, newest first.
+    pub recent_targets: Vec<f64>,
+    /// (frame id, mos, target) of its newest labels in the run, newest first.
+    pub labelled_frames: Vec<(u64, Option<f64>, f64)>,
 }
 
 /// How `GET /api/v1/labels` exports labels.
@@ -210,6 +245,7 @@ pub struct LabelStore {
     path: PathBuf,
     run_id: String,
     conn: Arc<Mutex<Connection>>,
+    max_labels: u64,
 }
 
 impl std::fmt::Debug for LabelStore {
@@ -257,7 +293,28 @@ impl LabelStore {
             path: path.to_owned(),
             run_id,
             conn: Arc::new(Mutex::new(conn)),
+            max_labels: u64::MAX,
         })
+    }
+
+    /// The store with a limit on the labels it holds (`labels.max_labels`): an insert
+    /// beyond it fails with [`LabelError::Full`]; nothing stored is deleted to make room.
+    pub fn with_max_labels(mut self, max_labels: u64) -> Self {
+        self.max_labels = max_labels;
+        self
+    }
+
+    /// A separate read-only connection (WAL: it reads a snapshot while inserts go on
+    /// through the shared one), for long reads such as exports.
+    fn reader(&self) -> Result<Connection, LabelError> {
+        let sql = self.sql();
+        let conn = Connection::open_with_flags(
+            &self.path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(&sql)?;
+        conn.busy_timeout(Duration::from_secs(5)).map_err(&sql)?;
+        Ok(conn)
     }
 
     /// The database file.
@@ -322,6 +379,17 @@ impl LabelStore {
             )
             .map_err(&sql)?
             > 0;
+        let count = tx
+            .query_row("SELECT count(*) FROM labels", [], |r| r.get::<_, i64>(0))
+            .map_err(&sql)? as u64;
+        if count >= self.max_labels {
+            // Dropping the transaction rolls the replacement back: the earlier label stays.
+            return Err(LabelError::Full {
+                path: self.path.clone(),
+                count,
+                limit: self.max_labels,
+            });
+        }
         tx.execute(
             "INSERT INTO labels (run_id, stream, frame_id, captured, pts, mos, score, target,
                  labeller, embedding, embed_dim, bundle, model_sha256, prompt_version,
@@ -364,9 +432,16 @@ impl LabelStore {
 
     /// Labels with an id above `since`, oldest first, at most `limit` (all if `None`).
     pub fn list(&self, since: i64, limit: Option<usize>) -> Result<Vec<Label>, LabelError> {
+        Self::list_on(&self.conn(), &self.sql(), since, limit)
+    }
+
+    fn list_on(
+        conn: &Connection,
+        sql: &impl Fn(rusqlite::Error) -> LabelError,
+        since: i64,
+        limit: Option<usize>,
+    ) -> Result<Vec<Label>, LabelError> {
         let limit = limit.map_or(-1, |n| i64::try_from(n).unwrap_or(i64::MAX));
-        let sql = self.sql();
-        let conn = self.conn();
         let mut stmt = conn
             .prepare_cached(&format!(
                 "SELECT {LABEL_COLUMNS} FROM labels WHERE id > ?1 ORDER BY id LIMIT ?2"
@@ -374,8 +449,77 @@ impl LabelStore {
             .map_err(&sql)?;
         let rows = stmt
             .query_map(params![since, limit], label_from_row)
+            .map_err(sql)?;
+        rows.collect::<Result<_, _>>().map_err(sql)
+    }
+
+    /// What the labelling page's summary needs, counted and limited by SQLite instead of
+    /// read row by row: labels for the encoder `model_sha256` (any case) in all and for
+    /// each of `streams`, each stream's newest `recent` targets for that encoder, and its
+    /// newest `frames` labelled frames of the run `run_id` as (frame id, mos, target).
+    pub fn summary(
+        &self,
+        model_sha256: &str,
+        run_id: &str,
+        streams: &[&str],
+        recent: usize,
+        frames: usize,
+    ) -> Result<StoreSummary, LabelError> {
+        let sql = self.sql();
+        let conn = self.conn();
+        let model = model_sha256.to_ascii_lowercase();
+        let for_model: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM labels WHERE lower(model_sha256) = ?1",
+                [&model],
+                |r| r.get(0),
+            )
             .map_err(&sql)?;
-        rows.collect::<Result<_, _>>().map_err(&sql)
+        let mut out = StoreSummary {
+            labels_for_model: for_model as u64,
+            streams: Vec::with_capacity(streams.len()),
+        };
+        let mut count = conn
+            .prepare_cached(
+                "SELECT count(*) FROM labels WHERE stream = ?1 AND lower(model_sha256) = ?2",
+            )
+            .map_err(&sql)?;
+        let mut targets = conn
+            .prepare_cached(
+                "SELECT target FROM labels WHERE stream = ?1 AND lower(model_sha256) = ?2
+                 ORDER BY id DESC LIMIT ?3",
+            )
+            .map_err(&sql)?;
+        let mut labelled = conn
+            .prepare_cached(
+                "SELECT frame_id, mos, target FROM labels WHERE stream = ?1 AND run_id = ?2
+                 ORDER BY id DESC LIMIT ?3",
+            )
+            .map_err(&sql)?;
+        for stream in streams {
+            let n: i64 = count
+                .query_row(params![stream, model], |r| r.get(0))
+                .map_err(&sql)?;
+            let recent_targets = targets
+                .query_map(params![stream, model, recent as i64], |r| r.get(0))
+                .map_err(&sql)?
+                .collect::<Result<Vec<f64>, _>>()
+                .map_err(&sql)?;
+            let labelled_frames = labelled
+                .query_map(params![stream, run_id, frames as i64], |r| {
+                    Ok((r.get::<_, i64>(0)? as u64, r.get(1)?, r.get(2)?))
+                })
+                .map_err(&sql)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(&sql)?;
+            out.streams.push(StreamCounts {
+                stream: stream.to_string(),
+                labels: n as u64,
+                recent_targets,
+                labelled_frames,
+            });
+        }
+        Ok(out)
     }
 
     /// How many labels are stored.
@@ -550,7 +694,8 @@ impl LabelStore {
         limit: Option<usize>,
         format: ExportFormat,
     ) -> Result<String, LabelError> {
-        let labels = self.list(since, limit)?;
+        // Its own connection: a long export never holds up the inserts.
+        let labels = Self::list_on(&self.reader()?, &self.sql(), since, limit)?;
         Ok(match format {
             ExportFormat::Json => serde_json::to_string(&labels).expect("labels serialise to JSON"),
             ExportFormat::Csv => to_csv(&labels),
@@ -785,6 +930,74 @@ mod tests {
             vec![0.6, 0.8, 0.0, 0.0]
         );
         assert!(store.thumbnail(999).unwrap().is_none());
+    }
+
+    #[test]
+    fn summary_counts_by_encoder_stream_and_run_in_sql() {
+        let (_dir, path) = temp_db();
+        let old = LabelStore::open(&path).unwrap();
+        let at = |stream: &str, mut l: NewLabel| {
+            l.stream = stream.into();
+            l
+        };
+        old.insert(&at("cam", label(1, Rating::Mos(1.0), "o", "aa")))
+            .unwrap();
+        old.insert(&at("cam", label(2, Rating::Mos(5.0), "o", "bb")))
+            .unwrap();
+        let now = LabelStore::open(&path).unwrap();
+        now.insert(&at("cam", label(3, Rating::Mos(5.0), "o", "AA")))
+            .unwrap();
+        now.insert(&at("gone", label(4, Rating::Mos(3.0), "o", "aa")))
+            .unwrap();
+        let s = now
+            .summary("aa", now.run_id(), &["cam", "idle"], 10, 10)
+            .unwrap();
+        assert_eq!(s.labels_for_model, 3, "every stream, any case of the sha");
+        assert_eq!(s.streams.len(), 2);
+        let cam = &s.streams[0];
+        assert_eq!((cam.stream.as_str(), cam.labels), ("cam", 2));
+        assert_eq!(cam.recent_targets, vec![1.0, 0.0], "newest first");
+        assert_eq!(
+            cam.labelled_frames,
+            vec![(3, Some(5.0), 1.0)],
+            "this run's only"
+        );
+        assert_eq!(
+            (s.streams[1].labels, s.streams[1].recent_targets.len()),
+            (0, 0)
+        );
+        let capped = now.summary("aa", now.run_id(), &["cam"], 1, 0).unwrap();
+        assert_eq!(capped.streams[0].recent_targets, vec![1.0]);
+        assert!(capped.streams[0].labelled_frames.is_empty());
+    }
+
+    #[test]
+    fn a_full_store_refuses_new_labels_and_keeps_what_it_has() {
+        let (_dir, path) = temp_db();
+        let store = LabelStore::open(&path).unwrap().with_max_labels(2);
+        store
+            .insert(&label(1, Rating::Mos(2.0), "ana", "aa"))
+            .unwrap();
+        store
+            .insert(&label(2, Rating::Mos(3.0), "ana", "aa"))
+            .unwrap();
+        let e = store
+            .insert(&label(3, Rating::Mos(4.0), "ana", "aa"))
+            .unwrap_err();
+        assert_eq!(e.kind(), "full");
+        assert!(e.to_string().contains("labels.max_labels = 2"), "{e}");
+        // A relabel replaces, so it never grows the store: accepted.
+        let again = store
+            .insert(&label(2, Rating::Mos(5.0), "ana", "aa"))
+            .unwrap();
+        assert!(again.replaced);
+        let all = store.list(0, None).unwrap();
+        assert_eq!(all.len(), 2);
+        assert_eq!(all[1].mos, Some(5.0));
+        // The export reads through its own connection while the store is in use.
+        let _guard = store.conn();
+        let csv = store.export(0, None, ExportFormat::Csv).unwrap();
+        assert_eq!(csv.lines().count(), 3, "{csv}");
     }
 
     #[test]

@@ -19,6 +19,19 @@ pub fn request(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> (u16, Vec<u8>) {
+    let (status, _, body) = request_with_head(addr, method, path, headers, body);
+    (status, body)
+}
+
+/// [`request`], also returning the response head (status line and headers, lower-case
+/// names as hyper writes them).
+pub fn request_with_head(
+    addr: impl ToSocketAddrs,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, String, Vec<u8>) {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
     let mut req = format!(
@@ -41,7 +54,7 @@ pub fn request(
         .unwrap_or_else(|| panic!("{method} {path}: no response head"));
     let head = String::from_utf8_lossy(&buf[..split]).to_string();
     let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (status, buf[split + 4..].to_vec())
+    (status, head, buf[split + 4..].to_vec())
 }
 
 /// A GET returning (status, body).
