@@ -166,6 +166,11 @@ pub async fn run_with(
         return Err(Error::runtime("starting the streams", e));
     }
 
+    let hosts =
+        crate::http::host::HostPolicy::new(&settings.server.allowed_hosts, settings.server.listen);
+    if let Some(w) = hosts.warning(settings.server.listen) {
+        tracing::warn!(listen = %settings.server.listen, "{w}");
+    }
     let app = router(AppState {
         streams: streams.clone(),
         metrics: metrics.clone(),
@@ -180,6 +185,7 @@ pub async fn run_with(
         label_rate: Arc::new(crate::http::label_api::RateLimit::per_minute(
             settings.label_limits.max_per_minute,
         )),
+        hosts: Arc::new(hosts),
     });
     let listener = match tokio::net::TcpListener::bind(settings.server.listen).await {
         Ok(l) => l,

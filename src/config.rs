@@ -149,6 +149,9 @@ pub struct ServerConfig {
     pub header_timeout: String,
     /// A request (body included) must be answered within this time, or it gets a 408.
     pub request_timeout: String,
+    /// `Host` names answered (no port); empty: loopback names on a loopback listen
+    /// address, any name otherwise. Others get 421 (DNS rebinding).
+    pub allowed_hosts: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -161,6 +164,7 @@ impl Default for ServerConfig {
             max_connections_per_ip: 32,
             header_timeout: "10s".into(),
             request_timeout: "30s".into(),
+            allowed_hosts: Vec::new(),
         }
     }
 }
@@ -526,6 +530,8 @@ pub struct ServerSettings {
     pub shutdown_timeout: Duration,
     /// Connection and time limits of the HTTP server.
     pub limits: HttpLimits,
+    /// `server.allowed_hosts`, lower case.
+    pub allowed_hosts: Vec<String>,
 }
 
 /// Where the sidecar runs libtorch (`adapt.device`).
@@ -653,6 +659,28 @@ impl Config {
             api_token_file: self.server.api_token_file.clone(),
             shutdown_timeout: duration("server.shutdown_timeout", &self.server.shutdown_timeout)?,
             limits: self.validate_http_limits()?,
+            allowed_hosts: self
+                .server
+                .allowed_hosts
+                .iter()
+                .map(|h| {
+                    let name = h.trim().to_ascii_lowercase();
+                    let hostname = !name.is_empty()
+                        && name.len() <= 253
+                        && name
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-');
+                    if hostname || name.parse::<std::net::IpAddr>().is_ok() {
+                        Ok(name)
+                    } else {
+                        Err(ConfigError::invalid(
+                            "server.allowed_hosts",
+                            h,
+                            "expected a host name or IP address, without port",
+                        ))
+                    }
+                })
+                .collect::<Result<_, _>>()?,
         };
         let model = self.validate_model()?;
         let scorer = self.validate_scorer()?;
@@ -1120,6 +1148,7 @@ mod props {
         "max_connections_per_ip",
         "header_timeout",
         "request_timeout",
+        "allowed_hosts",
         "bundle",
         "prompts_dir",
         "execution",

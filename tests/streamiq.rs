@@ -1256,6 +1256,63 @@ fn crops_view_scores_every_frame_at_native_scale() {
     );
 }
 
+/// DNS rebinding: a daemon on a loopback address answers only loopback `Host` names
+/// (421 for another site's name, on every route), and one with `server.allowed_hosts`
+/// only those names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_for_other_host_names_are_refused() {
+    fn status(addr: SocketAddr, path: &str, host: &str) -> u16 {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut buf = String::new();
+        let _ = s.read_to_string(&mut buf);
+        buf.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+    let streams = "[[streams]]\nid = \"cam\"\npipeline = \"videotestsrc is-live=true ! video/x-raw,width=64,height=48,framerate=5/1\"\n";
+    let dir = tempfile::tempdir().unwrap();
+    for allowed in [None, Some("qc.example")] {
+        let extra = allowed.map_or(String::new(), |h| format!("allowed_hosts = [\"{h}\"]\n"));
+        let mut s = settings(&config_text(streams, "").replacen(
+            "[server]\n",
+            &format!("[server]\n{extra}"),
+            1,
+        ));
+        s.server.api_token_file = dir.path().join("api-token");
+        s.labels_db = dir.path().join("labels.sqlite");
+        let d = InProcess::start(s).await;
+        let addr = d.addr;
+        tokio::task::spawn_blocking(move || {
+            let port = addr.port();
+            for path in ["/healthz", "/metrics", "/api/v1/streams", "/"] {
+                let evil = status(addr, path, &format!("rebind.evil.example:{port}"));
+                assert_eq!(evil, 421, "{path}");
+                let local = status(addr, path, &format!("localhost:{port}"));
+                let named = status(addr, path, &format!("qc.example:{port}"));
+                match allowed {
+                    None => {
+                        assert_eq!(local, 200, "{path}");
+                        assert_eq!(status(addr, path, &format!("127.0.0.1:{port}")), 200);
+                        assert_eq!(named, 421, "{path}");
+                    }
+                    Some(_) => {
+                        assert_eq!(local, 421, "{path}");
+                        assert_eq!(named, 200, "{path}");
+                    }
+                }
+            }
+        })
+        .await
+        .unwrap();
+        d.stop().await;
+    }
+}
+
 /// The label API's bounds: past `labels.max_per_minute` a label gets 429 with
 /// Retry-After; past `labels.max_labels` it gets 507 naming the key; what is stored
 /// stays, and the summary still counts it.

@@ -206,6 +206,17 @@ fn few_shot_round_hot_swaps_into_a_running_daemon(bundle: &Path) {
         r#"{"version":7}"#,
     );
     assert_eq!(code, 404, "{body}");
+    // Malformed bodies: not JSON, not the expected object.
+    for (bad, status) in [
+        (r#"{"version" 1}"#, 400),
+        (r#"{"version":"one"}"#, 422),
+        ("[]", 422),
+    ] {
+        let (code, body) = http(addr, "POST", "/api/v1/prompts/rollback", Some(token), bad);
+        assert_eq!(code, status, "{bad}: {body}");
+        assert!(body.contains("version"), "{body}");
+    }
+    assert_eq!(dir.active().unwrap(), Some(1), "nothing changed");
     let (code, body) = http(
         addr,
         "POST",

@@ -13,6 +13,7 @@
 pub mod auth;
 pub mod error;
 pub mod health;
+pub mod host;
 pub mod label_api;
 pub mod page;
 pub mod prompt_api;
@@ -62,6 +63,8 @@ pub struct AppState {
     pub adapt_min_labels: usize,
     /// `labels.max_per_minute`.
     pub label_rate: Arc<label_api::RateLimit>,
+    /// `server.allowed_hosts`.
+    pub hosts: Arc<host::HostPolicy>,
 }
 
 /// The router: `/metrics`, `/healthz`, `/readyz`, the labelling page and the stream
@@ -103,5 +106,9 @@ pub fn router(state: AppState) -> Router {
         .merge(protected)
         .merge(page::routes())
         .fallback(|| async { ApiError::not_found("no such route", "path") })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            host::check,
+        ))
         .with_state(state)
 }

@@ -64,10 +64,12 @@ pub async fn rollback(
     State(s): State<AppState>,
     body: Result<Json<Rollback>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    // A body that is not JSON (400), not sent as JSON (415) or not `{"version": N}`
+    // (422) is told apart, as the label routes do.
     let Json(Rollback { version }) = body.map_err(|e| {
         ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            format!("expected {{\"version\": N}}: {e}"),
+            e.status(),
+            format!("expected {{\"version\": N}}: {}", e.body_text()),
             "version",
         )
     })?;
