@@ -1177,6 +1177,82 @@ fn distort_writes_a_deterministic_labelled_set_that_eval_reads() {
     assert_eq!(r["all"]["n"], 66);
     assert_eq!(r["per_type"].as_object().unwrap().len(), 13, "{r}");
     assert!(r["all"]["srcc"].as_f64().unwrap().abs() <= 1.0);
+
+    // The same pictures as operator labels (the kind as the stream, the target as a
+    // 0-1 score, the PNG as the stored frame): `export-labels` writes a set that `eval`
+    // reads directly and scores exactly as the original.
+    let db = dir.path().join("labels.sqlite");
+    let store = streamiq::labels::LabelStore::open(&db).unwrap();
+    for (i, row) in rows.iter().enumerate() {
+        let f: Vec<&str> = row.split(',').collect();
+        store
+            .insert(&streamiq::labels::NewLabel {
+                stream: f[2].to_string(),
+                frame_id: i as u64,
+                captured: 0.0,
+                pts: None,
+                rating: streamiq::labels::Rating::Score(f[1].parse().unwrap()),
+                labeller: "=cmd|' /c calc'!A1".into(),
+                embedding: vec![1.0, 0.0],
+                provenance: streamiq::labels::Provenance {
+                    bundle: "b".into(),
+                    model_sha256: "aa".into(),
+                },
+                prompt_version: 0,
+                model_score: 0.5,
+                thumbnail: vec![0xff, 0xd8],
+                frame: Some(std::fs::read(a.join(f[0])).unwrap()),
+            })
+            .unwrap();
+    }
+    drop(store);
+    let export = |out: &Path| {
+        Command::new(bin())
+            .args(["export-labels", "--db"])
+            .arg(&db)
+            .arg("--out")
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+    let exported = dir.path().join("exported");
+    let o = export(&exported);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = std::fs::read_to_string(exported.join("labels.csv")).unwrap();
+    assert!(text.starts_with("path,mos,type,"), "{text}");
+    assert!(
+        text.contains(",'=cmd|' /c calc'!A1,"),
+        "a formula labeller is neutralised: {text}"
+    );
+    let o = Command::new(bin())
+        .args(["eval", "--json", "--splits", "3", "--model"])
+        .arg(bundle())
+        .arg("--labels")
+        .arg(exported.join("labels.csv"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let e: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(e["all"]["n"], 66);
+    for key in ["srcc", "plcc"] {
+        let (x, y) = (
+            r["all"][key].as_f64().unwrap(),
+            e["all"][key].as_f64().unwrap(),
+        );
+        assert!(
+            (x - y).abs() < 1e-9,
+            "{key}: {x} on the set, {y} on its export"
+        );
+    }
+    for (kind, m) in r["per_type"].as_object().unwrap() {
+        for key in ["n", "srcc", "plcc"] {
+            assert_eq!(m[key], e["per_type"][kind][key], "{kind} {key}");
+        }
+    }
+    // A directory that holds something is never written into.
+    let o = export(&exported);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not empty"));
 }
 
 /// Hundreds of still images scanned one after another in one process: each must give

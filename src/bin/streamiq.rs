@@ -113,6 +113,24 @@ enum Command {
         #[arg(required = true)]
         sources: Vec<PathBuf>,
     },
+    /// Write the stored labels as a set `streamiq eval` reads: DIR/labels.csv (path, mos,
+    /// type = stream, id, labeller, target, model_score, model_sha256, image) and
+    /// DIR/images/label-ID.png, each the frame as it was scored.
+    #[command(group(clap::ArgGroup::new("store").required(true).args(["config", "db"])))]
+    ExportLabels {
+        /// Configuration file (its `labels.db`, with `STREAMIQ__LABELS__DB` over it).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// The label store itself.
+        #[arg(long)]
+        db: Option<PathBuf>,
+        /// Output directory: new, or empty.
+        #[arg(long)]
+        out: PathBuf,
+        /// Only labels with an id above this.
+        #[arg(long, default_value_t = 0)]
+        since: i64,
+    },
     /// SRCC / PLCC of the model against labels (CSV with columns path, mos[, type]).
     Eval {
         /// Model bundle directory.
@@ -226,6 +244,38 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run { config } => run(config),
         Command::CheckConfig { config } => check_config(config),
+        Command::ExportLabels {
+            config,
+            db,
+            out,
+            since,
+        } => {
+            let db = match (db, config) {
+                (Some(db), _) => db,
+                (None, Some(c)) => match settings(&c) {
+                    Ok(s) => s.labels_db,
+                    Err(e) => return fail(2, e),
+                },
+                (None, None) => unreachable!("clap requires --config or --db"),
+            };
+            if !db.is_file() {
+                return fail(2, format!("{}: no label store there", db.display()));
+            }
+            let store = match streamiq::labels::LabelStore::open(&db) {
+                Ok(s) => s,
+                Err(e) => return fail(2, e),
+            };
+            match store.export_dir(&out, since) {
+                Ok(n) => {
+                    eprintln!(
+                        "streamiq: wrote {n} labels to {}",
+                        out.join("labels.csv").display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(1, e),
+            }
+        }
         Command::Scan {
             config,
             model,

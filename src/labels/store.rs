@@ -687,6 +687,75 @@ impl LabelStore {
         Ok(moved)
     }
 
+    /// Writes the labels with an id above `since` into `out` (which must not exist, or be
+    /// empty) as a set `streamiq eval` reads directly: `images/label-ID.png` (the frame as
+    /// scored; `.jpg`, the thumbnail, for a label stored without it) and `labels.csv` with
+    /// `path, mos, type` (`mos` as given, or `1 + 4 x target` for a 0-1 score; `type` is
+    /// the stream) and then `id, labeller, target, model_score, model_sha256, image`.
+    /// Reads one label at a time through its own connection. Returns how many labels.
+    pub fn export_dir(&self, out: &Path, since: i64) -> Result<usize, LabelError> {
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| LabelError::Io { path, source }
+        };
+        if out.exists() && std::fs::read_dir(out).map_err(io(out))?.next().is_some() {
+            return Err(LabelError::Io {
+                path: out.to_owned(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    "not empty: export into a new directory",
+                ),
+            });
+        }
+        let images = out.join("images");
+        std::fs::create_dir_all(&images).map_err(io(&images))?;
+        let sql = self.sql();
+        let conn = self.reader()?;
+        let mut stmt = conn
+            .prepare(
+                "SELECT id, stream, mos, target, labeller, model_score, model_sha256, frame, thumbnail
+                 FROM labels WHERE id > ?1 ORDER BY id",
+            )
+            .map_err(&sql)?;
+        let mut rows = stmt.query([since]).map_err(&sql)?;
+        let mut csv =
+            String::from("path,mos,type,id,labeller,target,model_score,model_sha256,image\n");
+        let mut n = 0;
+        while let Some(r) = rows.next().map_err(&sql)? {
+            let id: i64 = r.get(0).map_err(&sql)?;
+            let stream: String = r.get(1).map_err(&sql)?;
+            let mos: Option<f64> = r.get(2).map_err(&sql)?;
+            let target: f64 = r.get(3).map_err(&sql)?;
+            let labeller: String = r.get(4).map_err(&sql)?;
+            let model_score: f64 = r.get(5).map_err(&sql)?;
+            let sha: String = r.get(6).map_err(&sql)?;
+            let frame: Option<Vec<u8>> = r.get(7).map_err(&sql)?;
+            let (name, bytes, kind) = match frame {
+                Some(png) => (format!("label-{id}.png"), png, "frame"),
+                None => (
+                    format!("label-{id}.jpg"),
+                    r.get(8).map_err(&sql)?,
+                    "thumbnail",
+                ),
+            };
+            let path = images.join(&name);
+            std::fs::write(&path, bytes).map_err(io(&path))?;
+            let mos = mos.unwrap_or(1.0 + 4.0 * target);
+            use std::fmt::Write;
+            let _ = writeln!(
+                csv,
+                "images/{name},{mos},{},{id},{},{target},{model_score},{},{kind}",
+                crate::csv::field(&stream),
+                crate::csv::field(&labeller),
+                crate::csv::field(&sha),
+            );
+            n += 1;
+        }
+        let list = out.join("labels.csv");
+        std::fs::write(&list, csv).map_err(io(&list))?;
+        Ok(n)
+    }
+
     /// [`list`](Self::list), written as JSON or CSV (without the blobs).
     pub fn export(
         &self,
