@@ -131,6 +131,22 @@ pub async fn run_with(
             .await?
             .map_err(Error::PromptSet)?;
     }
+    let incidents = if settings.incidents.max_count > 0 {
+        let store = crate::incidents::IncidentStore::open(
+            settings.incidents.clone(),
+            provenance.clone(),
+            metrics.clone(),
+        )
+        .map_err(|e| {
+            Error::runtime(
+                "opening labels.incidents_dir",
+                format!("{}: {e}", settings.incidents.dir.display()),
+            )
+        })?;
+        Some(store)
+    } else {
+        None
+    };
     let slots = Arc::new(StreamSlots::default());
     let engine = Engine::start(
         loaded,
@@ -149,6 +165,7 @@ pub async fn run_with(
             resize: bundle.manifest.input.resize,
             views: settings.scorer.views,
             shutdown: shutdown.clone(),
+            incidents: incidents.clone(),
         },
         slots,
         engine.handoff(),
@@ -186,6 +203,7 @@ pub async fn run_with(
             settings.label_limits.max_per_minute,
         )),
         hosts: Arc::new(hosts),
+        incidents,
     });
     let listener = match tokio::net::TcpListener::bind(settings.server.listen).await {
         Ok(l) => l,

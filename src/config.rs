@@ -275,6 +275,18 @@ pub struct LabelsConfig {
     pub max_labels: u64,
     /// Labels accepted per minute, all clients together; more get 429 with Retry-After.
     pub max_per_minute: u32,
+    /// Where incident frames are kept.
+    pub incidents_dir: PathBuf,
+    /// Incidents kept at most (the oldest go first); 0 keeps none.
+    pub incidents_max: usize,
+    /// Disk the incidents may take, MiB.
+    pub incidents_max_mib: u64,
+    /// Longer side of a kept frame at most, pixels.
+    pub incident_max_px: u32,
+    /// A stream's quality mean falling below this starts an incident.
+    pub incident_quality_below: f64,
+    /// Each stream's lowest-scoring frame of every such period is kept.
+    pub incident_lowest_every: String,
 }
 
 impl Default for LabelsConfig {
@@ -284,6 +296,12 @@ impl Default for LabelsConfig {
             recent_frames: 200,
             max_labels: 100_000,
             max_per_minute: 120,
+            incidents_dir: "state/incidents".into(),
+            incidents_max: 200,
+            incidents_max_mib: 2048,
+            incident_max_px: 1920,
+            incident_quality_below: 0.35,
+            incident_lowest_every: "1h".into(),
         }
     }
 }
@@ -600,6 +618,8 @@ pub struct Settings {
     pub labels_db: PathBuf,
     /// Bounds on what the label API stores.
     pub label_limits: LabelLimits,
+    /// Incident frames (`labels.incident*`); `max_count` 0 keeps none.
+    pub incidents: crate::incidents::IncidentSettings,
     /// Few-shot adaptation (the sidecar's).
     pub adapt: AdaptSettings,
     /// `streamiq scan`'s gates.
@@ -705,6 +725,7 @@ impl Config {
             qc,
             recent_frames,
             labels_db: self.labels.db.clone(),
+            incidents: self.validate_incidents()?,
             label_limits: LabelLimits {
                 max_labels: NonZeroU64::new(self.labels.max_labels).ok_or_else(|| {
                     ConfigError::invalid("labels.max_labels", 0, "must be at least 1")
@@ -716,6 +737,47 @@ impl Config {
             adapt,
             scan: ScanGates::from_config(&self.scan, "scan.")?,
             streams,
+        })
+    }
+
+    fn validate_incidents(&self) -> Result<crate::incidents::IncidentSettings, ConfigError> {
+        let l = &self.labels;
+        if !(64..=8192).contains(&l.incident_max_px) {
+            return Err(ConfigError::invalid(
+                "labels.incident_max_px",
+                l.incident_max_px,
+                "must be within 64..=8192",
+            ));
+        }
+        if !(l.incident_quality_below >= 0.0 && l.incident_quality_below <= 1.0) {
+            return Err(ConfigError::invalid(
+                "labels.incident_quality_below",
+                l.incident_quality_below,
+                "must be within 0..=1",
+            ));
+        }
+        if l.incidents_max_mib == 0 || l.incidents_max_mib > 1 << 30 {
+            return Err(ConfigError::invalid(
+                "labels.incidents_max_mib",
+                l.incidents_max_mib,
+                "must be at least 1",
+            ));
+        }
+        let lowest_every = duration("labels.incident_lowest_every", &l.incident_lowest_every)?;
+        if lowest_every < Duration::from_secs(1) {
+            return Err(ConfigError::invalid(
+                "labels.incident_lowest_every",
+                &l.incident_lowest_every,
+                "must be at least 1s",
+            ));
+        }
+        Ok(crate::incidents::IncidentSettings {
+            dir: l.incidents_dir.clone(),
+            max_count: l.incidents_max,
+            max_bytes: l.incidents_max_mib << 20,
+            max_px: l.incident_max_px,
+            quality_below: l.incident_quality_below,
+            lowest_every,
         })
     }
 
@@ -1170,6 +1232,12 @@ mod props {
         "recent_frames",
         "max_labels",
         "max_per_minute",
+        "incidents_dir",
+        "incidents_max",
+        "incidents_max_mib",
+        "incident_max_px",
+        "incident_quality_below",
+        "incident_lowest_every",
         "min_labels",
         "holdout",
         "lambda",

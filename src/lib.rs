@@ -52,6 +52,7 @@ pub mod error;
 pub mod eval;
 pub mod frame;
 pub mod http;
+pub mod incidents;
 pub mod ingest;
 pub mod labels;
 pub mod metrics;

@@ -55,6 +55,12 @@ pub struct Metrics {
     pub prompt_version: IntGauge,
     /// Labels stored.
     pub labels_total: IntCounter,
+    /// Incidents kept on disk, by stream and kind.
+    pub incidents: IntCounterVec,
+    /// Incidents not kept because the writer was behind.
+    pub incidents_dropped: IntCounter,
+    /// Bytes of the incident directory.
+    pub incident_bytes: IntGauge,
     /// Execution providers that failed to load, by provider.
     pub provider_failures: IntCounterVec,
     /// Prompt sets refused at load or reload, by reason.
@@ -231,6 +237,28 @@ impl Metrics {
             labels_total: reg(
                 &r,
                 IntCounter::new("streamiq_labels_total", "Labels stored.").expect("valid metric"),
+            ),
+            incidents: counter(
+                &r,
+                "streamiq_incidents_total",
+                "Incidents whose frames were kept on disk for labelling.",
+                &["stream", "kind"],
+            ),
+            incidents_dropped: reg(
+                &r,
+                IntCounter::new(
+                    "streamiq_incidents_dropped_total",
+                    "Incidents not kept because the incident writer was behind.",
+                )
+                .expect("valid metric"),
+            ),
+            incident_bytes: reg(
+                &r,
+                IntGauge::new(
+                    "streamiq_incident_bytes",
+                    "Bytes of incident frames kept on disk.",
+                )
+                .expect("valid metric"),
             ),
             provider_failures: counter(
                 &r,

@@ -44,6 +44,8 @@ pub struct StreamContext {
     pub views: Views,
     /// The daemon's shutdown; each stream runs under a child of it.
     pub shutdown: CancellationToken,
+    /// Where streams keep incident frames, if they do.
+    pub incidents: Option<Arc<crate::incidents::IncidentStore>>,
 }
 
 /// Why a registry change was refused.
@@ -287,14 +289,18 @@ impl StreamRegistry {
         metrics
             .quality_drop_threshold
             .set(settings.quality_drop_threshold);
-        let state = Arc::new(StreamState::new(
+        let state = StreamState::new(
             slot,
             &settings.id,
             source_text(&settings.source),
             metrics,
             &ctx.qc,
             ctx.recent_frames,
-        ));
+        );
+        let state = Arc::new(match &ctx.incidents {
+            Some(store) => state.with_incidents(store.clone()),
+            None => state,
+        });
         let sup = Supervision {
             spec: PipelineSpec {
                 source: settings.source.clone(),

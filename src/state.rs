@@ -77,6 +77,8 @@ pub struct StreamState {
     /// Scored frames per second, smoothed (f64 bits).
     fps_bits: AtomicU64,
     last_scored: Mutex<Option<Instant>>,
+    /// Incident capture, when incidents are kept.
+    incidents: Option<crate::incidents::Tracker>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -111,7 +113,36 @@ impl StreamState {
             epoch: Instant::now(),
             fps_bits: AtomicU64::new(0f64.to_bits()),
             last_scored: Mutex::new(None),
+            incidents: None,
         }
+    }
+
+    /// The state, also keeping incident frames in `store` ([`crate::incidents`]).
+    pub fn with_incidents(mut self, store: Arc<crate::incidents::IncidentStore>) -> Self {
+        self.incidents = Some(crate::incidents::Tracker::new(store, &self.id));
+        self
+    }
+
+    /// Whether incident frames are kept (the pipeline then has a native branch).
+    pub fn keeps_incidents(&self) -> bool {
+        self.incidents.is_some()
+    }
+
+    /// A sampled frame as decoded (the pipeline's native branch), for incidents.
+    pub fn on_native(&self, f: crate::incidents::NativeFrame) {
+        if let Some(t) = &self.incidents {
+            t.native(f, |pts| self.find_by_pts(pts));
+        }
+    }
+
+    /// The newest recent frame of stream time `pts`.
+    fn find_by_pts(&self, pts: Option<f64>) -> Option<Arc<ScoredFrame>> {
+        let pts = pts?;
+        lock(&self.ring)
+            .iter()
+            .rev()
+            .find(|f| f.frame.pts.is_some_and(|p| (p - pts).abs() < 1e-6))
+            .cloned()
     }
 
     fn fresh_qc(qc: &QcSettings) -> Qc {
@@ -134,6 +165,14 @@ impl StreamState {
         let t = frame.pts.unwrap_or_else(|| ms as f64 / 1000.0);
         let mut qc = lock(&self.qc);
         let ev = qc.detectors.update(t, frame.duration, frame.image.clone());
+        if let Some(tracker) = &self.incidents {
+            for (kind, tr) in ev.iter() {
+                if matches!(tr, Transition::Started { .. }) {
+                    let kind = crate::incidents::IncidentKind::of_segment(kind);
+                    tracker.onset(kind, frame.pts, qc.window.mean());
+                }
+            }
+        }
         self.apply(&mut qc, ev);
         qc.detectors.flags().clone()
     }
@@ -192,7 +231,7 @@ impl StreamState {
         let now = Instant::now();
         let m = &self.metrics;
         m.scored.inc();
-        {
+        let quality = {
             let mut qc = lock(&self.qc);
             qc.window.push(now, sf.score);
             if let Some(mean) = qc.window.mean() {
@@ -216,7 +255,8 @@ impl StreamState {
                     m.attribute(name).set(mean);
                 }
             }
-        }
+            qc.window.mean()
+        };
         let unix = sf
             .frame
             .captured
@@ -226,11 +266,16 @@ impl StreamState {
         m.last_frame.set(unix);
         self.update_fps(now);
         let sf = Arc::new(sf);
-        let mut ring = lock(&self.ring);
-        if ring.len() == self.ring_capacity {
-            ring.pop_front();
+        {
+            let mut ring = lock(&self.ring);
+            if ring.len() == self.ring_capacity {
+                ring.pop_front();
+            }
+            ring.push_back(sf.clone());
         }
-        ring.push_back(sf.clone());
+        if let Some(t) = &self.incidents {
+            t.scored(&sf, quality);
+        }
         sf
     }
 

@@ -325,8 +325,20 @@ async fn operator_labels_a_frame_with_the_keyboard_in_chromium() {
 id = "cam"
 pipeline = "videotestsrc is-live=true pattern=ball ! video/x-raw,width=320,height=240,framerate=10/1"
 sample_fps = 2.0
+
+[[streams]]
+id = "dark"
+pipeline = "videotestsrc is-live=true pattern=black ! video/x-raw,width=480,height=270,framerate=10/1"
+sample_fps = 2.0
 "#;
-    let mut s = settings(&config_text(streams, "[adapt]\nmin_labels = 3\n"));
+    let incidents = dir.path().join("state/incidents");
+    let mut s = settings(&config_text(
+        streams,
+        &format!(
+            "black_min_duration = \"1s\"\n[adapt]\nmin_labels = 3\n[labels]\nincidents_dir = \"{}\"\n",
+            incidents.display()
+        ),
+    ));
     let token_file = dir.path().join("state/api-token");
     s.server.api_token_file = token_file.clone();
     s.labels_db = dir.path().join("state/labels.sqlite");
@@ -443,6 +455,40 @@ sample_fps = 2.0
         summary["streams"]["cam"]["labelled_frames"][0]["frame_id"],
         json!(frame)
     );
+
+    // Incidents (the dark stream is black; the ball on black counts too): their frames
+    // follow the streams, shown at the source's resolution (320x240 or 480x270; the
+    // model's view is 224 px high), and a key rates one.
+    page.wait_for(
+        "an incident frame",
+        "document.querySelectorAll('#streams .frame[data-incident]').length > 0",
+    );
+    page.eval("document.querySelector('#streams .frame[data-incident]').click()");
+    let natural = page.wait_for(
+        "the incident frame at its own size",
+        "(() => { const i = document.getElementById('sel-img'); \
+           return i.classList.contains('native') && i.complete && i.naturalWidth > 0 \
+             && [i.naturalWidth, i.naturalHeight] })()",
+    );
+    assert!(
+        natural == json!([480, 270]) || natural == json!([320, 240]),
+        "{natural}"
+    );
+    assert_eq!(
+        page.eval("document.getElementById('sel-full').hidden"),
+        json!(false)
+    );
+    page.press_digit('2');
+    let stored = poll(Duration::from_secs(10), "the incident label", || {
+        let labels = json_as(addr, "/api/v1/labels", token);
+        labels
+            .as_array()?
+            .iter()
+            .find(|l| l["mos"] == json!(2.0))
+            .cloned()
+    });
+    let size = (stored["stream"] == "dark").then_some(json!([480, 270]));
+    assert_eq!(size.unwrap_or(json!([320, 240])), natural, "{stored}");
 
     page.screenshot(SCREENSHOT);
     // The 401s of the reads before the token and of the wrong token are expected.

@@ -1332,6 +1332,174 @@ fn crops_view_scores_every_frame_at_native_scale() {
     );
 }
 
+/// Incidents: a 1280x720 stream with a black and a frozen stretch keeps, for each onset,
+/// the frames around it on disk at the source's resolution (capped at
+/// `labels.incident_max_px`), listed and served behind the token, and labellable with
+/// the embedding they were scored with; a restart with a lower `labels.incidents_max`
+/// deletes the oldest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incident_frames_are_kept_at_native_resolution_and_labelled() {
+    let dir = tempfile::tempdir().unwrap();
+    let clip = dir.path().join("incidents.mp4");
+    common::synth(
+        "testsrc2=size=1280x720:rate=25:duration=10",
+        &[
+            "-filter_complex",
+            "[0]split[a][b];[a][b]freezeframes=first=150:last=224:replace=150,drawbox=x=0:y=0:w=iw:h=ih:color=black:t=fill:enable='between(t,1.5,3.49)'",
+            "-c:v",
+            "libx264",
+            "-preset",
+            "veryfast",
+            "-pix_fmt",
+            "yuv420p",
+        ],
+        &clip,
+    );
+    let incidents = dir.path().join("incidents");
+    let config = |max: usize| {
+        let streams = format!(
+            "[[streams]]\nid = \"cam\"\nuri = \"file://{}\"\nsample_fps = 5.0\n",
+            clip.display()
+        );
+        let extra = format!(
+            "black_min_duration = \"1s\"\nfreeze_min_duration = \"1s\"\n[labels]\nincidents_dir = \"{}\"\nincidents_max = {max}\nincident_max_px = 960\nincident_quality_below = 0.0\n",
+            incidents.display()
+        );
+        let mut s = settings(&config_text(&streams, &extra));
+        s.server.api_token_file = dir.path().join("api-token");
+        s.labels_db = dir.path().join("labels.sqlite");
+        s
+    };
+    let d = InProcess::start(config(10)).await;
+    let token = std::fs::read_to_string(dir.path().join("api-token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let addr = d.addr;
+    let (black, freeze) = tokio::task::spawn_blocking(move || {
+        let kinds = || -> Vec<serde_json::Value> {
+            json_as(addr, "/api/v1/incidents", &token)["incidents"]
+                .as_array()
+                .unwrap()
+                .clone()
+        };
+        let all = common::poll(
+            Duration::from_secs(60),
+            "a black and a freeze incident",
+            || {
+                let all = kinds();
+                let has = |k: &str| all.iter().any(|i| i["kind"] == k);
+                (has("black") && has("freeze")).then_some(all)
+            },
+        );
+        // Behind the token.
+        assert_eq!(get(addr, "/api/v1/incidents").0, 401);
+        let find = |k: &str| all.iter().find(|i| i["kind"] == k).unwrap().clone();
+        let (black, freeze) = (find("black"), find("freeze"));
+        for inc in [&black, &freeze] {
+            assert_eq!(inc["stream"], "cam");
+            let frames = inc["frames"].as_array().unwrap();
+            assert!((2..=4).contains(&frames.len()), "{inc}");
+            assert_eq!(
+                frames.iter().filter(|f| f["onset"] == true).count(),
+                1,
+                "{inc}"
+            );
+            for f in frames {
+                assert_eq!(
+                    (f["width"].as_u64(), f["height"].as_u64()),
+                    (Some(960), Some(540)),
+                    "{f}"
+                );
+                let (code, png) = get_as(addr, f["url"].as_str().unwrap(), &token);
+                assert_eq!(code, 200);
+                let img = image::load_from_memory(&png).unwrap();
+                assert_eq!((img.width(), img.height()), (960, 540));
+            }
+        }
+        // The frame at which the black segment became active (the alarm) is black at
+        // native resolution.
+        let frames = black["frames"].as_array().unwrap();
+        let onset = frames.iter().position(|f| f["onset"] == true).unwrap();
+        let png = get_as(addr, frames[onset]["url"].as_str().unwrap(), &token).1;
+        let img = image::load_from_memory(&png).unwrap().to_luma8();
+        let mean = img.pixels().map(|p| p.0[0] as f64).sum::<f64>() / (960.0 * 540.0);
+        assert!(mean < 30.0, "{mean}: {black}");
+        // Bad ids and frames: 404 naming the field.
+        for path in [
+            "/api/v1/incidents/..%2Fapi-token/frames/0.png".to_string(),
+            format!(
+                "/api/v1/incidents/{}/frames/99.png",
+                black["id"].as_str().unwrap()
+            ),
+            format!(
+                "/api/v1/incidents/{}/frames/x.png",
+                black["id"].as_str().unwrap()
+            ),
+        ] {
+            assert_eq!(get_as(addr, &path, &token).0, 404, "{path}");
+        }
+
+        // Labelled like a recent frame, with the embedding it was scored with.
+        let f = frames
+            .iter()
+            .find(|f| f["labellable"] == true)
+            .expect("a scored frame");
+        let body = format!(
+            r#"{{"incident": {}, "frame": {}, "mos": 1}}"#,
+            black["id"], f["n"]
+        );
+        let (code, stored) = post_label(addr, Some(&token), &body);
+        assert_eq!(code, 201, "{stored}");
+        assert_eq!(stored["stream"], "cam");
+        assert_eq!(stored["target"], 0.0);
+        let score = stored["model_score"].as_f64().unwrap();
+        assert!(
+            (score - f["score"].as_f64().unwrap()).abs() < 1e-6,
+            "{stored} {f}"
+        );
+        let body = format!(r#"{{"incident": {}, "frame": 63, "mos": 1}}"#, black["id"]);
+        assert_eq!(post_label(addr, Some(&token), &body).0, 404);
+        let body = r#"{"incident": "0000000000000-cam-nothing", "frame": 0, "mos": 1}"#;
+        assert_eq!(post_label(addr, Some(&token), body).0, 404);
+        (black, freeze)
+    })
+    .await
+    .unwrap();
+    let m = d.metrics().await;
+    assert_eq!(
+        sample(
+            &m,
+            "streamiq_incidents_total{kind=\"black\",stream=\"cam\"}"
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    d.stop().await;
+
+    // A lower bound on the next start deletes the oldest: the newer of the two stays.
+    let newest = [&black, &freeze]
+        .into_iter()
+        .map(|i| i["id"].as_str().unwrap().to_string())
+        .max()
+        .unwrap();
+    let d = InProcess::start(config(1)).await;
+    let kept: Vec<String> = std::fs::read_dir(&incidents)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    assert!(kept.len() <= 2, "{kept:?}");
+    assert!(kept.contains(&newest) || kept.len() == 1, "{kept:?}");
+    d.stop().await;
+    let kept: Vec<String> = std::fs::read_dir(&incidents)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+}
+
 /// DNS rebinding: a daemon on a loopback address answers only loopback `Host` names
 /// (421 for another site's name, on every route), and one with `server.allowed_hosts`
 /// only those names.
@@ -1759,6 +1927,7 @@ fn registry_restarts_only_the_stream_that_changed() {
             resize: ResizeRule::ShorterSideCrop,
             views: s.scorer.views,
             shutdown: shutdown.clone(),
+            incidents: None,
         },
         Arc::new(StreamSlots::default()),
         handoff,
@@ -2121,7 +2290,7 @@ pipeline = "videotestsrc is-live=true ! video/x-raw,width=160,height=120,framera
         let dribble = std::thread::spawn({
             let mut w = slow.try_clone().unwrap();
             move || {
-                for b in b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Slow: yes" {
+                for b in b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nX-Slow: yes" {
                     if w.write_all(&[*b]).is_err() {
                         break;
                     }
@@ -2140,7 +2309,7 @@ pipeline = "videotestsrc is-live=true ! video/x-raw,width=160,height=120,framera
 
         // An idle keep-alive connection after one answered request: closed too.
         let mut idle = TcpStream::connect(addr).unwrap();
-        idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
         let closed = seconds_until_closed(&mut idle, Duration::from_secs(6))
             .expect("an idle keep-alive connection is cut");
         assert!(closed < 3.0, "idle connection closed after {closed:.2} s");
@@ -2149,7 +2318,7 @@ pipeline = "videotestsrc is-live=true ! video/x-raw,width=160,height=120,framera
         let mut body = TcpStream::connect(addr).unwrap();
         write!(
             body,
-            "POST /api/v1/labels HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: 200\r\n\r\n{{\"frame_id\": "
+            "POST /api/v1/labels HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: 200\r\n\r\n{{\"frame_id\": "
         )
         .unwrap();
         let t0 = Instant::now();
@@ -2182,7 +2351,7 @@ pipeline = "videotestsrc is-live=true ! video/x-raw,width=160,height=120,framera
                 .unwrap();
             conn.set_nonblocking(false).unwrap();
             conn.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-            conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+            conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
                 .unwrap();
             let mut text = String::new();
             conn.read_to_string(&mut text).unwrap();

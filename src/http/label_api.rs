@@ -18,7 +18,7 @@ use super::{ApiError, AppState, encode_jpeg, find_frame};
 #[cfg(doc)]
 use crate::labels::LabelStore;
 use crate::labels::store::StoreSummary;
-use crate::labels::{ExportFormat, Label, LabelError, LabelRequest, NewLabel};
+use crate::labels::{ExportFormat, Label, LabelError, LabelRequest, LabelTarget, NewLabel};
 use crate::state::unix_seconds;
 
 /// Largest accepted request body on label routes, in bytes.
@@ -87,40 +87,56 @@ pub(super) async fn create(
     let req = req
         .validate()
         .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.message, e.field))?;
-    let (st, sf) = find_frame(&s.streams.all(), req.frame_id).ok_or_else(|| {
-        ApiError::not_found(
-            format!(
-                "no recent frame {}; label one of /api/v1/streams/{{id}}/frames",
-                req.frame_id
-            ),
-            "frame_id",
-        )
-    })?;
-    let (store, normaliser, provenance) = (
-        s.labels.clone(),
-        s.normaliser.clone(),
-        (*s.provenance).clone(),
-    );
-    let inserted = tokio::task::spawn_blocking(move || {
-        let label = NewLabel {
-            stream: st.id.clone(),
-            frame_id: sf.frame.id,
-            captured: unix_seconds(sf.frame.captured),
-            pts: sf.frame.pts,
-            rating: req.rating,
-            labeller: req.labeller,
-            embedding: sf.embedding.clone(),
-            provenance,
-            prompt_version: sf.prompt_version,
-            model_score: sf.score,
-            thumbnail: encode_jpeg(&sf, &normaliser),
-            frame: Some(crate::labels::encode_frame_png(&sf.frame.image)),
-        };
-        store.insert(&label)
-    })
-    .await
-    .map_err(join_error)?
-    .map_err(store_error)?;
+    let (rating, labeller) = (req.rating, req.labeller);
+    let label = match req.target {
+        LabelTarget::Frame(frame_id) => {
+            let (st, sf) = find_frame(&s.streams.all(), frame_id).ok_or_else(|| {
+                ApiError::not_found(
+                    format!(
+                        "no recent frame {frame_id}; label one of /api/v1/streams/{{id}}/frames \
+                         or an incident's frame"
+                    ),
+                    "frame_id",
+                )
+            })?;
+            let (normaliser, provenance) = (s.normaliser.clone(), (*s.provenance).clone());
+            tokio::task::spawn_blocking(move || NewLabel {
+                stream: st.id.clone(),
+                frame_id: sf.frame.id,
+                captured: unix_seconds(sf.frame.captured),
+                pts: sf.frame.pts,
+                rating,
+                labeller,
+                embedding: sf.embedding.clone(),
+                provenance,
+                prompt_version: sf.prompt_version,
+                model_score: sf.score,
+                thumbnail: encode_jpeg(&sf, &normaliser),
+                frame: Some(crate::labels::encode_frame_png(&sf.frame.image)),
+            })
+            .await
+            .map_err(join_error)?
+        }
+        LabelTarget::Incident { id, frame } => {
+            let incidents = s.incidents.clone().ok_or_else(|| {
+                ApiError::not_found(
+                    "incidents are not kept (labels.incidents_max = 0)",
+                    "incident",
+                )
+            })?;
+            let normaliser = s.normaliser.clone();
+            tokio::task::spawn_blocking(move || {
+                incident_label(&incidents, &id, frame, rating, labeller, &normaliser)
+            })
+            .await
+            .map_err(join_error)??
+        }
+    };
+    let store = s.labels.clone();
+    let inserted = tokio::task::spawn_blocking(move || store.insert(&label))
+        .await
+        .map_err(join_error)?
+        .map_err(store_error)?;
     s.metrics.labels_total.inc();
     let l = &inserted.label;
     tracing::info!(
@@ -138,6 +154,56 @@ pub(super) async fn create(
         label: inserted.label,
     };
     Ok((StatusCode::CREATED, Json(view)).into_response())
+}
+
+/// The label for frame `n` of incident `id`: the embedding, score and working frame it
+/// had when it was scored (kept with the incident), so no model runs.
+fn incident_label(
+    incidents: &crate::incidents::IncidentStore,
+    id: &str,
+    n: usize,
+    rating: crate::labels::Rating,
+    labeller: String,
+    normaliser: &crate::score::preprocess::Normaliser,
+) -> Result<NewLabel, ApiError> {
+    let incident = incidents
+        .get(id)
+        .ok_or_else(|| ApiError::not_found(format!("no incident {id:?}"), "incident"))?;
+    let f =
+        incident.frames.iter().find(|f| f.n == n).ok_or_else(|| {
+            ApiError::not_found(format!("incident {id:?} has no frame {n}"), "frame")
+        })?;
+    let (Some(scored), Some(png)) = (&f.scored, incidents.frame_png(id, n, true)) else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "frame {n} of incident {id:?} was not scored when it was kept: it cannot be labelled"
+            ),
+            "frame",
+        ));
+    };
+    let img = image::load_from_memory_with_format(&png, image::ImageFormat::Png)
+        .map_err(|e| {
+            tracing::error!(incident = id, frame = n, error = %e, "Incident frame unreadable");
+            ApiError::internal("incident frame unreadable")
+        })?
+        .to_rgb8();
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let img = crate::frame::RgbImage::from_packed(w, h, img.into_raw());
+    Ok(NewLabel {
+        stream: incident.stream,
+        frame_id: scored.frame_id,
+        captured: incident.at,
+        pts: f.pts,
+        rating,
+        labeller,
+        embedding: scored.embedding.clone(),
+        provenance: scored.provenance.clone(),
+        prompt_version: scored.prompt_version,
+        model_score: scored.score,
+        thumbnail: super::thumbnail::encode_image_jpeg(&img, normaliser),
+        frame: Some(png),
+    })
 }
 
 /// `GET /api/v1/labels` query.

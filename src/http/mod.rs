@@ -14,6 +14,7 @@ pub mod auth;
 pub mod error;
 pub mod health;
 pub mod host;
+mod incident_api;
 pub mod label_api;
 pub mod page;
 pub mod prompt_api;
@@ -65,6 +66,8 @@ pub struct AppState {
     pub label_rate: Arc<label_api::RateLimit>,
     /// `server.allowed_hosts`.
     pub hosts: Arc<host::HostPolicy>,
+    /// The incident frames kept on disk, if they are.
+    pub incidents: Option<Arc<crate::incidents::IncidentStore>>,
 }
 
 /// The router: `/metrics`, `/healthz`, `/readyz`, the labelling page and the stream
@@ -90,6 +93,11 @@ pub fn router(state: AppState) -> Router {
             get(label_api::thumbnail),
         )
         .route("/api/v1/labels/summary", get(label_api::summary))
+        .route("/api/v1/incidents", get(incident_api::list))
+        .route(
+            "/api/v1/incidents/{id}/frames/{file}",
+            get(incident_api::frame),
+        )
         .route(
             "/api/v1/session",
             post(auth::open_session).delete(auth::close_session),

@@ -1,12 +1,16 @@
 //! JPEG thumbnails of scored frames, for the stream and label routes.
 
-use crate::frame::ScoredFrame;
+use crate::frame::{RgbImage, ScoredFrame};
 use crate::score::preprocess::Normaliser;
 
 /// The frame as scored, as JPEG: the centre region the model saw for `global`
 /// views, the whole working frame for `crops:N` and `mixed:N`.
 pub fn encode_jpeg(sf: &ScoredFrame, normaliser: &Normaliser) -> Vec<u8> {
-    let img = &sf.frame.image;
+    encode_image_jpeg(&sf.frame.image, normaliser)
+}
+
+/// [`encode_jpeg`] of a working-size frame.
+pub fn encode_image_jpeg(img: &RgbImage, normaliser: &Normaliser) -> Vec<u8> {
     let (x0, y0, w, h) = if normaliser.is_global() {
         let s = normaliser.size();
         let (x0, y0) = normaliser.crop_origin(img);

@@ -100,6 +100,18 @@ pub fn build(
     spec: &PipelineSpec,
     deliver: impl Fn(Frame) -> bool + Send + Sync + 'static,
 ) -> Result<gst::Pipeline, IngestError> {
+    build_with_native(name, spec, deliver, None)
+}
+
+/// [`build`], and with `native` a second branch after the sampling: a `tee` hands every
+/// sampled frame, as decoded (no conversion, no scaling), to `native` as well, through
+/// an appsink that never blocks the stream (incident frames, [`crate::incidents`]).
+pub fn build_with_native(
+    name: &str,
+    spec: &PipelineSpec,
+    deliver: impl Fn(Frame) -> bool + Send + Sync + 'static,
+    native: Option<crate::incidents::NativeSink>,
+) -> Result<gst::Pipeline, IngestError> {
     let pipeline = gst::Pipeline::with_name(name);
     let queue = gst::ElementFactory::make("queue")
         .name(QUEUE_NAME)
@@ -128,14 +140,47 @@ pub fn build(
         .drop(false)
         .build();
 
+    let tee = match native {
+        Some(_) => Some(make("tee")?),
+        None => None,
+    };
     let mut chain: Vec<&gst::Element> = vec![&queue];
     chain.extend(rate.as_ref());
+    chain.extend(tee.as_ref());
     chain.extend([&convert, &filter, sink.upcast_ref()]);
     pipeline
         .add_many(chain.iter().copied())
         .map_err(|e| IngestError::Pipeline(e.to_string()))?;
     gst::Element::link_many(chain.iter().copied())
         .map_err(|e| IngestError::Pipeline(format!("linking the frame chain: {e}")))?;
+    if let (Some(tee), Some(native)) = (&tee, native) {
+        // The tee pushes to the model's branch first (linked first), then here, in the
+        // same streaming thread: this sink keeps only the newest frame and never waits.
+        let native_sink = gst_app::AppSink::builder()
+            .name("native")
+            .sync(false)
+            .max_buffers(1)
+            .drop(true)
+            .build();
+        native_sink.set_property("async", false);
+        native_sink.set_property("enable-last-sample", false);
+        pipeline
+            .add(&native_sink)
+            .map_err(|e| IngestError::Pipeline(e.to_string()))?;
+        tee.link(&native_sink)
+            .map_err(|e| IngestError::Pipeline(format!("linking the native branch: {e}")))?;
+        native_sink.set_callbacks(
+            gst_app::AppSinkCallbacks::builder()
+                .new_sample(move |sink| {
+                    let sample = sink.pull_sample().map_err(|_| gst::FlowError::Eos)?;
+                    if let Some(f) = crate::incidents::native_from_sample(&sample) {
+                        native(f);
+                    }
+                    Ok(gst::FlowSuccess::Ok)
+                })
+                .build(),
+        );
+    }
 
     add_source(&pipeline, &spec.source, &queue)?;
     size_on_caps(&convert, &filter, spec);

@@ -136,7 +136,11 @@ fn run_once(state: &Arc<StreamState>, sup: &Supervision, shutdown: &Cancellation
             }
         }
     };
-    let pipeline = match pipeline::build(&state.id, &sup.spec, deliver) {
+    let native = state.keeps_incidents().then(|| {
+        let state = state.clone();
+        Arc::new(move |f| state.on_native(f)) as crate::incidents::NativeSink
+    });
+    let pipeline = match pipeline::build_with_native(&state.id, &sup.spec, deliver, native) {
         Ok(p) => p,
         Err(e) => return RunEnd::Restart(e.to_string()),
     };

@@ -84,6 +84,10 @@ impl FieldError {
 pub struct LabelRequest {
     /// The frame: a number, or a string holding one.
     pub frame_id: Option<Value>,
+    /// Instead of `frame_id`: an incident's id (`/api/v1/incidents`) ...
+    pub incident: Option<Value>,
+    /// ... and the index of its frame.
+    pub frame: Option<Value>,
     /// Mean opinion score in [1, 5] (exactly one of `mos` and `score`).
     pub mos: Option<Value>,
     /// Quality in [0, 1] (exactly one of `mos` and `score`).
@@ -96,20 +100,66 @@ pub struct LabelRequest {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ValidRequest {
     /// The frame.
-    pub frame_id: u64,
+    pub target: LabelTarget,
     /// The rating.
     pub rating: Rating,
     /// Who labelled it.
     pub labeller: String,
 }
 
+/// What a label is for.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LabelTarget {
+    /// A recent frame of a stream, by the daemon's frame id.
+    Frame(u64),
+    /// A frame kept with an incident.
+    Incident {
+        /// The incident's id.
+        id: String,
+        /// The frame's index in it.
+        frame: usize,
+    },
+}
+
 impl LabelRequest {
     /// Checks every field; the error names the first bad one.
     pub fn validate(self) -> Result<ValidRequest, FieldError> {
-        let frame_id = match self.frame_id {
-            None => return Err(FieldError::new("frame_id", "missing")),
-            Some(v) => parse_frame_id(&v)?,
+        let target = match (self.frame_id, self.incident) {
+            (Some(v), None) => LabelTarget::Frame(parse_frame_id(&v)?),
+            (None, Some(v)) => {
+                let id = v
+                    .as_str()
+                    .filter(|id| crate::incidents::valid_id(id))
+                    .ok_or_else(|| {
+                        FieldError::new("incident", format!("{v}: expected an incident id"))
+                    })?;
+                let frame = self
+                    .frame
+                    .as_ref()
+                    .and_then(Value::as_u64)
+                    .filter(|n| *n < 64)
+                    .ok_or_else(|| {
+                        FieldError::new(
+                            "frame",
+                            "with incident: the index of one of its frames (0, 1, ...)",
+                        )
+                    })?;
+                LabelTarget::Incident {
+                    id: id.to_string(),
+                    frame: frame as usize,
+                }
+            }
+            (Some(_), Some(_)) => {
+                return Err(FieldError::new(
+                    "frame_id",
+                    "give either frame_id or incident, not both",
+                ));
+            }
+            (None, None) => return Err(FieldError::new("frame_id", "missing")),
         };
+        if self.frame.is_some() && !matches!(target, LabelTarget::Incident { .. }) {
+            return Err(FieldError::new("frame", "only with incident"));
+        }
         let rating = match (self.mos, self.score) {
             (Some(m), None) => Rating::Mos(number_in("mos", &m, 1.0, 5.0)?),
             (None, Some(s)) => Rating::Score(number_in("score", &s, 0.0, 1.0)?),
@@ -128,7 +178,7 @@ impl LabelRequest {
             Some(v) => parse_labeller(&v)?,
         };
         Ok(ValidRequest {
-            frame_id,
+            target,
             rating,
             labeller,
         })
@@ -193,7 +243,7 @@ fn parse_labeller(v: &Value) -> Result<String, FieldError> {
 }
 
 /// Which model an embedding came from: labels are only comparable within one encoder.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Provenance {
     /// Bundle name from its manifest, e.g. `streamiq-test`.
     pub bundle: String,
@@ -330,13 +380,22 @@ mod tests {
     #[test]
     fn mos_and_score_normalise_to_unit_range() {
         let r = req(json!({"frame_id": 7, "mos": 5})).unwrap();
-        assert_eq!(r.frame_id, 7);
+        assert_eq!(r.target, LabelTarget::Frame(7));
         assert_eq!(r.rating.target(), 1.0);
         assert_eq!(r.labeller, DEFAULT_LABELLER);
         assert_eq!(Rating::Mos(1.0).target(), 0.0);
         assert_eq!(Rating::Mos(3.0).target(), 0.5);
         let r = req(json!({"frame_id": "12", "score": 0.25, "labeller": "ana"})).unwrap();
-        assert_eq!(r.frame_id, 12);
+        assert_eq!(r.target, LabelTarget::Frame(12));
+        let inc =
+            req(json!({"incident": "1700000000000-cam-black", "frame": 2, "mos": 2})).unwrap();
+        assert_eq!(
+            inc.target,
+            LabelTarget::Incident {
+                id: "1700000000000-cam-black".into(),
+                frame: 2
+            }
+        );
         assert_eq!(r.rating, Rating::Score(0.25));
         assert_eq!(r.rating.target(), 0.25);
         assert_eq!(r.labeller, "ana");
@@ -393,7 +452,7 @@ mod tests {
 
     #[test]
     fn unknown_fields_are_refused() {
-        assert!(serde_json::from_value::<LabelRequest>(json!({"frame": 1})).is_err());
+        assert!(serde_json::from_value::<LabelRequest>(json!({"frames": 1})).is_err());
     }
 
     #[test]

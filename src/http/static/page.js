@@ -4,7 +4,9 @@
 // bearer token, which the operator enters once per tab: it is kept in sessionStorage
 // (gone with the tab) and sent as a header; POST /api/v1/session turns it into an
 // HttpOnly cookie so that thumbnails load without the token in their URLs.
-// Refreshes every 5 s and keeps the selection.
+// Refreshes every 5 s and keeps the selection. Frames kept with incidents (black,
+// freeze, colour bars, quality drops, each stream's lowest score: /api/v1/incidents)
+// follow the streams, shown at the source's resolution, and are rated the same way.
 'use strict';
 
 const TOKEN_KEY = 'streamiq.apiToken';
@@ -22,10 +24,20 @@ const ORDER_HELP = {
 };
 
 const $ = (id) => document.getElementById(id);
+const INCIDENTS = { id: 'incidents', virtual: true };
+const INCIDENT_KINDS = {
+  black: 'black picture',
+  freeze: 'frozen picture',
+  bars: 'colour bars',
+  quality_low: 'quality drop',
+  lowest: 'lowest score of the period',
+};
+const MAX_INCIDENTS = 12;
 
 const state = {
   streams: [], // GET /api/v1/streams
   raw: [], // per stream (same order): frames as fetched, newest first
+  incidents: [], // GET /api/v1/incidents, newest first
   frames: new Map(), // stream id -> frames in display order
   byId: new Map(), // frame id -> frame (with .stream and .info)
   summary: null, // GET /api/v1/labels/summary, or null
@@ -174,14 +186,47 @@ function byInformativeness(a, b) {
 }
 
 /** Rebuilds the display order from the last fetch; keeps the selected frame. */
+/** The streams, then the incidents' section when there are incident frames. */
+function sectionsShown() {
+  return incidentFrames().length > 0 ? [...state.streams, INCIDENTS] : state.streams;
+}
+
+/** Labellable incident frames as page frames (ids are strings, never frame numbers). */
+function incidentFrames() {
+  const out = [];
+  for (const inc of state.incidents.slice(0, MAX_INCIDENTS)) {
+    for (const f of inc.frames) {
+      if (!f.labellable) continue;
+      out.push({
+        id: `incident:${inc.id}:${f.n}`,
+        incident: inc.id,
+        n: f.n,
+        kind: inc.kind,
+        onset: f.onset,
+        width: f.width,
+        height: f.height,
+        stream: inc.stream,
+        score: f.score,
+        time: inc.at,
+        thumbnail: f.url,
+        native: f.url,
+        prompt_version: null,
+      });
+    }
+  }
+  return out;
+}
+
 function arrange() {
   const previous = state.byId;
   const keep = previous.get(state.selected);
   state.frames = new Map();
   state.byId = new Map();
-  state.streams.forEach((s, i) => {
-    const frames = (state.raw[i] || []).map((f) => ({ ...f, stream: s.id }));
-    if (keep && keep.stream === s.id && !frames.some((f) => f.id === keep.id)) {
+  sectionsShown().forEach((s, i) => {
+    const frames = s.virtual
+      ? incidentFrames()
+      : (state.raw[i] || []).map((f) => ({ ...f, stream: s.id }));
+    if (keep && !s.virtual && !keep.incident && keep.stream === s.id && !frames.some((f) => f.id === keep.id)) {
       frames.push({ ...keep, aged: true });
     }
     const mean = recentMean(s.id);
@@ -199,7 +244,7 @@ function arrange() {
 
 function flat() {
   const out = [];
-  for (const s of state.streams) out.push(...(state.frames.get(s.id) || []));
+  for (const s of sectionsShown()) out.push(...(state.frames.get(s.id) || []));
   return out;
 }
 
@@ -236,9 +281,10 @@ async function refresh() {
       if (e.status === 401) refused = true;
       return null;
     };
-    const [streams, summary] = await Promise.all([
+    const [streams, summary, incidents] = await Promise.all([
       getJson('/api/v1/streams'),
       getJson('/api/v1/labels/summary').catch(refusal),
+      getJson('/api/v1/incidents').catch(refusal),
     ]);
     const lists = await Promise.all(
       streams.map((s) =>
@@ -258,6 +304,7 @@ async function refresh() {
     }
     state.streams = streams;
     state.raw = lists;
+    state.incidents = (incidents && incidents.incidents) || [];
     state.loaded = true;
     absorbSummary(summary);
     arrange();
@@ -328,7 +375,9 @@ async function rate(mos) {
     const res = await fetch('/api/v1/labels', {
       method: 'POST',
       headers: { 'Content-Type': 'application/json', Authorization: 'Bearer ' + t },
-      body: JSON.stringify({ frame_id: f.id, mos }),
+      body: JSON.stringify(
+        f.incident ? { incident: f.incident, frame: f.n, mos } : { frame_id: f.id, mos },
+      ),
     });
     const body = await res.json().catch(() => null);
     if (res.status === 401) {
@@ -336,12 +385,13 @@ async function rate(mos) {
       return;
     }
     if (!res.ok) {
-      const gone = res.status === 404 && body && body.field === 'frame_id';
+      const gone =
+        res.status === 404 && body && ['frame_id', 'incident', 'frame'].includes(body.field);
       if (gone) state.skipped.add(f.id);
       showMessage(
         'error',
         `Frame ${f.id} was not labelled: ${apiErrorText(res.status, body)}` +
-          (gone ? '. It has left the recent-frame ring; moved on.' : ''),
+          (gone ? '. It is no longer kept; moved on.' : ''),
       );
       if (gone) selectNextOpen(f.id);
       return;
@@ -349,9 +399,12 @@ async function rate(mos) {
     $('token').classList.remove('attention');
     state.rated.set(f.id, String(mos));
     state.skipped.delete(f.id);
+    const what = f.incident
+      ? `Incident frame ${f.n} (${f.stream}, ${INCIDENT_KINDS[f.kind] || f.kind})`
+      : `Frame ${f.id} (${f.stream})`;
     showMessage(
       'ok',
-      `Frame ${f.id} (${f.stream}) rated ${mos} – ${MOS_NAMES[mos]}` +
+      `${what} rated ${mos} – ${MOS_NAMES[mos]}` +
         (body && body.replaced ? ', replacing your earlier rating.' : '.'),
     );
     selectNextOpen(f.id);
@@ -371,6 +424,7 @@ function fmt(x, digits) {
 }
 
 function thumbUrl(f) {
+  if (f.incident) return f.thumbnail;
   // Frame ids restart with every daemon run: the run id keeps cached thumbnails apart.
   const run = state.summary && state.summary.run_id;
   return run ? `${f.thumbnail}?run=${encodeURIComponent(run)}` : f.thumbnail;
@@ -390,6 +444,7 @@ function frameItem(f) {
     b.type = 'button';
     b.className = 'frame';
     b.dataset.id = String(f.id);
+    if (f.incident) b.dataset.incident = f.incident;
     b.addEventListener('click', () => select(f.id, true));
     const img = document.createElement('img');
     img.alt = '';
@@ -424,7 +479,9 @@ function frameItem(f) {
   info.title = ORDER_HELP.informative;
   b.setAttribute(
     'aria-label',
-    `Frame ${f.id} of ${f.stream}, score ${fmt(f.score, 2)}, ${frameStatus(f)}`,
+    f.incident
+      ? `${INCIDENT_KINDS[f.kind] || f.kind} on ${f.stream}, frame ${f.n}, score ${fmt(f.score, 2)}, ${frameStatus(f)}`
+      : `Frame ${f.id} of ${f.stream}, score ${fmt(f.score, 2)}, ${frameStatus(f)}`,
   );
   return li;
 }
@@ -447,6 +504,14 @@ function streamSection(s) {
     sections.set(s.id, sec);
   }
   const [name, facts] = sec.querySelector('h2').children;
+  if (s.virtual) {
+    name.textContent = 'Incidents';
+    facts.textContent =
+      'frames kept around black, frozen, colour-bars and low-quality moments, ' +
+      'at the source’s resolution';
+    sec.setAttribute('aria-label', 'Incident frames');
+    return sec;
+  }
   name.textContent = s.id;
   const mean = recentMean(s.id);
   const sum = streamSummary(s.id);
@@ -468,7 +533,7 @@ function renderStreams() {
   const hadFocus = document.activeElement && document.activeElement.classList.contains('frame');
   const wanted = new Set();
   const keepSections = new Set();
-  state.streams.forEach((s, i) => {
+  sectionsShown().forEach((s, i) => {
     const sec = streamSection(s);
     keepSections.add(sec);
     if (root.children[i] !== sec) root.insertBefore(sec, root.children[i] || null);
@@ -512,6 +577,8 @@ function renderPanel() {
   }
   for (const id of ['prev', 'skip', 'next']) $(id).disabled = !f;
   if (!f) {
+    $('sel-full').hidden = true;
+    img.classList.remove('native');
     img.removeAttribute('src');
     img.alt = 'No frame selected';
     $('sel-caption').textContent = 'No frame to label yet.';
@@ -519,6 +586,20 @@ function renderPanel() {
   }
   const url = thumbUrl(f);
   if (img.getAttribute('src') !== url) img.src = url;
+  img.classList.toggle('native', !!f.incident);
+  const full = $('sel-full');
+  full.hidden = !f.incident;
+  if (f.incident) {
+    full.href = f.native;
+    img.alt = `${INCIDENT_KINDS[f.kind] || f.kind} on ${f.stream}: frame ${f.n} at ${f.width}×${f.height}`;
+    $('sel-caption').textContent =
+      `${f.stream} · ${INCIDENT_KINDS[f.kind] || f.kind}${f.onset ? ' (the moment it began)' : ''}`;
+    detail(dl, 'Captured', new Date(f.time * 1000).toLocaleString());
+    detail(dl, 'Size', `${f.width}×${f.height}, as the source sent it`);
+    detail(dl, 'Model score', fmt(f.score, 3));
+    detail(dl, 'Status', frameStatus(f));
+    return;
+  }
   img.alt = `Frame ${f.id} of stream ${f.stream}, as the model saw it`;
   $('sel-caption').textContent = `${f.stream} · frame ${f.id}`;
   detail(dl, 'Captured', new Date(f.time * 1000).toLocaleTimeString());
