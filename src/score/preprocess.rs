@@ -14,6 +14,11 @@ use crate::score::bundle::{InputSpec, ResizeRule};
 /// 672-px one, at every crop count tried (models/README.md).
 pub const CROP_SCALE: u32 = 2;
 
+/// The working frame's longer side is at most this many times its shorter side: wider
+/// than any real format (32:9 is 3.6), so only a broken or hostile source (2048x8, a
+/// pixel aspect of 1000:1) is squeezed, instead of making frames of tens of megabytes.
+pub const MAX_ASPECT: u32 = 4;
+
 /// For `crops:N` and `mixed:N`, the grid holds this many candidate regions per crop scored.
 pub const CANDIDATES_PER_CROP: usize = 2;
 
@@ -283,7 +288,8 @@ impl Normaliser {
 
 /// Target frame size GStreamer should deliver for a source of `width x height` with
 /// pixel aspect ratio `par` (numerator, denominator). For `crops:N` and `mixed:N` the shorter side
-/// is the native one, capped at `CROP_SCALE` times the input size (never below it).
+/// is the native one, capped at `CROP_SCALE` times the input size (never below it). The
+/// longer side is capped at [`MAX_ASPECT`] times the shorter.
 pub fn working_size(
     rule: ResizeRule,
     views: Views,
@@ -307,10 +313,11 @@ pub fn working_size(
             let dw = width.max(1) as f64 * pn / pd;
             let dh = height.max(1) as f64;
             let s = size as f64;
+            let long = |ratio: f64| ((ratio * s).round() as u32).clamp(size, MAX_ASPECT * size);
             if dw >= dh {
-                (((dw / dh * s).round() as u32).max(size), size)
+                (long(dw / dh), size)
             } else {
-                (size, ((dh / dw * s).round() as u32).max(size))
+                (size, long(dh / dw))
             }
         }
     }
@@ -373,6 +380,16 @@ mod tests {
         assert_eq!(big, (796, 448));
         assert_eq!(working_size(r, c, 224, 712, 400, (1, 1)), (712, 400));
         assert_eq!(working_size(r, c, 224, 160, 120, (1, 1)), (299, 224));
+        // A hostile shape or pixel aspect: the longer side stays within 4x the shorter.
+        assert_eq!(working_size(r, g, 224, 2048, 8, (1, 1)), (896, 224));
+        assert_eq!(working_size(r, g, 224, 8, 2048, (1, 1)), (224, 896));
+        assert_eq!(working_size(r, g, 224, 640, 480, (1000, 1)), (896, 224));
+        assert_eq!(working_size(r, c, 224, 4096, 16, (1, 1)), (896, 224));
+        assert_eq!(
+            working_size(r, g, 224, 3840, 1080, (1, 1)),
+            (796, 224),
+            "32:9 kept"
+        );
     }
 
     #[test]
