@@ -11,7 +11,7 @@ export LIBTORCH := $(VENV)/torch
 export LIBTORCH_CXX11_ABI := 1
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: all setup bundle demo build build-daemon deb run test lint bench peers tiny model few-shot-evidence clean
+.PHONY: all setup bundle demo build build-daemon deb run test lint bench soak peers tiny model few-shot-evidence clean
 
 all: build
 
@@ -68,6 +68,13 @@ test: bundle demo lint
 
 bench: build
 	scripts/bench.sh
+
+# 30 minutes of nine mixed streams whose sources are killed, paused and restored in
+# cycles while labels are posted and prompt sets rolled back; RSS, threads and fds over
+# time (target/soak/report.md). Not part of `make test`. SOAK_MINUTES=N for another length.
+SOAK_MINUTES ?= 30
+soak: build-daemon
+	$(PYTHON) scripts/soak.py --minutes $(SOAK_MINUTES)
 
 # The classic blind IQA peers (BRISQUE, NIQE) on any `streamiq eval` label CSV, reported
 # as `streamiq eval` reports the model: `make peers LABELS=set/labels.csv`.
