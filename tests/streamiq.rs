@@ -1500,6 +1500,156 @@ async fn incident_frames_are_kept_at_native_resolution_and_labelled() {
     assert_eq!(kept.len(), 1, "{kept:?}");
 }
 
+/// Hostile input on every route: traversal, SQL-looking, huge and odd ids; bodies that
+/// are malformed, of the wrong type, oversized or empty; requests without the token.
+/// Nothing answers 5xx, every error is a JSON object naming the field, nothing protected
+/// answers without the token, and no response ever holds the token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_input_on_every_route_gets_a_clear_4xx() {
+    let dir = tempfile::tempdir().unwrap();
+    let streams = "[[streams]]\nid = \"cam\"\npipeline = \"videotestsrc is-live=true ! video/x-raw,width=64,height=48,framerate=5/1\"\nsample_fps = 5.0\n";
+    let mut s = settings(&config_text(
+        streams,
+        &format!(
+            "[labels]\nincidents_dir = \"{}\"\n",
+            dir.path().join("incidents").display()
+        ),
+    ));
+    s.server.api_token_file = dir.path().join("api-token");
+    s.labels_db = dir.path().join("labels.sqlite");
+    s.model.prompts_dir = dir.path().join("prompts");
+    let d = InProcess::start(s).await;
+    let token = std::fs::read_to_string(dir.path().join("api-token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let addr = d.addr;
+    tokio::task::spawn_blocking(move || {
+        let ids = [
+            "..%2F..%2Fapi-token".to_string(),
+            "..".to_string(),
+            "1%27%20OR%201%3D1--".to_string(),
+            "1%3B%20DROP%20TABLE%20labels".to_string(),
+            "99999999999999999999999999".to_string(),
+            "-1".to_string(),
+            "%00".to_string(),
+            "%E2%80%AE".to_string(),
+            "x".repeat(4000),
+        ];
+        // (template, whether some of the ids are valid there: a query value such as -1)
+        let templates = [
+            ("/api/v1/streams/{}/frames", false),
+            ("/api/v1/streams/cam/frames?limit={}", true),
+            ("/api/v1/frames/{}/thumbnail.jpg", false),
+            ("/api/v1/labels/{}/thumbnail.jpg", false),
+            ("/api/v1/labels?since={}", true),
+            ("/api/v1/labels?limit={}", true),
+            ("/api/v1/labels?format={}", false),
+            ("/api/v1/incidents/{}/frames/0.png", false),
+            ("/api/v1/incidents/1700000000000-cam-black/frames/{}", false),
+            ("/static/{}", false),
+            ("/{}", false),
+        ];
+        let check = |method: &str,
+                     path: &str,
+                     headers: &[(&str, &str)],
+                     body: &[u8],
+                     authed: bool,
+                     may_succeed: bool| {
+            let (code, head, bytes) =
+                common::http::request_with_head(addr, method, path, headers, body);
+            let text = String::from_utf8_lossy(&bytes);
+            let short: String = path.chars().take(90).collect();
+            assert!(code < 500, "{method} {short}: {code} {text}");
+            assert!(
+                (400..500).contains(&code) || (may_succeed && authed),
+                "{method} {short}: {code} {text}"
+            );
+            assert!(
+                !text.contains(&token) && !head.contains(&token),
+                "{method} {short} leaks the token"
+            );
+            if (400..500).contains(&code) && code != 405 {
+                let v: serde_json::Value = serde_json::from_str(&text)
+                    .unwrap_or_else(|_| panic!("{method} {short}: {code}: not JSON: {text}"));
+                assert!(
+                    v["error"].as_str().is_some_and(|e| !e.is_empty()),
+                    "{method} {short}: {v}"
+                );
+                assert!(v["field"].is_string(), "{method} {short}: {v}");
+            }
+            if !authed && path.starts_with("/api/v1/") {
+                assert!(
+                    code == 401 || code == 404 || code == 405,
+                    "{method} {short} without the token: {code}"
+                );
+            }
+        };
+        let auth = format!("Bearer {token}");
+        for (t, may_succeed) in templates {
+            for id in &ids {
+                let path = t.replace("{}", id);
+                check(
+                    "GET",
+                    &path,
+                    &[("Authorization", &auth)],
+                    b"",
+                    true,
+                    may_succeed,
+                );
+                if path.starts_with("/api/v1/") {
+                    check("GET", &path, &[], b"", false, false);
+                }
+            }
+        }
+        let big = vec![b'{'; 2 << 20];
+        for path in [
+            "/api/v1/labels",
+            "/api/v1/prompts/rollback",
+            "/api/v1/prompts/reload",
+            "/api/v1/session",
+        ] {
+            for (ctype, body) in [
+                ("application/json", &b"{\"frame_id\": "[..]),
+                ("application/json", &b"[1, 2, 3]"[..]),
+                ("application/json", &b"\"\\u0000\""[..]),
+                (
+                    "application/json",
+                    &b"{\"version\": -1, \"frame_id\": \"1 OR 1=1\"}"[..],
+                ),
+                ("text/plain", &b"{\"frame_id\": 1, \"mos\": 3}"[..]),
+                ("application/json", &big[..]),
+            ] {
+                let headers = [("Authorization", auth.as_str()), ("Content-Type", ctype)];
+                let (code, _, bytes) =
+                    common::http::request_with_head(addr, "POST", path, &headers, body);
+                let text = String::from_utf8_lossy(&bytes);
+                // reload and session take no body: they may succeed (204/200); nothing may fail.
+                assert!(
+                    code < 500,
+                    "POST {path} {ctype} {}: {code} {text}",
+                    body.len()
+                );
+                assert!(!text.contains(&token), "POST {path} leaks the token");
+                if path == "/api/v1/labels" || path == "/api/v1/prompts/rollback" {
+                    check("POST", path, &headers, body, true, false);
+                }
+                check("POST", path, &[("Content-Type", ctype)], body, false, false);
+            }
+        }
+        // Nothing was stored, and the daemon still answers.
+        assert_eq!(
+            json_as(addr, "/api/v1/labels", &token),
+            serde_json::json!([])
+        );
+        assert_eq!(get(addr, "/healthz").0, 200);
+        assert!(!text(addr, "/metrics").is_empty());
+    })
+    .await
+    .unwrap();
+    d.stop().await;
+}
+
 /// DNS rebinding: a daemon on a loopback address answers only loopback `Host` names
 /// (421 for another site's name, on every route), and one with `server.allowed_hosts`
 /// only those names.
