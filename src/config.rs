@@ -935,6 +935,16 @@ impl Config {
     }
 
     fn validate_streams(&self) -> Result<Vec<StreamSettings>, ConfigError> {
+        if self.streams.len() > MAX_STREAMS {
+            return Err(ConfigError::invalid(
+                "streams",
+                format!("{} streams", self.streams.len()),
+                format!(
+                    "at most {MAX_STREAMS} per daemon (each has a thread and a pipeline); \
+                     split them over several daemons"
+                ),
+            ));
+        }
         let mut seen = HashSet::new();
         let mut out = Vec::with_capacity(self.streams.len());
         for (i, s) in self.streams.iter().enumerate() {
@@ -1028,6 +1038,9 @@ pub struct LabelLimits {
     /// `labels.max_per_minute`.
     pub max_per_minute: NonZeroU32,
 }
+
+/// Streams one daemon runs at most.
+pub const MAX_STREAMS: usize = 512;
 
 /// Most recent frames kept per stream (`labels.recent_frames`).
 pub const MAX_RECENT_FRAMES: usize = 1000;
@@ -1143,6 +1156,25 @@ mod tests {
             ("[server]\nlisten = \"nowhere\"\n", "server.listen"),
             ("[adapt]\ndevice = \"tpu\"\n", "adapt.device"),
             ("[labels]\nrecent_frames = 100000\n", "labels.recent_frames"),
+            ("[labels]\nmax_labels = 0\n", "labels.max_labels"),
+            ("[labels]\nmax_per_minute = 0\n", "labels.max_per_minute"),
+            ("[labels]\nincident_max_px = 10\n", "labels.incident_max_px"),
+            (
+                "[labels]\nincident_quality_below = 2.0\n",
+                "labels.incident_quality_below",
+            ),
+            (
+                "[labels]\nincident_lowest_every = \"soon\"\n",
+                "labels.incident_lowest_every",
+            ),
+            (
+                "[labels]\nincidents_max_mib = 0\n",
+                "labels.incidents_max_mib",
+            ),
+            (
+                "[server]\nallowed_hosts = [\"a.example:80\"]\n",
+                "server.allowed_hosts",
+            ),
             ("[server]\nmax_connections = 0\n", "server.max_connections"),
             (
                 "[server]\nheader_timeout = \"0s\"\n",
@@ -1158,6 +1190,11 @@ mod tests {
         assert!(e.contains("needs a uri or a pipeline"), "{e}");
         let e = err("[[streams]]\nid = \"a\"\nuri = \"/tmp/x.mp4\"\n");
         assert!(e.starts_with("streams[0].uri"), "{e}");
+        let many: String = (0..=MAX_STREAMS)
+            .map(|i| format!("[[streams]]\nid = \"s{i}\"\npipeline = \"videotestsrc\"\n"))
+            .collect();
+        let e = err(&many);
+        assert!(e.starts_with("streams") && e.contains("at most 512"), "{e}");
     }
 
     #[test]

@@ -197,6 +197,32 @@ impl Bundle {
         self.dir.join("visual.onnx")
     }
 
+    /// The visual encoder's bytes, read once and checked against the manifest's sha256
+    /// again: the model is built from exactly these bytes, so a file replaced between
+    /// [`Bundle::open`]'s check and the load is refused, never run.
+    pub fn visual_bytes(&self) -> Result<Vec<u8>, BundleError> {
+        let path = self.visual_path();
+        let bytes = fs::read(&path).map_err(|source| BundleError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let actual = hex::encode(Sha256::digest(&bytes));
+        let expected = self
+            .manifest
+            .files
+            .get("visual.onnx")
+            .cloned()
+            .unwrap_or_default();
+        if !actual.eq_ignore_ascii_case(&expected) {
+            return Err(BundleError::Checksum {
+                path,
+                expected,
+                actual,
+            });
+        }
+        Ok(bytes)
+    }
+
     /// Path of the bundle's initial prompt set.
     pub fn prompts_path(&self) -> PathBuf {
         self.dir.join("prompts.safetensors")
@@ -220,4 +246,30 @@ pub fn sha256_file(path: &Path) -> Result<String, BundleError> {
         h.update(&buf[..n]);
     }
     Ok(hex::encode(h.finalize()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_visual_tower_swapped_after_the_check_is_never_loaded() {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/streamiq-tiny");
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["manifest.toml", "visual.onnx", "prompts.safetensors"] {
+            fs::copy(src.join(f), dir.path().join(f)).unwrap();
+        }
+        fs::create_dir(dir.path().join("text")).unwrap();
+        for f in ["weights.safetensors", "tokens.json", "vocab.json"] {
+            fs::copy(src.join("text").join(f), dir.path().join("text").join(f)).unwrap();
+        }
+        let bundle = Bundle::open(dir.path()).unwrap();
+        assert!(bundle.visual_bytes().is_ok());
+        // Replaced between the check at open and the load: refused by its bytes.
+        fs::write(bundle.visual_path(), b"not the model").unwrap();
+        match bundle.visual_bytes() {
+            Err(BundleError::Checksum { path, .. }) => assert_eq!(path, bundle.visual_path()),
+            other => panic!("{other:?}"),
+        }
+    }
 }

@@ -68,7 +68,9 @@ pub fn load(settings: &ModelSettings) -> Result<LoadedModel, LoadError> {
         intra_threads: settings.intra_threads,
         onnxruntime_lib: settings.onnxruntime_lib.clone(),
     };
-    let model = VisualModel::load(&bundle.visual_path(), dim, &opts)?;
+    // Built from the bytes whose sha256 was just checked (no second read of the file).
+    let bytes = bundle.visual_bytes()?;
+    let model = VisualModel::load_bytes(&bytes, &bundle.visual_path(), dim, &opts)?;
     for f in &model.failures {
         tracing::warn!(provider = f.provider.name(), reason = %f.reason, "Execution provider unavailable");
     }

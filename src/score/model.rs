@@ -152,10 +152,24 @@ pub struct ModelOptions {
 impl VisualModel {
     /// Loads `path`, trying each provider in order; the first that loads wins.
     pub fn load(path: &Path, embed_dim: usize, opts: &ModelOptions) -> Result<Self, ModelError> {
+        let bytes = std::fs::read(path).map_err(|e| ModelError::Load {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        Self::load_bytes(&bytes, path, embed_dim, opts)
+    }
+
+    /// [`load`](Self::load) from the model's bytes (`path` names it in errors).
+    pub fn load_bytes(
+        bytes: &[u8],
+        path: &Path,
+        embed_dim: usize,
+        opts: &ModelOptions,
+    ) -> Result<Self, ModelError> {
         let env = environment(opts.onnxruntime_lib.as_deref())?;
         let mut failures = Vec::new();
         for &provider in &opts.execution {
-            match build_session(env, path, provider, opts.intra_threads) {
+            match build_session(env, bytes, provider, opts.intra_threads) {
                 Ok(session) => {
                     check_interface(&session, path)?;
                     return Ok(Self {
@@ -220,7 +234,7 @@ impl VisualModel {
 
 fn build_session(
     env: &ort::environment::Environment,
-    path: &Path,
+    bytes: &[u8],
     provider: ExecutionProvider,
     intra_threads: usize,
 ) -> Result<Session, String> {
@@ -245,7 +259,7 @@ fn build_session(
             .with_execution_providers([ort::ep::TensorRT::default().build().error_on_failure()])
             .map_err(err)?,
     };
-    b.commit_from_file(path).map_err(|e| e.to_string())
+    b.commit_from_memory(bytes).map_err(|e| e.to_string())
 }
 
 fn check_interface(session: &Session, path: &Path) -> Result<(), ModelError> {
