@@ -79,6 +79,7 @@ sed -e '1,/^$/d' -e 's#^api_token_file = "state/api-token"#api_token_file = "/va
     -e 's#^prompts_dir = "state/prompts"#prompts_dir = "/var/lib/streamiq/prompts"#' \
     -e 's#^db = "state/labels.sqlite"#db = "/var/lib/streamiq/labels.sqlite"#' \
     -e 's#^incidents_dir = "state/incidents"#incidents_dir = "/var/lib/streamiq/incidents"#' \
+    -e 's#^runtime_streams = "state/runtime-streams.toml"#runtime_streams = "/var/lib/streamiq/runtime-streams.toml"#' \
     -e '/^# Slow pans over real photographs/,$d' config/streamiq.toml >> "$ROOT/etc/streamiq/streamiq.toml"
 cat >> "$ROOT/etc/streamiq/streamiq.toml" <<'EOF'
 # Streams: one [[streams]] table each (README, "Streams"), then
@@ -90,7 +91,7 @@ cat >> "$ROOT/etc/streamiq/streamiq.toml" <<'EOF'
 # sample_fps = 2.0
 EOF
 chmod 0640 "$ROOT/etc/streamiq/streamiq.toml"
-for key in api_token_file bundle prompts_dir db incidents_dir; do
+for key in api_token_file bundle prompts_dir db incidents_dir runtime_streams; do
     grep -q "^$key = \"/" "$ROOT/etc/streamiq/streamiq.toml" \
         || { echo "make_deb: config/streamiq.toml's $key was not rewritten to an absolute path" >&2; exit 1; }
 done

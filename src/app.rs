@@ -174,8 +174,19 @@ pub async fn run_with(
     // Each stream starts on its own supervisor thread, before HTTP answers, so the
     // API lists every configured stream from its first request. If one cannot be
     // started, the ones that did are stopped in order and the failure is reported.
+    let runtime =
+        match crate::runtime_streams::RuntimeStreams::load(&settings.server.runtime_streams)
+            .and_then(|r| r.combine(&settings.streams).map(|all| (r, all)))
+        {
+            Ok(both) => both,
+            Err(e) => {
+                stop_engine(&streams, engine).await;
+                return Err(Error::runtime("reading server.runtime_streams", e));
+            }
+        };
+    let (runtime, all_streams) = (Arc::new(runtime.0), runtime.1);
     let started = {
-        let (streams, list) = (streams.clone(), settings.streams.clone());
+        let (streams, list) = (streams.clone(), all_streams);
         blocking("starting the streams", move || streams.apply(&list)).await?
     };
     if let Err(e) = started {
@@ -204,6 +215,7 @@ pub async fn run_with(
         )),
         hosts: Arc::new(hosts),
         incidents,
+        runtime_streams: runtime.clone(),
     });
     let listener = match tokio::net::TcpListener::bind(settings.server.listen).await {
         Ok(l) => l,
@@ -243,6 +255,7 @@ pub async fn run_with(
             settings.clone(),
             streams.clone(),
             metrics.clone(),
+            runtime.clone(),
         ));
         tokio::spawn(sighup_task(reloader, shutdown.clone()))
     });

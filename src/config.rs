@@ -152,6 +152,8 @@ pub struct ServerConfig {
     /// `Host` names answered (no port); empty: loopback names on a loopback listen
     /// address, any name otherwise. Others get 421 (DNS rebinding).
     pub allowed_hosts: Vec<String>,
+    /// Streams added through `POST /api/v1/streams`, kept across restarts.
+    pub runtime_streams: PathBuf,
 }
 
 impl Default for ServerConfig {
@@ -165,6 +167,7 @@ impl Default for ServerConfig {
             header_timeout: "10s".into(),
             request_timeout: "30s".into(),
             allowed_hosts: Vec::new(),
+            runtime_streams: "state/runtime-streams.toml".into(),
         }
     }
 }
@@ -550,6 +553,8 @@ pub struct ServerSettings {
     pub limits: HttpLimits,
     /// `server.allowed_hosts`, lower case.
     pub allowed_hosts: Vec<String>,
+    /// `server.runtime_streams`.
+    pub runtime_streams: PathBuf,
 }
 
 /// Where the sidecar runs libtorch (`adapt.device`).
@@ -701,6 +706,7 @@ impl Config {
                     }
                 })
                 .collect::<Result<_, _>>()?,
+            runtime_streams: self.server.runtime_streams.clone(),
         };
         let model = self.validate_model()?;
         let scorer = self.validate_scorer()?;
@@ -932,6 +938,17 @@ impl Config {
             max_epochs,
             device: TorchDevice::parse("adapt.device", &a.device)?,
         })
+    }
+
+    /// Validates stream tables alone, as a config file holding only them would be.
+    pub fn validate_stream_list(
+        streams: &[StreamConfig],
+    ) -> Result<Vec<StreamSettings>, ConfigError> {
+        Config {
+            streams: streams.to_vec(),
+            ..Config::default()
+        }
+        .validate_streams()
     }
 
     fn validate_streams(&self) -> Result<Vec<StreamSettings>, ConfigError> {
@@ -1248,6 +1265,7 @@ mod props {
         "header_timeout",
         "request_timeout",
         "allowed_hosts",
+        "runtime_streams",
         "bundle",
         "prompts_dir",
         "execution",

@@ -60,6 +60,7 @@ pub mod qc;
 pub mod redact;
 pub mod registry;
 pub mod reload;
+pub mod runtime_streams;
 pub mod scan;
 pub mod score;
 pub mod shutdown;

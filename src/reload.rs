@@ -47,6 +47,7 @@ pub struct Reloader {
     current: Mutex<Settings>,
     registry: Arc<StreamRegistry>,
     metrics: Arc<Metrics>,
+    runtime: Arc<crate::runtime_streams::RuntimeStreams>,
 }
 
 fn unix_now() -> f64 {
@@ -64,6 +65,7 @@ impl Reloader {
         settings: Settings,
         registry: Arc<StreamRegistry>,
         metrics: Arc<Metrics>,
+        runtime: Arc<crate::runtime_streams::RuntimeStreams>,
     ) -> Self {
         metrics.config_reload_successful.set(1);
         metrics.config_reload_success_time.set(unix_now());
@@ -72,6 +74,7 @@ impl Reloader {
             current: Mutex::new(settings),
             registry,
             metrics,
+            runtime,
         }
     }
 
@@ -114,7 +117,9 @@ impl Reloader {
             return Err(ReloadError::NoStreams(self.path.display().to_string()));
         }
         let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
-        let streams = self.registry.apply(&new.streams)?;
+        // The streams added at run time stay: the running set is the file's plus them.
+        let all = self.runtime.combine(&new.streams)?;
+        let streams = self.registry.apply(&all)?;
         let old = &*current;
         let needs_restart = [
             ("server", old.server != new.server),

@@ -1650,6 +1650,127 @@ async fn hostile_input_on_every_route_gets_a_clear_4xx() {
     d.stop().await;
 }
 
+/// Streams at run time: `POST /api/v1/streams` validates like the config, starts the
+/// stream (scored and on `/metrics` within seconds) and keeps it across a restart;
+/// `DELETE` removes it for good; the config's streams are refused there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_are_added_and_removed_at_run_time_and_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("state/runtime-streams.toml");
+    let config = || {
+        let streams = "[[streams]]\nid = \"cam\"\npipeline = \"videotestsrc is-live=true ! video/x-raw,width=64,height=48,framerate=5/1\"\nsample_fps = 5.0\n";
+        let mut s = settings(&config_text(streams, ""));
+        s.server.api_token_file = dir.path().join("api-token");
+        s.server.runtime_streams = file.clone();
+        s.labels_db = dir.path().join("labels.sqlite");
+        s
+    };
+    let d = InProcess::start(config()).await;
+    let token = std::fs::read_to_string(dir.path().join("api-token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let addr = d.addr;
+    let t = token.clone();
+    tokio::task::spawn_blocking(move || {
+        let post = |body: &str, token: Option<&str>| {
+            let (code, text) = common::http(addr, "POST", "/api/v1/streams", token, body);
+            (code, serde_json::from_str::<serde_json::Value>(&text).unwrap_or(serde_json::Value::Null))
+        };
+        let new = r#"{"id": "added", "pipeline": "videotestsrc is-live=true pattern=ball ! video/x-raw,width=64,height=48,framerate=5/1", "sample_fps": 5.0}"#;
+        assert_eq!(post(new, None).0, 401);
+        let (code, v) = post(new, Some(&t));
+        assert_eq!(code, 201, "{v}");
+        assert_eq!((v["id"].as_str(), v["added_at_run_time"].as_bool()), (Some("added"), Some(true)));
+        common::wait_until("the added stream scored on /metrics", || {
+            sample(&text(addr, "/metrics"), "streamiq_frames_scored_total{stream=\"added\"}")
+                .is_some_and(|v| v >= 2.0)
+        });
+        for (body, status, field) in [
+            (new, 409, "id"),
+            (r#"{"id": "cam", "pipeline": "videotestsrc"}"#, 409, "id"),
+            (r#"{"id": "Bad Id", "pipeline": "videotestsrc"}"#, 422, "id"),
+            (r#"{"id": "x"}"#, 422, "uri"),
+            (r#"{"id": "x", "uri": "/no/scheme.mp4"}"#, 422, "uri"),
+            (r#"{"id": "x", "pipeline": "videotestsrc", "sample_fps": -3}"#, 422, "sample_fps"),
+            (r#"{"id": "x", "pipeline": "videotestsrc", "colour": 1}"#, 422, "body"),
+            (r#"{"id": "x", "#, 400, "body"),
+        ] {
+            let (code, v) = post(body, Some(&t));
+            assert_eq!((code, v["field"].as_str()), (status, Some(field)), "{body}: {v}");
+        }
+        let (code, body) = common::http(addr, "DELETE", "/api/v1/streams/cam", Some(&t), "");
+        assert_eq!(code, 409, "{body}");
+        assert!(body.contains("configuration file"), "{body}");
+        assert_eq!(common::http(addr, "DELETE", "/api/v1/streams/nothing", Some(&t), "").0, 404);
+        assert_eq!(common::http(addr, "DELETE", "/api/v1/streams/added", None, "").0, 401);
+    })
+    .await
+    .unwrap();
+    d.stop().await;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "a source may hold credentials");
+        assert!(
+            std::fs::read_to_string(&file)
+                .unwrap()
+                .contains("id = \"added\"")
+        );
+    }
+
+    // Back after a restart; removed for good.
+    let d = InProcess::start(config()).await;
+    let addr = d.addr;
+    let t = token.clone();
+    tokio::task::spawn_blocking(move || {
+        let ids = || -> Vec<String> {
+            serde_json::from_str::<serde_json::Value>(&text(addr, "/api/v1/streams"))
+                .unwrap()
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s["id"].as_str().unwrap().to_string())
+                .collect()
+        };
+        assert_eq!(ids(), ["cam", "added"]);
+        assert_eq!(
+            common::http(addr, "DELETE", "/api/v1/streams/added", Some(&t), "").0,
+            204
+        );
+        assert_eq!(ids(), ["cam"]);
+        common::wait_until("the removed stream off /metrics", || {
+            sample(
+                &text(addr, "/metrics"),
+                "streamiq_stream_up{stream=\"added\"}",
+            )
+            .is_none()
+        });
+    })
+    .await
+    .unwrap();
+    d.stop().await;
+    let d = InProcess::start(config()).await;
+    let listed: serde_json::Value = serde_json::from_str(&text(d.addr, "/api/v1/streams")).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+    d.stop().await;
+
+    // A runtime file that holds a config stream's id is refused at start, naming it.
+    std::fs::write(
+        &file,
+        "[[streams]]\nid = \"cam\"\npipeline = \"videotestsrc\"\n",
+    )
+    .unwrap();
+    let err = streamiq::run(config(), tokio_util::sync::CancellationToken::new(), None)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("runtime-streams.toml") && err.contains("\"cam\""),
+        "{err}"
+    );
+}
+
 /// DNS rebinding: a daemon on a loopback address answers only loopback `Host` names
 /// (421 for another site's name, on every route), and one with `server.allowed_hosts`
 /// only those names.

@@ -68,6 +68,8 @@ pub struct AppState {
     pub hosts: Arc<host::HostPolicy>,
     /// The incident frames kept on disk, if they are.
     pub incidents: Option<Arc<crate::incidents::IncidentStore>>,
+    /// Streams added through the API.
+    pub runtime_streams: Arc<crate::runtime_streams::RuntimeStreams>,
 }
 
 /// The router: `/metrics`, `/healthz`, `/readyz`, the labelling page and the stream
@@ -75,6 +77,11 @@ pub struct AppState {
 pub fn router(state: AppState) -> Router {
     let protected = Router::new()
         .route("/api/v1/streams/{id}/frames", get(stream_api::frames))
+        .route("/api/v1/streams", post(stream_api::add))
+        .route(
+            "/api/v1/streams/{id}",
+            axum::routing::delete(stream_api::remove),
+        )
         .route(
             "/api/v1/frames/{frame_id}/thumbnail.jpg",
             get(stream_api::thumbnail),

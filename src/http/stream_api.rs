@@ -8,7 +8,7 @@ use std::sync::Arc;
 use axum::Json;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
-use axum::http::header;
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
@@ -22,6 +22,8 @@ use crate::state::{StreamState, unix_seconds};
 pub(super) struct StreamView {
     id: String,
     source: String,
+    /// Added through `POST /api/v1/streams` (else from the configuration file).
+    added_at_run_time: bool,
     phase: crate::state::Phase,
     up: bool,
     quality: Option<f64>,
@@ -36,33 +38,158 @@ pub(super) struct StreamView {
     frames_dropped: BTreeMap<&'static str, u64>,
 }
 
+fn stream_view(st: &StreamState, runtime: bool) -> StreamView {
+    let status = st.status();
+    let alarms = st.alarms().named("_active", |a| *a);
+    let m = &st.metrics;
+    StreamView {
+        id: st.id.clone(),
+        source: st.source.clone(),
+        added_at_run_time: runtime,
+        phase: status.phase,
+        up: m.up.get() == 1,
+        quality: st.quality(),
+        fps: (st.fps() * 100.0).round() / 100.0,
+        alarms,
+        restarts: status.restarts,
+        last_error: status.last_error,
+        frames_decoded: m.decoded.get(),
+        frames_scored: m.scored.get(),
+        frames_dropped: [DropReason::QueueFull, DropReason::Error]
+            .into_iter()
+            .map(|r| (r.as_str(), m.dropped_count(r)))
+            .collect(),
+    }
+}
+
+/// `POST /api/v1/streams` (token): a stream table as JSON (`id`, `uri` or `pipeline`,
+/// and the optional keys of a config file's `[[streams]]`), validated as the config is;
+/// started at once and kept in `server.runtime_streams` -> 201 and the stream.
+pub(super) async fn add(
+    _auth: super::auth::Bearer,
+    State(s): State<AppState>,
+    body: Result<Json<crate::config::StreamConfig>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, ApiError> {
+    use crate::runtime_streams::{AddError, RuntimeStreamError};
+    let Json(stream) = body.map_err(|r| ApiError::new(r.status(), r.body_text(), "body"))?;
+    let (registry, runtime) = (s.streams.clone(), s.runtime_streams.clone());
+    let id = stream.id.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let running: Vec<String> = registry.all().iter().map(|st| st.id.clone()).collect();
+        let undo = registry.clone();
+        runtime.add(
+            stream,
+            &running,
+            |settings| registry.add(settings),
+            move |id| {
+                let _ = undo.remove(id);
+            },
+        )
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("stream task failed: {e}")))?;
+    match result {
+        Ok(_) => {
+            tracing::info!(stream = %id, "Stream added through the API");
+            let st = s
+                .streams
+                .get(&id)
+                .ok_or_else(|| ApiError::internal("the stream stopped at once"))?;
+            Ok((StatusCode::CREATED, Json(stream_view(&st, true))).into_response())
+        }
+        Err(AddError::Refused(RuntimeStreamError::Invalid(e))) => {
+            // Keys are named as in a config file (`streams[0].uri`): here the body's.
+            let message = e.to_string().replacen("streams[0].", "", 1).replacen(
+                "streams[0] = ",
+                "stream ",
+                1,
+            );
+            let field = match &e {
+                crate::config::ConfigError::Invalid { key, reason, .. } => {
+                    match key.split_once('.') {
+                        Some((_, k)) => k.to_string(),
+                        None if reason.contains("uri or a pipeline") => "uri".to_string(),
+                        None => "body".to_string(),
+                    }
+                }
+                _ => "body".to_string(),
+            };
+            let field: &'static str = match field.as_str() {
+                "id" => "id",
+                "uri" => "uri",
+                "pipeline" => "pipeline",
+                "sample_fps" => "sample_fps",
+                "on_eos" => "on_eos",
+                "quality_drop_threshold" => "quality_drop_threshold",
+                _ => "body",
+            };
+            Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                crate::redact::redact(&message),
+                field,
+            ))
+        }
+        Err(AddError::Refused(RuntimeStreamError::Exists(id))) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("stream {id:?} already exists"),
+            "id",
+        )),
+        Err(AddError::Refused(e)) => {
+            tracing::error!(error = %e, "Stream not added");
+            Err(ApiError::internal(crate::redact::redact(&e.to_string())))
+        }
+        Err(AddError::Start(e)) => Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            crate::redact::redact(&e.to_string()),
+            "body",
+        )),
+    }
+}
+
+/// `DELETE /api/v1/streams/{id}` (token): stops a stream added through the API and
+/// forgets it -> 204. A stream of the configuration file is refused (409).
+pub(super) async fn remove(
+    _auth: super::auth::Bearer,
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    use crate::runtime_streams::RuntimeStreamError;
+    let (registry, runtime) = (s.streams.clone(), s.runtime_streams.clone());
+    let shown = crate::redact::redact(&id.chars().take(80).collect::<String>());
+    let result = tokio::task::spawn_blocking(move || {
+        let from_config = registry.get(&id).is_some() && !runtime.contains(&id);
+        runtime.remove(&id, from_config, |id| {
+            let _ = registry.remove(id);
+        })
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("stream task failed: {e}")))?;
+    match result {
+        Ok(()) => {
+            tracing::info!(stream = %shown, "Stream removed through the API");
+            Ok(StatusCode::NO_CONTENT.into_response())
+        }
+        Err(RuntimeStreamError::FromConfig(_)) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("stream {shown:?} is defined in the configuration file: edit it and reload"),
+            "id",
+        )),
+        Err(RuntimeStreamError::NotFound(_)) => {
+            Err(ApiError::not_found(format!("no stream {shown:?}"), "id"))
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "Stream not removed");
+            Err(ApiError::internal(e.to_string()))
+        }
+    }
+}
+
 pub(super) async fn streams(State(s): State<AppState>) -> Json<Vec<StreamView>> {
     let views = s
         .streams
         .all()
         .iter()
-        .map(|st| {
-            let status = st.status();
-            let alarms = st.alarms().named("_active", |a| *a);
-            let m = &st.metrics;
-            StreamView {
-                id: st.id.clone(),
-                source: st.source.clone(),
-                phase: status.phase,
-                up: m.up.get() == 1,
-                quality: st.quality(),
-                fps: (st.fps() * 100.0).round() / 100.0,
-                alarms,
-                restarts: status.restarts,
-                last_error: status.last_error,
-                frames_decoded: m.decoded.get(),
-                frames_scored: m.scored.get(),
-                frames_dropped: [DropReason::QueueFull, DropReason::Error]
-                    .into_iter()
-                    .map(|r| (r.as_str(), m.dropped_count(r)))
-                    .collect(),
-            }
-        })
+        .map(|st| stream_view(st, s.runtime_streams.contains(&st.id)))
         .collect();
     Json(views)
 }
