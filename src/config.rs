@@ -352,6 +352,10 @@ pub struct StreamConfig {
     /// Frames per second to sample; 0 = every frame.
     #[serde(default = "default_sample_fps")]
     pub sample_fps: f64,
+    /// "fps" (default: `sample_fps` frames per second, every one decoded) or
+    /// "keyframes" (only key units reach the decoder, then at most `sample_fps`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sample: Option<String>,
     /// false: a file is read as fast as scoring allows (no drops, backpressure instead).
     #[serde(default = "default_true")]
     pub realtime: bool,
@@ -449,6 +453,8 @@ pub struct StreamSettings {
     pub source: Source,
     /// Sampling rate; `None` = every frame.
     pub sample_fps: Option<f64>,
+    /// Only key units are decoded (`sample = "keyframes"`).
+    pub keyframes: bool,
     /// Live pacing (drops by policy) or as fast as scoring allows (backpressure).
     pub realtime: bool,
     /// Rebuild the pipeline when a source that is not live reaches its end.
@@ -1028,6 +1034,17 @@ impl Config {
                 id: s.id.clone(),
                 source,
                 sample_fps: sample_fps(&key("sample_fps"), s.sample_fps)?,
+                keyframes: match s.sample.as_deref() {
+                    None | Some("fps") => false,
+                    Some("keyframes") => true,
+                    Some(other) => {
+                        return Err(ConfigError::invalid(
+                            key("sample"),
+                            format!("{other:?}"),
+                            "expected \"fps\" or \"keyframes\"",
+                        ));
+                    }
+                },
                 realtime: s.realtime,
                 restart_on_eos,
                 quality_drop_threshold: if s.quality_drop_threshold > 0.0
@@ -1302,6 +1319,7 @@ mod props {
         "uri",
         "pipeline",
         "sample_fps",
+        "sample",
         "realtime",
         "on_eos",
         "nope",

@@ -305,6 +305,7 @@ impl StreamRegistry {
             spec: PipelineSpec {
                 source: settings.source.clone(),
                 sample_fps: settings.sample_fps,
+                keyframes: settings.keyframes,
                 realtime: settings.realtime,
                 input_size: ctx.input_size,
                 resize: ctx.resize,

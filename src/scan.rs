@@ -265,6 +265,7 @@ pub fn scan_with(
     let spec = PipelineSpec {
         source: Source::Uri(String::new()),
         sample_fps: opts.sample_fps,
+        keyframes: false,
         realtime: false,
         input_size: bundle.manifest.input.size,
         resize: bundle.manifest.input.resize,

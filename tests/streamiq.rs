@@ -1771,6 +1771,126 @@ async fn streams_are_added_and_removed_at_run_time_and_survive_a_restart() {
     );
 }
 
+/// `sample = "keyframes"`: only key frames reach the decoder (a 1-s GOP clip read as
+/// fast as possible gives one frame per second, each at a key frame's time, where fps
+/// sampling at 5 gives five); and a source without timestamps or framerate
+/// (`multipartdemux ! jpegdec` over TCP) is sampled by the wall clock and scores.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyframe_sampling_and_sources_without_timestamps() {
+    let dir = tempfile::tempdir().unwrap();
+    let clip = dir.path().join("gop.mp4");
+    common::synth(
+        "testsrc2=size=320x180:rate=25:duration=10",
+        &[
+            "-c:v",
+            "libx264",
+            "-preset",
+            "veryfast",
+            "-g",
+            "25",
+            "-keyint_min",
+            "25",
+            "-sc_threshold",
+            "0",
+            "-pix_fmt",
+            "yuv420p",
+        ],
+        &clip,
+    );
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    /// Kills the sender however the test ends.
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _sender = Killed(
+        Command::new("gst-launch-1.0")
+            .args([
+                "-q",
+                "videotestsrc",
+                "is-live=true",
+                "!",
+                "video/x-raw,width=160,height=120,framerate=10/1",
+                "!",
+                "jpegenc",
+                "!",
+                "multipartmux",
+                "!",
+                "tcpserversink",
+                "host=127.0.0.1",
+            ])
+            .arg(format!("port={port}"))
+            .spawn()
+            .unwrap(),
+    );
+    let streams = format!(
+        "[[streams]]\nid = \"keys\"\nuri = \"file://{c}\"\nsample = \"keyframes\"\nsample_fps = 5.0\nrealtime = false\n\
+         [[streams]]\nid = \"fps\"\nuri = \"file://{c}\"\nsample_fps = 5.0\nrealtime = false\n\
+         [[streams]]\nid = \"mjpeg\"\npipeline = \"tcpclientsrc host=127.0.0.1 port={port} ! multipartdemux ! jpegdec\"\nsample_fps = 2.0\n",
+        c = clip.display()
+    );
+    let mut s = settings(&config_text(&streams, "[labels]\nrecent_frames = 100\n"));
+    s.server.api_token_file = dir.path().join("api-token");
+    s.labels_db = dir.path().join("labels.sqlite");
+    let d = InProcess::start(s).await;
+    let token = std::fs::read_to_string(dir.path().join("api-token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let addr = d.addr;
+    tokio::task::spawn_blocking(move || {
+        let metrics = || text(addr, "/metrics");
+        common::wait_until_for(
+            Duration::from_secs(60),
+            "both file streams finished and the MJPEG one scoring",
+            || {
+                let m = metrics();
+                let phase = |id: &str| {
+                    serde_json::from_str::<serde_json::Value>(&text(addr, "/api/v1/streams"))
+                        .unwrap()
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .find(|s| s["id"] == id)
+                        .map(|s| s["phase"].clone())
+                };
+                phase("keys") == Some(serde_json::json!("finished"))
+                    && phase("fps") == Some(serde_json::json!("finished"))
+                    && sample(&m, "streamiq_frames_scored_total{stream=\"mjpeg\"}")
+                        .is_some_and(|v| v >= 3.0)
+            },
+        );
+        let m = metrics();
+        let scored = |id: &str| {
+            sample(
+                &m,
+                &format!("streamiq_frames_scored_total{{stream=\"{id}\"}}"),
+            )
+            .unwrap()
+        };
+        assert_eq!(scored("keys"), 10.0, "one key frame a second: {m}");
+        assert_eq!(scored("fps"), 50.0, "{m}");
+        let frames = json_as(addr, "/api/v1/streams/keys/frames?limit=100", &token);
+        for f in frames.as_array().unwrap() {
+            let pts = f["pts"].as_f64().unwrap();
+            assert!(
+                (pts - pts.round()).abs() < 1e-6,
+                "a key frame at a whole second: {pts}"
+            );
+        }
+    })
+    .await
+    .unwrap();
+    d.stop().await;
+}
+
 /// DNS rebinding: a daemon on a loopback address answers only loopback `Host` names
 /// (421 for another site's name, on every route), and one with `server.allowed_hosts`
 /// only those names.
@@ -2209,6 +2329,7 @@ fn registry_restarts_only_the_stream_that_changed() {
             "videotestsrc is-live=true pattern={pattern} ! video/x-raw,width=160,height=120,framerate=20/1"
         )),
         sample_fps: Some(10.0),
+        keyframes: false,
         realtime: true,
         restart_on_eos: true,
         quality_drop_threshold: 0.15,

@@ -2,9 +2,16 @@
 //!
 //! ```text
 //! uridecodebin3 uri=… (uridecodebin for file: URIs) | <launch line>
-//!   -> queue (leaky for live sources) -> videorate (sample_fps) -> videoconvertscale
+//!   -> queue (leaky for live sources) -> [sampling probe] -> videoconvertscale
 //!   -> capsfilter (RGB at the model's working size) -> appsink
 //! ```
+//!
+//! Sampling (`sample_fps`) is a buffer probe on the queue's output ([`FpsSampler`]):
+//! a buffer is kept when its timestamp reaches the next sampling time, or, for a source
+//! that gives no timestamps (`multipartdemux ! jpegdec`), by the wall clock; dropped
+//! frames are never converted. With `sample = "keyframes"` a probe on every video
+//! decoder's input drops delta units before they are decoded, so only key frames cost
+//! decoding; the fps sampler then still bounds the rate (a stream of key frames only).
 //!
 //! The working size is set when the decoder's caps are known: shorter side to the
 //! model's input size (aspect kept) for `shorter_side_crop`, or exactly square for
@@ -50,6 +57,8 @@ pub struct PipelineSpec {
     pub source: Source,
     /// Frames per second to keep; `None` = every frame.
     pub sample_fps: Option<f64>,
+    /// Only key units reach the decoders.
+    pub keyframes: bool,
     /// Real-time pacing (a non-live source: clock sync at the sink; a live one: a leaky
     /// queue, no sync, see [`configure_live`]) or as fast as possible.
     pub realtime: bool,
@@ -120,19 +129,11 @@ pub fn build_with_native(
     queue.set_property("max-size-buffers", 4u32);
     queue.set_property("max-size-bytes", 0u32);
     queue.set_property("max-size-time", 0u64);
-    let rate = match spec.sample_fps {
-        Some(_) => {
-            let r = make("videorate")?;
-            r.set_property("drop-only", true);
-            Some(r)
-        }
-        None => None,
-    };
     let convert = make("videoconvertscale")?;
     // 8-bit YUV to 8-bit RGB needs no dithering; it only costs time.
     convert.set_property_from_str("dither", "none");
     let filter = make("capsfilter")?;
-    filter.set_property("caps", base_caps(spec.sample_fps, None));
+    filter.set_property("caps", base_caps(None));
     let sink = gst_app::AppSink::builder()
         .name(SINK_NAME)
         .sync(spec.realtime)
@@ -145,7 +146,6 @@ pub fn build_with_native(
         None => None,
     };
     let mut chain: Vec<&gst::Element> = vec![&queue];
-    chain.extend(rate.as_ref());
     chain.extend(tee.as_ref());
     chain.extend([&convert, &filter, sink.upcast_ref()]);
     pipeline
@@ -184,10 +184,42 @@ pub fn build_with_native(
 
     add_source(&pipeline, &spec.source, &queue)?;
     size_on_caps(&convert, &filter, spec);
+    if let Some(fps) = spec.sample_fps
+        && let Some(pad) = queue.static_pad("src")
+    {
+        let sampler = std::sync::Mutex::new(FpsSampler::new(fps));
+        pad.add_probe(gst::PadProbeType::BUFFER, move |_, info| {
+            let mut sampler = sampler.lock().unwrap_or_else(|e| e.into_inner());
+            let keep = info.buffer().is_none_or(|b| {
+                sampler.keep(
+                    b.pts().map(|t| t.nseconds()),
+                    b.duration().map(|d| d.nseconds()),
+                    Instant::now(),
+                )
+            });
+            if keep {
+                gst::PadProbeReturn::Ok
+            } else {
+                gst::PadProbeReturn::Drop
+            }
+        });
+    }
+    if spec.keyframes {
+        key_frames_only(&pipeline, name);
+    }
+    let sample_fps = if spec.keyframes {
+        None
+    } else {
+        spec.sample_fps
+    };
     sink.set_callbacks(
         gst_app::AppSinkCallbacks::builder()
             .new_sample(move |sink| {
-                let frame = frame_from_sample(sink)?;
+                let mut frame = frame_from_sample(sink)?;
+                // A sampled frame stands for the interval until the next one.
+                if let Some(fps) = sample_fps {
+                    frame.duration = Some(1.0 / fps);
+                }
                 if deliver(frame) {
                     Ok(gst::FlowSuccess::Ok)
                 } else {
@@ -199,14 +231,10 @@ pub fn build_with_native(
     Ok(pipeline)
 }
 
-fn base_caps(sample_fps: Option<f64>, size: Option<(u32, u32)>) -> gst::Caps {
+fn base_caps(size: Option<(u32, u32)>) -> gst::Caps {
     let mut caps = gst::Caps::builder("video/x-raw")
         .field("format", "RGB")
         .field("pixel-aspect-ratio", gst::Fraction::new(1, 1));
-    if let Some(fps) = sample_fps {
-        let f = gst::Fraction::approximate_f64(fps).unwrap_or(gst::Fraction::new(2, 1));
-        caps = caps.field("framerate", f);
-    }
     if let Some((w, h)) = size {
         caps = caps.field("width", w as i32).field("height", h as i32);
     }
@@ -219,7 +247,7 @@ fn size_on_caps(convert: &gst::Element, filter: &gst::Element, spec: &PipelineSp
         return;
     };
     let filter = filter.downgrade();
-    let (size, rule, views, fps) = (spec.input_size, spec.resize, spec.views, spec.sample_fps);
+    let (size, rule, views) = (spec.input_size, spec.resize, spec.views);
     pad.add_probe(gst::PadProbeType::EVENT_DOWNSTREAM, move |_, info| {
         if let Some(gst::PadProbeData::Event(ev)) = &info.data
             && let gst::EventView::Caps(c) = ev.view()
@@ -235,7 +263,7 @@ fn size_on_caps(convert: &gst::Element, filter: &gst::Element, spec: &PipelineSp
                 vi.height(),
                 (par.numer(), par.denom()),
             );
-            filter.set_property("caps", base_caps(fps, Some(wh)));
+            filter.set_property("caps", base_caps(Some(wh)));
         }
         gst::PadProbeReturn::Ok
     });
@@ -287,8 +315,22 @@ fn add_source(
             } else {
                 launch.clone()
             };
-            let bin = gst::parse::bin_from_description(&text, true)
+            // Only the output is ghosted: ghosting unlinked pads would also ghost the
+            // sink pad of an element that waits for a demuxer's pad (`multipartdemux !
+            // jpegdec`), which then could never be linked to it (not-linked).
+            let bin = gst::parse::bin_from_description(&text, false)
                 .map_err(|e| IngestError::Launch(e.to_string()))?;
+            let out = bin
+                .find_unlinked_pad(gst::PadDirection::Src)
+                .ok_or_else(|| {
+                    IngestError::Launch(format!("{launch:?} does not end in raw video"))
+                })?;
+            let ghost = gst::GhostPad::builder_with_target(&out)
+                .map_err(|e| IngestError::Pipeline(e.to_string()))?
+                .name("src")
+                .build();
+            bin.add_pad(&ghost)
+                .map_err(|e| IngestError::Pipeline(e.to_string()))?;
             pipeline
                 .add(&bin)
                 .map_err(|e| IngestError::Pipeline(e.to_string()))?;
@@ -359,4 +401,160 @@ fn frame_from_sample(sink: &gst_app::AppSink) -> Result<Frame, gst::FlowError> {
             pixels,
         }),
     })
+}
+
+/// Keeps about `fps` buffers per second ([`build`]'s sampling probe): a buffer whose
+/// timestamp reaches the next sampling time (half a frame early counts) is kept and the
+/// next time moves on by one interval, or to one interval after the buffer when the
+/// stream jumped ahead; a jump backwards (a new segment) starts over. A buffer without a
+/// timestamp is sampled by the wall clock instead.
+pub struct FpsSampler {
+    interval: u64,
+    next: Option<u64>,
+    wall_next: Option<Instant>,
+}
+
+impl FpsSampler {
+    /// A sampler for `fps` frames per second (> 0).
+    pub fn new(fps: f64) -> Self {
+        Self {
+            interval: (1e9 / fps).round().max(1.0) as u64,
+            next: None,
+            wall_next: None,
+        }
+    }
+
+    /// Whether to keep a buffer of timestamp `pts` and duration `duration` (ns),
+    /// arriving at `now`.
+    pub fn keep(&mut self, pts: Option<u64>, duration: Option<u64>, now: Instant) -> bool {
+        let Some(t) = pts else {
+            let step = std::time::Duration::from_nanos(self.interval);
+            return match self.wall_next {
+                Some(n) if now < n => false,
+                Some(n) if now < n + step => {
+                    self.wall_next = Some(n + step);
+                    true
+                }
+                _ => {
+                    self.wall_next = Some(now + step);
+                    true
+                }
+            };
+        };
+        let early = duration.unwrap_or(0) / 2;
+        match self.next {
+            Some(n) if t + early < n && n - t <= 2 * self.interval => false,
+            Some(n) if t + early >= n && t < n + self.interval => {
+                self.next = Some(n + self.interval);
+                true
+            }
+            _ => {
+                self.next = Some(t + self.interval);
+                true
+            }
+        }
+    }
+}
+
+/// Drops delta units at the input of every video decoder of `pipeline`, now and as
+/// decode bins add them, so only key frames are decoded. Warns when the first frame
+/// arrives with no decoder found (raw sources: sampling stays at `sample_fps`).
+fn key_frames_only(pipeline: &gst::Pipeline, name: &str) {
+    fn watch(element: &gst::Element) -> bool {
+        let is_video_decoder = element.factory().is_some_and(|f| {
+            let klass = f.metadata(gst::ELEMENT_METADATA_KLASS).unwrap_or_default();
+            klass.contains("Decoder") && klass.contains("Video")
+        });
+        if !is_video_decoder {
+            return false;
+        }
+        if let Some(pad) = element.static_pad("sink") {
+            pad.add_probe(gst::PadProbeType::BUFFER, |_, info| match info.buffer() {
+                Some(b) if b.flags().contains(gst::BufferFlags::DELTA_UNIT) => {
+                    gst::PadProbeReturn::Drop
+                }
+                _ => gst::PadProbeReturn::Ok,
+            });
+        }
+        true
+    }
+    let found = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut it = pipeline.iterate_recurse();
+    while let Ok(Some(e)) = it.next() {
+        if watch(&e) {
+            found.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    {
+        let found = found.clone();
+        pipeline.connect_deep_element_added(move |_, _, e| {
+            if watch(e) {
+                found.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+    }
+    if let Some(pad) = pipeline
+        .by_name(SINK_NAME)
+        .and_then(|s| s.static_pad("sink"))
+    {
+        let name = name.to_string();
+        pad.add_probe(gst::PadProbeType::BUFFER, move |_, _| {
+            if !found.load(std::sync::atomic::Ordering::Relaxed) {
+                tracing::warn!(stream = %name, "sample = \"keyframes\": no video decoder in this pipeline; sampling at sample_fps");
+            }
+            gst::PadProbeReturn::Remove
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    const MS: u64 = 1_000_000;
+
+    fn kept(fps: f64, frame_ns: u64, frames: u64) -> Vec<u64> {
+        let mut s = FpsSampler::new(fps);
+        let now = Instant::now();
+        (0..frames)
+            .map(|i| i * frame_ns)
+            .filter(|t| s.keep(Some(*t), Some(frame_ns), now))
+            .collect()
+    }
+
+    #[test]
+    fn timestamps_are_sampled_on_a_steady_cadence() {
+        // 25 fps to 5 fps: every fifth frame, exactly.
+        let k = kept(5.0, 40 * MS, 250);
+        assert_eq!(k.len(), 50);
+        assert!(k.iter().enumerate().all(|(i, t)| *t == i as u64 * 200 * MS));
+        // 30 fps (33.33 ms, rounded down) to 5 fps: no drift, 50 in 10 s.
+        assert_eq!(kept(5.0, 33_333_333, 300).len(), 50);
+        // 2 fps from 25: 20 in 10 s.
+        assert_eq!(kept(2.0, 40 * MS, 250).len(), 20);
+        // Slower than the rate asked for: every frame.
+        assert_eq!(kept(10.0, 200 * MS, 20).len(), 20);
+    }
+
+    #[test]
+    fn jumps_and_missing_timestamps() {
+        let now = Instant::now();
+        let mut s = FpsSampler::new(1.0);
+        assert!(s.keep(Some(0), None, now));
+        assert!(!s.keep(Some(500 * MS), None, now));
+        // A jump ahead (a gap in the source): kept, the cadence restarts there.
+        assert!(s.keep(Some(10_000 * MS), None, now));
+        assert!(!s.keep(Some(10_500 * MS), None, now));
+        // A jump back (a new segment): starts over.
+        assert!(s.keep(Some(100 * MS), None, now));
+        assert!(!s.keep(Some(600 * MS), None, now));
+        // No timestamps: the wall clock, one per second.
+        let mut w = FpsSampler::new(1.0);
+        assert!(w.keep(None, None, now));
+        assert!(!w.keep(None, None, now + Duration::from_millis(500)));
+        assert!(w.keep(None, None, now + Duration::from_millis(1000)));
+        assert!(!w.keep(None, None, now + Duration::from_millis(1900)));
+        assert!(w.keep(None, None, now + Duration::from_millis(2000)));
+    }
 }
