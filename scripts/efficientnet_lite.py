@@ -101,18 +101,23 @@ class ContentStream(nn.Module):
     [N, FEATURE_DIM] (frozen). The affine map from CLIP's normalisation to EfficientNet's
     is the first operation of the graph."""
 
-    def __init__(self, image_size=224, blur=0.0):
+    def __init__(self, image_size=224, blur=0.0, core=0.0):
         super().__init__()
         self.net = load_effnet(image_size)
         # An optional fixed Gaussian low-pass on the input (sigma in pixels): ImageNet
         # features read faint grain as fine texture, i.e. as sharpness; with the low-pass
         # the content stream sees content, and the distortion stream the fine detail.
         self.blur = GaussianBlur(blur) if blur > 0 else None
+        # Optional coring (`core`, in 0..1 pixel units): the detail below a 1-px Gaussian
+        # low-pass is soft-thresholded by `core`, so faint grain goes and strong edges
+        # stay (blur lowers them, so blur still shows).
+        self.core_blur = GaussianBlur(1.0) if core > 0 else None
         # pixels * clip_std + clip_mean = x / 255, so (x - 127) / 128 = pixels * scale + shift.
         mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
         std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
         self.register_buffer("scale", std * 255 / EFFNET_STD)
         self.register_buffer("shift", (mean * 255 - EFFNET_MEAN) / EFFNET_STD)
+        self.register_buffer("core_t", core / std)  # the threshold in CLIP-normalised units
 
     def effnet_input(self, pixels):
         return pixels * self.scale + self.shift
@@ -120,6 +125,10 @@ class ContentStream(nn.Module):
     def forward(self, pixels):
         if self.blur is not None:
             pixels = self.blur(pixels)
+        if self.core_blur is not None:
+            low = self.core_blur(pixels)
+            d = pixels - low
+            pixels = low + torch.relu(d - self.core_t) - torch.relu(-d - self.core_t)
         return self.features(self.effnet_input(pixels))
 
     def features(self, x):

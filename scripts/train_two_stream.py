@@ -76,13 +76,16 @@ FEATURE_BATCH = 64
 # Data and cached content features.
 # ---------------------------------------------------------------------------------------
 
-def feature_fingerprint(data_name, blur=0.0):
+def feature_fingerprint(data_name, blur=0.0, core=0.0):
     """Hash of what the cached features depend on: the data file, the weights, the taps,
     the content stream's low-pass (when there is one) and the code that computes them."""
     h = hashlib.sha256()
     if blur:
         h.update(repr(["blur", blur]).encode())
         h.update(inspect.getsource(el.GaussianBlur).encode())
+    if core:
+        h.update(repr(["core", core]).encode())
+        h.update(inspect.getsource(el.ContentStream.forward).encode())
     h.update(repr([data_name, el.WEIGHTS_SHA256, el.TAPS, el.EFFNET_MEAN, el.EFFNET_STD,
                    el.CLIP_MEAN, el.CLIP_STD]).encode())
     for f in (el.std_pool, el.ContentStream.features, el.ContentStream.effnet_input, clip_pixels):
@@ -96,7 +99,7 @@ def clip_pixels(images):
     return (x - tt.MEAN) / tt.STD
 
 
-def feature_session(size, threads, blur=0.0):
+def feature_session(size, threads, blur=0.0, core=0.0):
     """The content stream (TensorFlow 'SAME' padding, traced for `size` px) under ONNX
     Runtime, which runs EfficientNet's depthwise convolutions about 2.5x faster than torch
     on the CPU."""
@@ -104,7 +107,7 @@ def feature_session(size, threads, blur=0.0):
     import warnings
 
     import onnxruntime as ort
-    stream = el.ContentStream(image_size=None, blur=blur).eval()
+    stream = el.ContentStream(image_size=None, blur=blur, core=core).eval()
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         path = Path(tmp) / "content.onnx"
@@ -115,16 +118,16 @@ def feature_session(size, threads, blur=0.0):
         return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def content_features(images, cache_dir, data_name, blur=0.0):
+def content_features(images, cache_dir, data_name, blur=0.0, core=0.0):
     """[N, el.FEATURE_DIM] float16 pooled EfficientNet-Lite0 features of every stored image
     (whole 176-px centre, no crop), computed once and cached."""
-    path = Path(cache_dir) / f"effnet-{feature_fingerprint(data_name, blur)}.npy" if cache_dir else None
+    path = Path(cache_dir) / f"effnet-{feature_fingerprint(data_name, blur, core)}.npy" if cache_dir else None
     if path and path.is_file():
         feats = np.load(path)
         log(f"features: loaded {path} {feats.shape}")
         return feats, 0.0
     t0 = time.time()
-    sess = feature_session(images.shape[1], torch.get_num_threads(), blur)
+    sess = feature_session(images.shape[1], torch.get_num_threads(), blur, core)
     n = len(images)
     feats = np.empty((n, el.FEATURE_DIM), np.float16)
     for i in range(0, n, FEATURE_BATCH):
@@ -285,10 +288,10 @@ def train_photo_names():
                     + [f"{n}.jpg" for n, _ in tt.PALAPELI_PHOTOS] + tt.manifest_names(tt.GCOMPRIS_PHOTOS))
 
 
-def export(out, visual, text, tok, tokens, scale, info, architecture, blur=0.0):
+def export(out, visual, text, tok, tokens, scale, info, architecture, blur=0.0, core=0.0):
     """train_tiny's bundle writer, then the manifest again with this tower's architecture,
     then a check of visual.onnx under ONNX Runtime against the torch tower."""
-    visual.content = el.ContentStream(image_size=tt.SIZE, blur=blur).eval()
+    visual.content = el.ContentStream(image_size=tt.SIZE, blur=blur, core=core).eval()
     visual.eval()
     tt.export(out, visual, text, tok, tokens, scale, info)
     out = Path(out)
@@ -326,6 +329,9 @@ def main():
     ap.add_argument("--workers", type=int, default=max(1, min(os.cpu_count() or 1, 8)),
                     help="processes for the data generation")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    ap.add_argument("--content-core", type=float, default=0.0, metavar="T",
+                    help="variant: the content stream sees its input cored (detail under a 1-px low-pass "
+                         "soft-thresholded by T, in 0..1 pixel units), in training and in the exported tower")
     ap.add_argument("--content-blur", type=float, default=0.0, metavar="SIGMA",
                     help="a fixed Gaussian low-pass (sigma in pixels) on the content stream's input, "
                          "in training and in the exported tower (faint grain is then no proof of sharpness)")
@@ -356,7 +362,7 @@ def main():
     el.weights_path()  # fail early when the packages are missing
     images, meta, caps, data_name = tt.load_dataset(a.groups, a.workers, a.seed, a.cache, a.video, a.grain)
     t_data = time.time() - t0
-    feats, t_feat = content_features(images, a.cache, data_name, a.content_blur)
+    feats, t_feat = content_features(images, a.cache, data_name, a.content_blur, a.content_core)
     f32 = feats.astype(np.float32)
     feat_mean, feat_std = f32.mean(0), f32.std(0) + 1e-3
     del f32
@@ -387,6 +393,7 @@ def main():
                   f"--steps {a.steps} --batch-groups {a.batch_groups} --lr {a.lr:g}"
                   + (f" --distortion-from {a.distortion_from}" if a.distortion_from else "")
                   + (f" --content-blur {a.content_blur:g}" if a.content_blur else "")
+                  + (f" --content-core {a.content_core:g}" if a.content_core else "")
                   + (f" --video {a.video:g}" if a.video else "") + (f" --grain {a.grain:g}" if a.grain else ""),
         purpose="streamiq's own quality model: a frozen ImageNet EfficientNet-Lite0 (content) "
                 + ("beside a small convolutional tower trained from scratch (distortion), "
@@ -400,7 +407,7 @@ def main():
     )
     t1 = time.time()
     arch = "streamiq-two-stream-effnet-lite0" if a.mode == "two-stream" else "streamiq-effnet-lite0-head"
-    export(a.out, visual, text, tok, tokens, scale, info, arch, a.content_blur)
+    export(a.out, visual, text, tok, tokens, scale, info, arch, a.content_blur, a.content_core)
     log(f"wrote {a.out} (logit_scale {scale:.2f}) in {(time.time() - t0) / 60:.1f} min: data {t_data / 60:.1f}, "
         f"features {t_feat / 60:.1f}, training {t_train / 60:.1f}, export {(time.time() - t1) / 60:.1f}")
 
