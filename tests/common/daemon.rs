@@ -111,6 +111,11 @@ impl Process {
     pub fn spawn(mut command: Command) -> Self {
         let mut child = command
             .env("NO_COLOR", "1")
+            // Incident frames never go into the checkout's state/.
+            .env(
+                "STREAMIQ__LABELS__INCIDENTS_DIR",
+                super::scratch_dir("incidents"),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

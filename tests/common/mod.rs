@@ -108,9 +108,22 @@ fn python_of(var: &str, default: &str) -> PathBuf {
     py
 }
 
-/// `text` parsed and validated, as the daemon does with a config file.
+/// `text` parsed and validated, as the daemon does with a config file. Incident frames
+/// go to a fresh temporary directory unless `text` names one (never into the checkout).
 pub fn settings(text: &str) -> Settings {
-    Config::from_toml(text).unwrap().validate().unwrap()
+    let mut s = Config::from_toml(text).unwrap().validate().unwrap();
+    if s.incidents.dir == std::path::Path::new("state/incidents") {
+        s.incidents.dir = scratch_dir("incidents");
+    }
+    s
+}
+
+/// A new directory under the system's temporary directory, for what a test's daemon
+/// writes beside the files the test looks at.
+pub fn scratch_dir(what: &str) -> std::path::PathBuf {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    std::env::temp_dir().join(format!("streamiq-test-{what}-{}-{n}", std::process::id()))
 }
 
 /// A config with the test bundle, fast QC timings, `extra` keys (inside `[qc]` unless
