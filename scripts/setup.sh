@@ -17,7 +17,7 @@ VENV=${STREAMIQ_VENV:-/opt/streamiq/venv}
 PEERS_VENV=${STREAMIQ_PEERS_VENV:-/opt/streamiq/peers-venv}
 APT_PACKAGES=(opencv-data python3-seccomp systemd pkg-config libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev
   gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad
-  gstreamer1.0-plugins-ugly gstreamer1.0-libav gstreamer1.0-tools ffmpeg prometheus sqlite3 chromium curl dpkg-dev
+  gstreamer1.0-plugins-ugly gstreamer1.0-libav gstreamer1.0-tools ffmpeg prometheus sqlite3 chromium curl dpkg-dev nginx-light
   mate-backgrounds lomiri-wallpapers-16.04 lomiri-wallpapers-20.04 plasma-workspace-wallpapers opencv-doc
   gcompris-qt-data palapeli-data)
 # The last seven hold photographs (GPL-2+, GPL-3+, CC-BY-*, CC0, GFDL, public domain, BSD-3-Clause) that

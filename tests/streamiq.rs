@@ -1891,6 +1891,156 @@ async fn keyframe_sampling_and_sources_without_timestamps() {
     d.stop().await;
 }
 
+/// The README's TLS recipe, as written: nginx (with a self-signed certificate for the
+/// name in the recipe) in front of a daemon on loopback whose `server.allowed_hosts`
+/// lists that name. Reads through HTTPS work with the token and not without; plain
+/// HTTP to the TLS port gets nothing; the daemon itself refuses other names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_tls_proxy_recipe_works_with_nginx() {
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let block = readme
+        .split("```nginx\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .expect("README has an nginx block")
+        .to_string();
+    let name = block
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("server_name "))
+        .unwrap()
+        .trim_end_matches(';')
+        .to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let ok = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+        ])
+        .arg(format!("/CN={name}"))
+        .arg("-addext")
+        .arg(format!("subjectAltName=DNS:{name}"))
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+
+    let streams = "[[streams]]\nid = \"cam\"\npipeline = \"videotestsrc is-live=true ! video/x-raw,width=64,height=48,framerate=5/1\"\n";
+    let mut s = settings(&config_text(streams, ""));
+    s.server.allowed_hosts = vec![name.clone()];
+    s.server.api_token_file = dir.path().join("api-token");
+    s.labels_db = dir.path().join("labels.sqlite");
+    let d = InProcess::start(s).await;
+    let token = std::fs::read_to_string(dir.path().join("api-token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let server = block
+        .replace("listen 443 ssl;", &format!("listen 127.0.0.1:{port} ssl;"))
+        .replace(
+            &format!("/etc/ssl/certs/{name}.pem"),
+            cert.to_str().unwrap(),
+        )
+        .replace(
+            &format!("/etc/ssl/private/{name}.key"),
+            key.to_str().unwrap(),
+        )
+        .replace("http://127.0.0.1:9790", &format!("http://{}", d.addr));
+    assert!(
+        server.contains(&format!("127.0.0.1:{port}")) && server.contains(cert.to_str().unwrap()),
+        "{server}"
+    );
+    let t = dir.path().display();
+    std::fs::write(
+        dir.path().join("nginx.conf"),
+        format!(
+            "daemon off;\nmaster_process off;\npid {t}/nginx.pid;\nerror_log {t}/error.log;\n\
+             events {{}}\nhttp {{\naccess_log off;\nclient_body_temp_path {t}/body;\n\
+             proxy_temp_path {t}/proxy;\nfastcgi_temp_path {t}/fcgi;\nuwsgi_temp_path {t}/uwsgi;\n\
+             scgi_temp_path {t}/scgi;\n{server}\n}}\n"
+        ),
+    )
+    .unwrap();
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _nginx = Killed(
+        Command::new("nginx")
+            .args(["-e", &format!("{t}/error.log"), "-c"])
+            .arg(dir.path().join("nginx.conf"))
+            .spawn()
+            .expect("nginx is installed (scripts/setup.sh)"),
+    );
+    let addr = d.addr;
+    let (name2, cert2, tok) = (name.clone(), cert.clone(), token.clone());
+    tokio::task::spawn_blocking(move || {
+        let curl = |path: &str, token: Option<&str>, scheme: &str| -> (String, String) {
+            let mut c = Command::new("curl");
+            c.args([
+                "-s",
+                "-o",
+                "-",
+                "-w",
+                "\n%{http_code}",
+                "--max-time",
+                "10",
+                "--cacert",
+            ])
+            .arg(&cert2)
+            .arg("--resolve")
+            .arg(format!("{name2}:{port}:127.0.0.1"));
+            if let Some(t) = token {
+                c.arg("-H").arg(format!("Authorization: Bearer {t}"));
+            }
+            let out = c
+                .arg(format!("{scheme}://{name2}:{port}{path}"))
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).to_string();
+            let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+            (code.to_string(), body.to_string())
+        };
+        let (code, body) = common::poll(Duration::from_secs(20), "nginx answering", || {
+            let r = curl("/api/v1/streams/cam/frames?limit=1", Some(&tok), "https");
+            (r.0 != "000").then_some(r)
+        });
+        assert_eq!(code, "200", "{body}");
+        assert_eq!(curl("/api/v1/labels", None, "https").0, "401");
+        assert_eq!(curl("/metrics", None, "https").0, "200");
+        let (code, _) = curl("/healthz", None, "http");
+        assert_ne!(code, "200", "plain HTTP on the TLS port is not served");
+        // The daemon itself answers the proxy's name only.
+        let status = |host: &str| {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            write!(s, "GET /healthz HTTP/1.0\r\nHost: {host}\r\n\r\n").unwrap();
+            let mut b = String::new();
+            let _ = s.read_to_string(&mut b);
+            b.split_whitespace().nth(1).unwrap_or("").to_string()
+        };
+        assert_eq!(status(&name2), "200");
+        assert_eq!(status("localhost"), "421");
+    })
+    .await
+    .unwrap();
+    d.stop().await;
+}
+
 /// DNS rebinding: a daemon on a loopback address answers only loopback `Host` names
 /// (421 for another site's name, on every route), and one with `server.allowed_hosts`
 /// only those names.
