@@ -349,3 +349,65 @@ fn pretrain_writes_a_loadable_bundle(bundle: &Path, emb: &Path, work: &Path) {
     let o = pretrain("1", "jpeg");
     assert_eq!(o.status.code(), Some(2));
 }
+
+/// The sidecar unit's system call filter (and the rest of its sandbox but what needs
+/// systemd) does not break a real round: under the filter loaded from
+/// `systemd/streamiq-adapt.service` by `scripts/seccomp_exec.py`, `streamiq-adapt once`
+/// adapts the shipped model's prompts from 60 labels and promotes v0001, while a
+/// privileged call (chroot) fails with EPERM.
+#[test]
+fn an_adaptation_round_runs_under_the_sidecar_units_syscall_filter() {
+    use streamiq::score::prompt_store::PromptDir;
+    let unit = common::repo().join("systemd/streamiq-adapt.service");
+    let wrapper = common::repo().join("scripts/seccomp_exec.py");
+    let denied = Command::new("/usr/bin/python3")
+        .arg(&wrapper)
+        .arg(&unit)
+        .args(["--", "/usr/sbin/chroot", "/", "true"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&denied.stderr);
+    assert!(
+        !denied.status.success() && err.contains("Operation not permitted"),
+        "the filter is live: {err}"
+    );
+
+    let work = tempfile::tempdir().unwrap();
+    let bundle_dir = common::repo().join("models/streamiq-tiny");
+    let bundle = streamiq::score::bundle::Bundle::open(&bundle_dir).unwrap();
+    let db = work.path().join("labels.sqlite");
+    common::HiddenDirectionLabels::new(&db, &bundle).add(0..60);
+    let prompts = work.path().join("prompts");
+    let cfg = work.path().join("adapt.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[model]\nbundle = \"{}\"\nprompts_dir = \"{}\"\n[labels]\ndb = \"{}\"\n\
+             [adapt]\nmin_labels = 20\nholdout = 0.3\nmax_epochs = 40\n\
+             [[streams]]\nid = \"cam\"\npipeline = \"videotestsrc is-live=true\"\n",
+            bundle_dir.display(),
+            prompts.display(),
+            db.display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new("/usr/bin/python3")
+        .arg(&wrapper)
+        .arg(&unit)
+        .arg("--")
+        .arg(env!("CARGO_BIN_EXE_streamiq-adapt"))
+        .args(["once", "--config"])
+        .arg(&cfg)
+        .env("OMP_WAIT_POLICY", "PASSIVE")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stderr.contains("system calls allowed"), "{stderr}");
+    let dir = PromptDir::new(&prompts);
+    assert_eq!(dir.versions(), vec![1], "{stdout}");
+    assert_eq!(dir.active().unwrap(), Some(1), "{stdout}");
+}
