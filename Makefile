@@ -11,7 +11,7 @@ export LIBTORCH := $(VENV)/torch
 export LIBTORCH_CXX11_ABI := 1
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: all setup bundle demo build build-daemon deb run test lint bench soak peers tiny model few-shot-evidence clean
+.PHONY: all setup bundle demo build build-daemon deb run test lint bench bench-streams soak peers tiny model few-shot-evidence clean
 
 all: build
 
@@ -68,6 +68,13 @@ test: bundle demo lint
 
 bench: build
 	scripts/bench.sh
+
+# Streams per core: N live 720p25 H.264 UDP streams (2-s GOP) watched with fps and
+# keyframe sampling and by one ffmpeg blackdetect/freezedetect per stream
+# (target/bench-streams/report.md). Not part of `make test`. BENCH_COUNTS=1,2,4 to choose N.
+BENCH_COUNTS ?= 1,2,4,6,8
+bench-streams: build-daemon
+	$(PYTHON) scripts/bench_streams.py --counts $(BENCH_COUNTS)
 
 # 30 minutes of nine mixed streams whose sources are killed, paused and restored in
 # cycles while labels are posted and prompt sets rolled back; RSS, threads and fds over
