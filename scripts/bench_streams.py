@@ -188,7 +188,10 @@ def main():
                 t0 = time.time()
                 r = run_ffmpeg(a, n, ports, work) if mode == "ffmpeg" else run_streamiq(a, n, mode, ports, work)
                 r["senders"] = (cpu_seconds([p.pid for p in senders]) - s0) / (time.time() - t0)
-                expected = 25.0 if mode == "ffmpeg" else 1.0 if mode == "fps" else 0.5
+                # Key frames: one every 2 s, less the one at each 20-s loop join of the
+                # sender, which never reaches a decoder (tsdemux drops it; seen with a
+                # plain gst-launch tsdemux ! h264parse too): 9 per loop.
+                expected = 25.0 if mode == "ffmpeg" else 1.0 if mode == "fps" else 0.45
                 r["held"] = (r["rate"] >= 0.9 * expected and not r["dropped"]
                              and (r["p99"] is None or r["p99"] < 2.0))
                 r.update(mode=mode, n=n)

@@ -1777,6 +1777,23 @@ async fn streams_are_added_and_removed_at_run_time_and_survive_a_restart() {
 /// (`multipartdemux ! jpegdec` over TCP) is sampled by the wall clock and scores.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keyframe_sampling_and_sources_without_timestamps() {
+    // Dropping delta units must not make GStreamer log criticals (one per frame would
+    // flood the journal): they are counted here.
+    let criticals = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let handler = {
+        use gstreamer::glib;
+        let criticals = criticals.clone();
+        glib::log_set_handler(
+            Some("GStreamer"),
+            glib::LogLevels::LEVEL_CRITICAL,
+            false,
+            false,
+            move |_, _, message| {
+                eprintln!("GStreamer-CRITICAL: {message}");
+                criticals.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            },
+        )
+    };
     let dir = tempfile::tempdir().unwrap();
     let clip = dir.path().join("gop.mp4");
     common::synth(
@@ -1861,8 +1878,19 @@ async fn keyframe_sampling_and_sources_without_timestamps() {
                         .find(|s| s["id"] == id)
                         .map(|s| s["phase"].clone())
                 };
-                phase("keys") == Some(serde_json::json!("finished"))
-                    && phase("fps") == Some(serde_json::json!("finished"))
+                // Finished, and every frame sampled has been scored.
+                let settled = |id: &str| {
+                    phase(id) == Some(serde_json::json!("finished"))
+                        && sample(
+                            &m,
+                            &format!("streamiq_frames_scored_total{{stream=\"{id}\"}}"),
+                        ) == sample(
+                            &m,
+                            &format!("streamiq_frames_decoded_total{{stream=\"{id}\"}}"),
+                        )
+                };
+                settled("keys")
+                    && settled("fps")
                     && sample(&m, "streamiq_frames_scored_total{stream=\"mjpeg\"}")
                         .is_some_and(|v| v >= 3.0)
             },
@@ -1889,6 +1917,12 @@ async fn keyframe_sampling_and_sources_without_timestamps() {
     .await
     .unwrap();
     d.stop().await;
+    gstreamer::glib::log_remove_handler(Some("GStreamer"), handler);
+    assert_eq!(
+        criticals.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "GStreamer logged criticals"
+    );
 }
 
 /// The README's TLS recipe, as written: nginx (with a self-signed certificate for the

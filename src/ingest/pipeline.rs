@@ -456,6 +456,39 @@ impl FpsSampler {
     }
 }
 
+thread_local! {
+    /// Set while [`key_frame_probe`] chains a key frame itself (its probe lets it by).
+    static CHAINING_KEY_FRAME: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// The probe on a video decoder's sink pad in key-frame mode. A delta unit is taken and
+/// released (reported handled: returning Drop from a decoder's sink-pad probe makes
+/// GStreamer 1.22 log a critical, an unref of NULL, for every buffer). A key frame is
+/// chained into the decoder here and followed by a still-frame event, which makes the
+/// decoder drain: a decoder that reorders (H.264 with B-frames) would otherwise hold each
+/// picture until two more key frames arrive, seconds behind on a 2-s GOP.
+fn key_frame_probe(pad: &gst::Pad, info: &mut gst::PadProbeInfo) -> gst::PadProbeReturn {
+    if CHAINING_KEY_FRAME.with(|c| c.get()) {
+        return gst::PadProbeReturn::Ok;
+    }
+    let Some(gst::PadProbeData::Buffer(buffer)) = info.data.take() else {
+        return gst::PadProbeReturn::Ok;
+    };
+    if buffer.flags().contains(gst::BufferFlags::DELTA_UNIT) {
+        drop(buffer);
+        info.flow_res = Ok(gst::FlowSuccess::Ok);
+        return gst::PadProbeReturn::Handled;
+    }
+    CHAINING_KEY_FRAME.with(|c| c.set(true));
+    let flow = pad.chain(buffer);
+    CHAINING_KEY_FRAME.with(|c| c.set(false));
+    if flow.is_ok() {
+        pad.send_event(gst_video::StillFrameEvent::builder(true).build());
+    }
+    info.flow_res = flow;
+    gst::PadProbeReturn::Handled
+}
+
 /// Drops delta units at the input of every video decoder of `pipeline`, now and as
 /// decode bins add them, so only key frames are decoded. Warns when the first frame
 /// arrives with no decoder found (raw sources: sampling stays at `sample_fps`).
@@ -469,12 +502,7 @@ fn key_frames_only(pipeline: &gst::Pipeline, name: &str) {
             return false;
         }
         if let Some(pad) = element.static_pad("sink") {
-            pad.add_probe(gst::PadProbeType::BUFFER, |_, info| match info.buffer() {
-                Some(b) if b.flags().contains(gst::BufferFlags::DELTA_UNIT) => {
-                    gst::PadProbeReturn::Drop
-                }
-                _ => gst::PadProbeReturn::Ok,
-            });
+            pad.add_probe(gst::PadProbeType::BUFFER, key_frame_probe);
         }
         true
     }
