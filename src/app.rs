@@ -109,6 +109,18 @@ pub async fn run_with(
             .inc();
     }
     metrics.prompt_version.set(loaded.prompts.version as i64);
+    metrics.set_cluster(settings.cluster);
+    let elsewhere = settings.streams.len() - settings.cluster.mine(&settings.streams).len();
+    metrics.cluster_streams_elsewhere.set(elsewhere as i64);
+    if settings.cluster.is_sharded() {
+        tracing::info!(
+            replica = settings.cluster.replica,
+            replicas = settings.cluster.replicas.get(),
+            watched = settings.streams.len() - elsewhere,
+            elsewhere,
+            "Sharding the configured streams"
+        );
+    }
     let bundle = loaded.bundle.clone();
     let provenance = provenance(&bundle);
     let prompts = Arc::new(ArcSwap::from_pointee(loaded.prompts.clone()));
@@ -176,8 +188,10 @@ pub async fn run_with(
     // started, the ones that did are stopped in order and the failure is reported.
     let runtime =
         match crate::runtime_streams::RuntimeStreams::load(&settings.server.runtime_streams)
-            .and_then(|r| r.combine(&settings.streams).map(|all| (r, all)))
-        {
+            .and_then(|r| {
+                r.combine(&settings.cluster.mine(&settings.streams))
+                    .map(|all| (r, all))
+            }) {
             Ok(both) => both,
             Err(e) => {
                 stop_engine(&streams, engine).await;
@@ -216,6 +230,7 @@ pub async fn run_with(
         hosts: Arc::new(hosts),
         incidents,
         runtime_streams: runtime.clone(),
+        cluster: settings.cluster,
     });
     let listener = match tokio::net::TcpListener::bind(settings.server.listen).await {
         Ok(l) => l,

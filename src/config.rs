@@ -38,7 +38,11 @@ pub enum ConfigError {
 }
 
 impl ConfigError {
-    fn invalid(key: impl Into<String>, value: impl ToString, reason: impl Into<String>) -> Self {
+    pub(crate) fn invalid(
+        key: impl Into<String>,
+        value: impl ToString,
+        reason: impl Into<String>,
+    ) -> Self {
         Self::Invalid {
             key: key.into(),
             value: value.to_string(),
@@ -65,6 +69,8 @@ pub struct Config {
     pub adapt: AdaptConfig,
     /// The gates `streamiq scan` fails a file on (its flags override them).
     pub scan: ScanConfig,
+    /// Sharding the streams over several daemons.
+    pub cluster: crate::cluster::ClusterConfig,
     /// The streams to watch.
     pub streams: Vec<StreamConfig>,
 }
@@ -635,7 +641,10 @@ pub struct Settings {
     pub adapt: AdaptSettings,
     /// `streamiq scan`'s gates.
     pub scan: ScanGates,
-    /// Streams, in config order.
+    /// Which replica this daemon is; it watches only the streams that fall to it.
+    pub cluster: crate::cluster::Cluster,
+    /// Streams, in config order (all of them: [`cluster`](Self::cluster) picks this
+    /// daemon's).
     pub streams: Vec<StreamSettings>,
 }
 
@@ -748,6 +757,7 @@ impl Config {
             },
             adapt,
             scan: ScanGates::from_config(&self.scan, "scan.")?,
+            cluster: self.cluster.validate(crate::cluster::hostname)?,
             streams,
         })
     }
@@ -958,13 +968,16 @@ impl Config {
     }
 
     fn validate_streams(&self) -> Result<Vec<StreamSettings>, ConfigError> {
-        if self.streams.len() > MAX_STREAMS {
+        // Each daemon watches at most MAX_STREAMS; a sharded list may be longer (what
+        // one replica gets is checked again when its streams start).
+        let cap = MAX_STREAMS * self.cluster.replicas.max(1) as usize;
+        if self.streams.len() > cap {
             return Err(ConfigError::invalid(
                 "streams",
                 format!("{} streams", self.streams.len()),
                 format!(
                     "at most {MAX_STREAMS} per daemon (each has a thread and a pipeline); \
-                     split them over several daemons"
+                     split them over several daemons (cluster.replicas)"
                 ),
             ));
         }

@@ -29,7 +29,9 @@
 //! - [`qc`]: windowed quality, black / freeze segment detection.
 //! - [`state`]: per-stream runtime state shared by ingest, scoring and HTTP.
 //! - [`registry`]: the daemon's streams at run time (add / replace / remove one stream
-//!   without touching the others) and the engine's sink into them.
+//!   without touching the others) and the engine's sink into them;
+//!   [`runtime_streams`]: streams added through the API; [`cluster`]: which of the
+//!   streams this daemon watches when several share them (rendezvous hashing).
 //! - [`metrics`]: every Prometheus metric, declared once.
 //! - [`http`]: axum routes; the bearer token that guards write routes.
 //! - [`labels`]: operator labels (rating + the frame's embedding and thumbnail) in the
@@ -45,6 +47,7 @@
 
 pub mod app;
 pub mod batch;
+pub mod cluster;
 pub mod config;
 pub mod csv;
 pub mod distort;

@@ -78,6 +78,9 @@ pub struct Metrics {
     pub config_reload_successful: IntGauge,
     /// Unix time of the last successful configuration load (start or reload).
     pub config_reload_success_time: Gauge,
+    cluster_info: IntGaugeVec,
+    /// Configured streams that other replicas watch (`[cluster]`).
+    pub cluster_streams_elsewhere: IntGauge,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> T {
@@ -316,6 +319,20 @@ impl Metrics {
                 )
                 .expect("valid metric"),
             ),
+            cluster_info: gauge(
+                &r,
+                "streamiq_cluster_info",
+                "This daemon's replica index and the replica count it shards the streams with (always 1).",
+                &["replica", "replicas"],
+            ),
+            cluster_streams_elsewhere: reg(
+                &r,
+                IntGauge::new(
+                    "streamiq_cluster_streams_elsewhere",
+                    "Streams of the configuration file that other replicas watch (cluster.replicas).",
+                )
+                .expect("valid metric"),
+            ),
             registry: r,
         }
     }
@@ -333,6 +350,14 @@ impl Metrics {
                 gstreamer,
                 execution,
             ])
+            .set(1);
+    }
+
+    /// Sets `streamiq_cluster_info{replica, replicas} = 1`.
+    pub fn set_cluster(&self, cluster: crate::cluster::Cluster) {
+        self.cluster_info.reset();
+        self.cluster_info
+            .with_label_values(&[cluster.replica.to_string(), cluster.replicas.to_string()])
             .set(1);
     }
 

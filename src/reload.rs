@@ -118,7 +118,10 @@ impl Reloader {
         }
         let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
         // The streams added at run time stay: the running set is the file's plus them.
-        let all = self.runtime.combine(&new.streams)?;
+        // The replica set changes only with a restart (a StatefulSet scales by
+        // restarting pods): the streams are sharded as at the start.
+        let mine = current.cluster.mine(&new.streams);
+        let all = self.runtime.combine(&mine)?;
         let streams = self.registry.apply(&all)?;
         let old = &*current;
         let needs_restart = [
@@ -126,6 +129,7 @@ impl Reloader {
             ("model", old.model != new.model),
             ("scorer", old.scorer != new.scorer),
             ("qc", old.qc != new.qc),
+            ("cluster", old.cluster != new.cluster),
             (
                 "labels",
                 old.labels_db != new.labels_db || old.recent_frames != new.recent_frames,
@@ -135,6 +139,9 @@ impl Reloader {
         .filter_map(|(name, changed)| changed.then_some(name))
         .collect();
         // What runs now: the new streams, and the old values of what needs a restart.
+        self.metrics
+            .cluster_streams_elsewhere
+            .set((new.streams.len() - mine.len()) as i64);
         current.streams = new.streams;
         current.adapt = new.adapt;
         Ok(ReloadOutcome {

@@ -3127,3 +3127,307 @@ async fn ready_while_the_engine_works_even_with_every_camera_offline() {
 fn the_content_stream_is_the_pretrained_efficientnet() {
     python_tests_pass(&venv_python(), "scripts/tests/test_efficientnet_weights.py");
 }
+
+/// The rendezvous weight as the README states it, written out again here so that the
+/// daemons are checked against the documented rule, not against their own code.
+fn documented_owner(id: &str, replicas: u32) -> u32 {
+    use sha2::{Digest, Sha256};
+    let weight = |r: u32| {
+        let mut h = Sha256::new();
+        h.update(format!("streamiq-rendezvous\0{id}\0").as_bytes());
+        h.update(r.to_le_bytes());
+        u64::from_be_bytes(h.finalize()[..8].try_into().unwrap())
+    };
+    (0..replicas)
+        .max_by_key(|&r| (weight(r), std::cmp::Reverse(r)))
+        .unwrap()
+}
+
+/// Sharded daemons (`[cluster]`): three replicas over twelve streams score every
+/// stream exactly once, each the streams the documented rendezvous rule gives it (one
+/// replica takes its index from a StatefulSet-style host name); replica 0 killed and
+/// restarted with four replicas configured keeps a subset of its streams, and the new
+/// replica 3 takes exactly the streams that move to it. A stream added through the API
+/// on the wrong replica is refused, naming the right one.
+#[test]
+fn replicas_share_the_streams_by_rendezvous_hashing_and_a_new_replica_moves_only_its_own() {
+    use std::collections::BTreeSet;
+    let dir = tempfile::tempdir().unwrap();
+    let ids: Vec<String> = (0..12).map(|i| format!("cam-{i:02}")).collect();
+    let streams: String = ids
+        .iter()
+        .map(|id| {
+            format!(
+                "[[streams]]\nid = \"{id}\"\npipeline = \"videotestsrc is-live=true pattern=ball ! video/x-raw,width=96,height=64,framerate=5/1\"\nsample_fps = 2.0\n"
+            )
+        })
+        .collect();
+    let cfg = dir.path().join("streamiq.toml");
+    std::fs::write(&cfg, config_text(&streams, "[cluster]\nreplicas = 3\n")).unwrap();
+    // Each replica runs in its own directory (its state/ holds its token and stores).
+    let start = |replica: u32, env: &[(&str, String)]| {
+        let cwd = dir.path().join(format!("replica-{replica}"));
+        std::fs::create_dir_all(&cwd).unwrap();
+        let mut c = std::process::Command::new(common::bin("streamiq"));
+        c.args(["run", "--config"]).arg(&cfg).current_dir(&cwd);
+        c.env_remove("HOSTNAME");
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        (common::daemon::Process::spawn(c), cwd)
+    };
+    let watched = |p: &common::daemon::Process| -> BTreeSet<String> {
+        // Every stream the replica lists has been scored, and only those are exported.
+        let addr = p.addr;
+        let listed: BTreeSet<String> =
+            serde_json::from_str::<serde_json::Value>(&text(addr, "/api/v1/streams"))
+                .unwrap()
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s["id"].as_str().unwrap().to_string())
+                .collect();
+        common::wait_until("every listed stream scored", || {
+            let m = text(addr, "/metrics");
+            listed.iter().all(|id| {
+                sample(
+                    &m,
+                    &format!("streamiq_frames_scored_total{{stream=\"{id}\"}}"),
+                )
+                .is_some_and(|v| v >= 1.0)
+            })
+        });
+        let m = text(addr, "/metrics");
+        let exported: BTreeSet<String> = m
+            .lines()
+            .filter_map(|l| l.strip_prefix("streamiq_stream_up{stream=\""))
+            .filter_map(|l| l.split_once('"').map(|(id, _)| id.to_string()))
+            .collect();
+        assert_eq!(listed, exported);
+        listed
+    };
+    let expected = |replica: u32, replicas: u32| -> BTreeSet<String> {
+        ids.iter()
+            .filter(|id| documented_owner(id, replicas) == replica)
+            .cloned()
+            .collect()
+    };
+
+    let r = |n: u32| ("STREAMIQ__CLUSTER__REPLICA", n.to_string());
+    let (mut r0, _) = start(0, &[r(0)]);
+    let (r1, cwd1) = start(1, &[r(1)]);
+    let (r2, _) = start(2, &[("HOSTNAME", "streamiq-2".to_string())]);
+    let sets: Vec<BTreeSet<String>> = [&r0, &r1, &r2].iter().map(|p| watched(p)).collect();
+    let mut all = BTreeSet::new();
+    for (i, set) in sets.iter().enumerate() {
+        assert_eq!(*set, expected(i as u32, 3), "replica {i} of 3");
+        assert!(set.is_disjoint(&all), "a stream watched twice: {sets:?}");
+        all.extend(set.iter().cloned());
+    }
+    assert_eq!(all.len(), 12, "{sets:?}");
+    assert!(sets.iter().all(|s| !s.is_empty()), "{sets:?}");
+    let m = text(r1.addr, "/metrics");
+    assert_eq!(
+        sample(&m, "streamiq_cluster_info{replica=\"1\",replicas=\"3\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&m, "streamiq_cluster_streams_elsewhere"),
+        Some((12 - sets[1].len()) as f64)
+    );
+
+    // A stream is added on the replica it falls to, and only there.
+    let token = common::token_in(&cwd1.join("state/api-token"));
+    let (id, owner) = (0..)
+        .map(|i| format!("extra-{i}"))
+        .map(|id| {
+            let o = documented_owner(&id, 3);
+            (id, o)
+        })
+        .find(|(_, o)| *o != 1)
+        .unwrap();
+    let body = format!(
+        r#"{{"id": "{id}", "pipeline": "videotestsrc is-live=true ! video/x-raw,width=64,height=48,framerate=5/1"}}"#
+    );
+    let (code, reply) = common::http(r1.addr, "POST", "/api/v1/streams", Some(&token), &body);
+    assert_eq!(code, 409, "{reply}");
+    assert!(reply.contains(&format!("replica {owner} of 3")), "{reply}");
+
+    // Scale to four: replica 0 restarts with the new count, replica 3 joins.
+    r0.signal("KILL");
+    r0.wait();
+    let four = ("STREAMIQ__CLUSTER__REPLICAS", "4".to_string());
+    let (r0, _) = start(0, &[r(0), four.clone()]);
+    let (r3, _) = start(3, &[r(3), four]);
+    let (now0, now3) = (watched(&r0), watched(&r3));
+    assert_eq!(now0, expected(0, 4));
+    assert_eq!(now3, expected(3, 4));
+    assert!(
+        now0.is_subset(&sets[0]),
+        "replica 0 took streams it did not have: {now0:?} vs {:?}",
+        sets[0]
+    );
+    for id in sets[0].difference(&now0) {
+        assert!(
+            now3.contains(id),
+            "{id} left replica 0 but not for the new replica"
+        );
+    }
+    // Only the new replica's share moved (every other stream keeps its replica).
+    for id in &ids {
+        let (before, after) = (documented_owner(id, 3), documented_owner(id, 4));
+        assert!(before == after || after == 3, "{id}: {before} -> {after}");
+    }
+    assert_eq!(
+        sample(
+            &text(r3.addr, "/metrics"),
+            "streamiq_cluster_info{replica=\"3\",replicas=\"4\"}"
+        ),
+        Some(1.0)
+    );
+    drop((r1, r2));
+}
+
+/// The Kubernetes manifests (deploy/kubernetes): every file passes kubernetes-validate
+/// (strict: an unknown field fails, shown on a broken copy); the ConfigMap's
+/// streamiq.toml passes `streamiq check-config` as pod `streamiq-1` with the
+/// StatefulSet's environment; ports, probe paths, scrape annotations, the PodMonitor and
+/// the replica count agree with each other and with the daemon's routes.
+#[test]
+fn kubernetes_manifests_validate_and_their_config_runs_as_a_replica() {
+    let deploy = common::repo().join("deploy/kubernetes");
+    let validator = common::venv_python().with_file_name("kubernetes-validate");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&deploy)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    let out = common::run_ok(Command::new(&validator).arg("--strict").args(&files));
+    let passed = out.text().matches(" passed for resource ").count();
+    assert_eq!(passed, 8, "{}", out.text());
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("statefulset.yaml");
+    std::fs::write(
+        &broken,
+        std::fs::read_to_string(deploy.join("statefulset.yaml"))
+            .unwrap()
+            .replacen("failureThreshold: 60", "failureTreshold: 60", 1),
+    )
+    .unwrap();
+    let bad = Command::new(&validator)
+        .arg("--strict")
+        .arg(&broken)
+        .output()
+        .unwrap();
+    assert!(!bad.status.success(), "a misspelled field passed");
+
+    // Every document of every file, as JSON.
+    let docs = |path: &Path| -> Vec<serde_json::Value> {
+        let out = common::run_ok(Command::new(common::venv_python()).args([
+            "-c",
+            "import json, sys, yaml; print(json.dumps([d for d in yaml.safe_load_all(open(sys.argv[1])) if d]))",
+        ]).arg(path));
+        serde_json::from_str(&out.text()).unwrap()
+    };
+    let kustomization = &docs(&deploy.join("kustomization.yaml"))[0];
+    let listed: Vec<&str> = kustomization["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap())
+        .collect();
+    for f in &files {
+        let name = f.file_name().unwrap().to_str().unwrap();
+        assert!(
+            name == "kustomization.yaml" || listed.contains(&name),
+            "{name} not in kustomization.yaml"
+        );
+    }
+    let sts = &docs(&deploy.join("statefulset.yaml"))[0];
+    let config_map = &docs(&deploy.join("configmap.yaml"))[0];
+    let pod = &sts["spec"]["template"];
+    let container = &pod["spec"]["containers"][0];
+    let env = |name: &str| {
+        container["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .map(|e| e["value"].as_str().unwrap().to_string())
+    };
+    assert_eq!(
+        env("STREAMIQ__CLUSTER__REPLICAS").unwrap(),
+        sts["spec"]["replicas"].to_string(),
+        "the replica count the daemons shard with is the StatefulSet's"
+    );
+    // Liveness never depends on cameras: /healthz; readiness and start-up: /readyz.
+    assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(container["startupProbe"]["httpGet"]["path"], "/readyz");
+    let port = container["ports"][0]["containerPort"].as_u64().unwrap();
+    assert_eq!(
+        pod["metadata"]["annotations"]["prometheus.io/port"],
+        port.to_string()
+    );
+    let monitor = &docs(&deploy.join("prometheus-operator/podmonitor.yaml"))[0];
+    assert_eq!(
+        monitor["spec"]["podMetricsEndpoints"][0]["port"],
+        container["ports"][0]["name"]
+    );
+    assert_eq!(
+        monitor["spec"]["selector"]["matchLabels"],
+        pod["metadata"]["labels"]
+    );
+    let mount = container["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "config")
+        .unwrap()["mountPath"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        container["args"],
+        serde_json::json!(["run", "--config", format!("{mount}/streamiq.toml")])
+    );
+
+    // The ConfigMap's config, as pod streamiq-1 reads it (paths of the image replaced
+    // by this checkout's bundle and a scratch directory).
+    let toml = config_map["data"]["streamiq.toml"].as_str().unwrap();
+    assert!(
+        toml.contains(&format!("listen = \"0.0.0.0:{port}\"")),
+        "{toml}"
+    );
+    let cfg = dir.path().join("streamiq.toml");
+    std::fs::write(&cfg, toml).unwrap();
+    let mut check = Command::new(common::bin("streamiq"));
+    check
+        .args(["check-config", "--config"])
+        .arg(&cfg)
+        .env("HOSTNAME", "streamiq-1")
+        .env(
+            "STREAMIQ__CLUSTER__REPLICAS",
+            env("STREAMIQ__CLUSTER__REPLICAS").unwrap(),
+        )
+        .env("STREAMIQ__MODEL__BUNDLE", common::bundle());
+    let out = common::run_ok(&mut check);
+    let log = out.text();
+    assert!(log.contains("ok (6 streams"), "{log}");
+    assert!(log.contains("replica 1 of 3 watches"), "{log}");
+    // Without an ordinal in the host name, the index must be given.
+    let refused = Command::new(common::bin("streamiq"))
+        .args(["check-config", "--config"])
+        .arg(&cfg)
+        .env("HOSTNAME", "qc-box")
+        .env("STREAMIQ__MODEL__BUNDLE", common::bundle())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("cluster.replica") && err.contains("qc-box"),
+        "{err}"
+    );
+}

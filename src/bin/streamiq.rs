@@ -505,6 +505,21 @@ fn check_config(config: PathBuf) -> ExitCode {
                 s.streams.len(),
                 bundle.manifest.name
             );
+            if s.cluster.is_sharded() {
+                let mine: Vec<String> = s
+                    .cluster
+                    .mine(&s.streams)
+                    .into_iter()
+                    .map(|st| st.id)
+                    .collect();
+                eprintln!(
+                    "streamiq: replica {} of {} watches {} of them: {}",
+                    s.cluster.replica,
+                    s.cluster.replicas,
+                    mine.len(),
+                    mine.join(" ")
+                );
+            }
             ExitCode::SUCCESS
         }
         Err(e) => fail(1, e),

@@ -70,6 +70,8 @@ pub struct AppState {
     pub incidents: Option<Arc<crate::incidents::IncidentStore>>,
     /// Streams added through the API.
     pub runtime_streams: Arc<crate::runtime_streams::RuntimeStreams>,
+    /// Which replica this daemon is (streams added through the API must fall to it).
+    pub cluster: crate::cluster::Cluster,
 }
 
 /// The router: `/metrics`, `/healthz`, `/readyz`, the labelling page and the stream

@@ -72,6 +72,19 @@ pub(super) async fn add(
 ) -> Result<Response, ApiError> {
     use crate::runtime_streams::{AddError, RuntimeStreamError};
     let Json(stream) = body.map_err(|r| ApiError::new(r.status(), r.body_text(), "body"))?;
+    if !s.cluster.owns(&stream.id) {
+        // Every replica shards by id alone: a stream is added on the one it falls to.
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "stream {:?} falls to replica {} of {} (cluster.replicas): add it there",
+                crate::redact::redact(&stream.id.chars().take(80).collect::<String>()),
+                s.cluster.owner(&stream.id),
+                s.cluster.replicas
+            ),
+            "id",
+        ));
+    }
     let (registry, runtime) = (s.streams.clone(), s.runtime_streams.clone());
     let id = stream.id.clone();
     let result = tokio::task::spawn_blocking(move || {
