@@ -11,14 +11,14 @@ export LIBTORCH := $(VENV)/torch
 export LIBTORCH_CXX11_ABI := 1
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: all setup bundle demo build build-daemon deb run test lint bench bench-streams soak peers tiny model few-shot-evidence clean
+.PHONY: all setup bundle demo build build-daemon torchscript deb run test lint bench bench-streams soak peers tiny model few-shot-evidence clean
 
 all: build
 
 setup:
 	@scripts/setup.sh
 
-$(TEST_BUNDLE)/manifest.toml: scripts/make_test_bundle.py scripts/bundle_io.py scripts/streamiq_train/model_input.py | setup
+$(TEST_BUNDLE)/manifest.toml: scripts/make_test_bundle.py scripts/bundle_io.py scripts/torchscript_io.py scripts/streamiq_train/model_input.py | setup
 	$(PYTHON) scripts/make_test_bundle.py $(TEST_BUNDLE)
 
 bundle: setup $(TEST_BUNDLE)/manifest.toml
@@ -41,6 +41,12 @@ build: bundle
 
 build-daemon: setup
 	cargo build --release --locked -p streamiq --bins
+
+# Adds visual.pt (the TorchScript tower the torch backend runs) to a bundle from its
+# visual.onnx, checked against it: `make torchscript BUNDLE=models/streamiq-effnet`.
+torchscript: setup
+	@test -n "$(BUNDLE)" || { echo "usage: make torchscript BUNDLE=path/to/bundle" >&2; exit 2; }
+	$(PYTHON) scripts/bundle_torchscript.py --bundle $(BUNDLE)
 
 # The daemon's Debian package (target/deb/streamiq_VERSION_ARCH.deb; scripts/make_deb.sh
 # lists its contents). The sidecar is not in it (README, "Install").
