@@ -11,7 +11,7 @@ export LIBTORCH := $(VENV)/torch
 export LIBTORCH_CXX11_ABI := 1
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: all setup bundle demo build build-daemon torchscript deb run test lint bench bench-streams soak peers tiny model few-shot-evidence clean
+.PHONY: all setup bundle demo build build-daemon build-torch torchscript deb run test lint bench bench-streams soak peers tiny model few-shot-evidence clean
 
 all: build
 
@@ -42,6 +42,14 @@ build: bundle
 build-daemon: setup
 	cargo build --release --locked -p streamiq --bins
 
+# The daemon with the libtorch scorer backend (`scorer.backend = "torch"`; README, "GPU
+# scoring"), as target/release/streamiq-torch. The plain daemon is rebuilt after it, so
+# target/release/streamiq stays the build without libtorch.
+build-torch: bundle
+	cargo build --release --locked -p streamiq --features torch --bins
+	cp target/release/streamiq target/release/streamiq-torch
+	cargo build --release --locked -p streamiq --bins
+
 # Adds visual.pt (the TorchScript tower the torch backend runs) to a bundle from its
 # visual.onnx, checked against it: `make torchscript BUNDLE=models/streamiq-effnet`.
 torchscript: setup
@@ -60,7 +68,9 @@ lint: setup
 	$(VENV)/bin/ruff check scripts
 	cargo fmt --all --check
 	cargo clippy --locked --workspace --all-targets -- -D warnings
+	cargo clippy --locked -p streamiq --features torch --all-targets -- -D warnings
 	RUSTDOCFLAGS="-D warnings" cargo doc --locked --workspace --no-deps --quiet
+	RUSTDOCFLAGS="-D warnings" cargo doc --locked -p streamiq --features torch --no-deps --quiet
 	@# The daemon crate must never depend on libtorch, also through feature unification.
 	@if cargo tree --locked -p streamiq -e normal,build --prefix none | grep -E '^(tch|torch-sys) '; then \
 		echo "lint: the streamiq crate depends on libtorch (above)" >&2; exit 1; \
@@ -70,6 +80,8 @@ test: bundle demo lint
 	promtool check rules config/alerts/streamiq.rules.yml
 	promtool test rules config/alerts/streamiq.rules.test.yml
 	set -o pipefail; cargo test --locked --workspace --lib --bins --tests -- --test-threads=2 2>&1 | tee target/test.log
+	@# The libtorch scorer backend against ONNX Runtime (a build with the torch feature).
+	set -o pipefail; cargo test --locked -p streamiq --features torch --test torch_backend -- --test-threads=2 2>&1 | tee -a target/test.log
 	@awk '/^test result:/ {p += $$4; f += $$6} END {printf "tests: %d passed, %d failed\n", p, f}' target/test.log
 
 bench: build

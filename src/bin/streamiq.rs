@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use streamiq::config::ScanGates;
-use streamiq::config::{Config, ConfigError, Settings};
+use streamiq::config::{Backend, Config, ConfigError, Settings};
 use streamiq::scan::{self, ScanOptions};
 use streamiq::score::bundle::Bundle;
 use streamiq::score::prompts::PromptSet;
@@ -492,6 +492,11 @@ fn check_config(config: PathBuf) -> ExitCode {
         Err(e) => return fail(2, format!("model.bundle: {e}")),
     };
     if let Err(e) = PromptSet::load(&bundle.prompts_path(), bundle.manifest.embed_dim) {
+        return fail(2, format!("model.bundle: {e}"));
+    }
+    if matches!(s.scorer.backend, Backend::Torch(_))
+        && let Err(e) = bundle.torchscript_bytes()
+    {
         return fail(2, format!("model.bundle: {e}"));
     }
     match toml::to_string_pretty(&raw) {
