@@ -11,7 +11,7 @@ export LIBTORCH := $(VENV)/torch
 export LIBTORCH_CXX11_ABI := 1
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: all setup bundle demo build build-daemon build-torch torchscript deb run test lint bench bench-streams soak peers tiny model few-shot-evidence clean
+.PHONY: all setup bundle demo build build-daemon build-torch torchscript deb run test lint bench bench-streams bench-gpu bench-gpu-smoke soak peers tiny model few-shot-evidence clean
 
 all: build
 
@@ -93,6 +93,17 @@ bench: build
 BENCH_COUNTS ?= 1,2,4,6,8
 bench-streams: build-daemon
 	$(PYTHON) scripts/bench_streams.py --counts $(BENCH_COUNTS)
+
+# GPU scoring: the daemon's scoring path with the torch backend against plain PyTorch on
+# the same module, batches 8/64/256, fp16 and fp32, on a CUDA device (or a folder packed
+# for a GPU machine: scripts/bench_gpu.sh --pack DIR). target/bench-gpu-cuda0/report.md.
+# `make bench-gpu-smoke` runs the same script on the CPU with few iterations
+# (target/bench-gpu-cpu/report.md). Neither is part of `make test`.
+bench-gpu: build-torch
+	scripts/bench_gpu.sh --device $(or $(DEVICE),cuda:0)
+
+bench-gpu-smoke: build-torch
+	scripts/bench_gpu.sh --device cpu --quick
 
 # 30 minutes of nine mixed streams whose sources are killed, paused and restored in
 # cycles while labels are posted and prompt sets rolled back; RSS, threads and fds over

@@ -4,6 +4,7 @@
 //! and the [`Engine`] that runs them for the daemon and for `scan` alike: frames go in
 //! through its queue ([`Engine::handoff`]), scores come out at a [`ScoreSink`].
 
+pub mod bench;
 pub mod bundle;
 pub mod encoder;
 mod engine;
