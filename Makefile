@@ -45,7 +45,7 @@ build-daemon: setup
 # The daemon with the libtorch scorer backend (`scorer.backend = "torch"`; README, "GPU
 # scoring"), as target/release/streamiq-torch. The plain daemon is rebuilt after it, so
 # target/release/streamiq stays the build without libtorch.
-build-torch: bundle
+build-torch: setup
 	cargo build --release --locked -p streamiq --features torch --bins
 	cp target/release/streamiq target/release/streamiq-torch
 	cargo build --release --locked -p streamiq --bins
