@@ -11,14 +11,14 @@ export LIBTORCH := $(VENV)/torch
 export LIBTORCH_CXX11_ABI := 1
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: all setup bundle demo build build-daemon deb run test lint bench bench-streams soak peers tiny model few-shot-evidence clean
+.PHONY: all setup bundle demo build build-daemon build-torch torchscript deb run test lint bench bench-streams bench-gpu bench-gpu-smoke soak peers tiny model few-shot-evidence clean
 
 all: build
 
 setup:
 	@scripts/setup.sh
 
-$(TEST_BUNDLE)/manifest.toml: scripts/make_test_bundle.py scripts/bundle_io.py scripts/streamiq_train/model_input.py | setup
+$(TEST_BUNDLE)/manifest.toml: scripts/make_test_bundle.py scripts/bundle_io.py scripts/torchscript_io.py scripts/streamiq_train/model_input.py | setup
 	$(PYTHON) scripts/make_test_bundle.py $(TEST_BUNDLE)
 
 bundle: setup $(TEST_BUNDLE)/manifest.toml
@@ -42,6 +42,20 @@ build: bundle
 build-daemon: setup
 	cargo build --release --locked -p streamiq --bins
 
+# The daemon with the libtorch scorer backend (`scorer.backend = "torch"`; README, "GPU
+# scoring"), as target/release/streamiq-torch. The plain daemon is rebuilt after it, so
+# target/release/streamiq stays the build without libtorch.
+build-torch: setup
+	cargo build --release --locked -p streamiq --features torch --bins
+	cp target/release/streamiq target/release/streamiq-torch
+	cargo build --release --locked -p streamiq --bins
+
+# Adds visual.pt (the TorchScript tower the torch backend runs) to a bundle from its
+# visual.onnx, checked against it: `make torchscript BUNDLE=models/streamiq-effnet`.
+torchscript: setup
+	@test -n "$(BUNDLE)" || { echo "usage: make torchscript BUNDLE=path/to/bundle" >&2; exit 2; }
+	$(PYTHON) scripts/bundle_torchscript.py --bundle $(BUNDLE)
+
 # The daemon's Debian package (target/deb/streamiq_VERSION_ARCH.deb; scripts/make_deb.sh
 # lists its contents). The sidecar is not in it (README, "Install").
 deb: build-daemon
@@ -54,7 +68,9 @@ lint: setup
 	$(VENV)/bin/ruff check scripts
 	cargo fmt --all --check
 	cargo clippy --locked --workspace --all-targets -- -D warnings
+	cargo clippy --locked -p streamiq --features torch --all-targets -- -D warnings
 	RUSTDOCFLAGS="-D warnings" cargo doc --locked --workspace --no-deps --quiet
+	RUSTDOCFLAGS="-D warnings" cargo doc --locked -p streamiq --features torch --no-deps --quiet
 	@# The daemon crate must never depend on libtorch, also through feature unification.
 	@if cargo tree --locked -p streamiq -e normal,build --prefix none | grep -E '^(tch|torch-sys) '; then \
 		echo "lint: the streamiq crate depends on libtorch (above)" >&2; exit 1; \
@@ -64,6 +80,8 @@ test: bundle demo lint
 	promtool check rules config/alerts/streamiq.rules.yml
 	promtool test rules config/alerts/streamiq.rules.test.yml
 	set -o pipefail; cargo test --locked --workspace --lib --bins --tests -- --test-threads=2 2>&1 | tee target/test.log
+	@# The libtorch scorer backend against ONNX Runtime (a build with the torch feature).
+	set -o pipefail; cargo test --locked -p streamiq --features torch --test torch_backend -- --test-threads=2 2>&1 | tee -a target/test.log
 	@awk '/^test result:/ {p += $$4; f += $$6} END {printf "tests: %d passed, %d failed\n", p, f}' target/test.log
 
 bench: build
@@ -75,6 +93,17 @@ bench: build
 BENCH_COUNTS ?= 1,2,4,6,8
 bench-streams: build-daemon
 	$(PYTHON) scripts/bench_streams.py --counts $(BENCH_COUNTS)
+
+# GPU scoring: the daemon's scoring path with the torch backend against plain PyTorch on
+# the same module, batches 8/64/256, fp16 and fp32, on a CUDA device (or a folder packed
+# for a GPU machine: scripts/bench_gpu.sh --pack DIR). target/bench-gpu-cuda0/report.md.
+# `make bench-gpu-smoke` runs the same script on the CPU with few iterations
+# (target/bench-gpu-cpu/report.md). Neither is part of `make test`.
+bench-gpu: build-torch
+	scripts/bench_gpu.sh --device $(or $(DEVICE),cuda:0)
+
+bench-gpu-smoke: build-torch
+	scripts/bench_gpu.sh --device cpu --quick
 
 # 30 minutes of nine mixed streams whose sources are killed, paused and restored in
 # cycles while labels are posted and prompt sets rolled back; RSS, threads and fds over

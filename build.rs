@@ -1,6 +1,8 @@
 //! Records where ONNX Runtime was found at build time (the project's Python venv), so
 //! that the release binary runs from the repo root with no environment variable set.
-//! (libtorch is the sidecar's alone: `adapt/build.rs`.)
+//! With the `torch` feature (the libtorch scorer backend), also gives the binaries an
+//! rpath to the libtorch that tch was built against and links libtorch_cuda, as
+//! `adapt/build.rs` does for the sidecar.
 
 use std::path::{Path, PathBuf};
 
@@ -41,7 +43,26 @@ fn revision() -> String {
         .unwrap_or_else(|| "unknown".to_string())
 }
 
+/// The `torch` feature's link arguments: an rpath to libtorch, and libtorch_cuda kept
+/// even though no symbol of it is referenced (otherwise `--as-needed` drops it and CUDA
+/// is never found; tch issue 980).
+fn link_libtorch() {
+    if std::env::var_os("CARGO_FEATURE_TORCH").is_none() {
+        return;
+    }
+    let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
+        return;
+    };
+    println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
+    if Path::new(&lib).join("libtorch_cuda.so").exists() {
+        println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
+        println!("cargo:rustc-link-arg=-ltorch_cuda");
+        println!("cargo:rustc-link-arg=-Wl,--as-needed");
+    }
+}
+
 fn main() {
+    link_libtorch();
     println!("cargo:rustc-env=STREAMIQ_REVISION={}", revision());
     // A new commit moves the branch HEAD points at.
     if let Ok(head) = std::fs::read_to_string(".git/HEAD") {

@@ -4,6 +4,8 @@
     convert_clip.py --checkpoint PATH --out BUNDLE_DIR [--arch ViT-B-16|ViT-B-32|auto]
                     [--name NAME] [--created ISO_TIME] [--text-heads N] [--vision-heads N]
                     [--force]
+    convert_clip.py --random-weights SEED --arch ViT-B-16|ViT-B-32 --out BUNDLE_DIR
+                    [--visual-only] [--force]
 
 PATH is one of
   * an OpenAI CLIP file (`ViT-B-16.pt`, a TorchScript archive, or a plain state dict),
@@ -11,9 +13,18 @@ PATH is one of
   * a Hugging Face `CLIPModel` directory (`config.json` + `model.safetensors` or
     `pytorch_model.bin`), e.g. a download of `openai/clip-vit-base-patch16`.
 
+--random-weights SEED converts no checkpoint: it makes one of the architecture's shape
+with seeded random weights (CLIP's initialisation scales), for benchmarks and tests
+that need the real tower's shape and cost but no real weights (its scores mean nothing).
+With --visual-only the bundle has no text tower (no text/, no [text], no `ctx` or
+attribute prompts; `quality` is a seeded random pair), so the CLIP tokenizer
+(open_clip_torch) and safetensors are not needed: torch and numpy are enough.
+
 The bundle (format in README.md, "Models"):
   visual.onnx               image tower: `pixels` f32 [N,3,H,W] -> `embeds` f32 [N,D],
                             projected and not normalised (opset 17).
+  visual.pt                 the same tower traced to TorchScript (the daemon's torch
+                            backend), checked against visual.onnx under ONNX Runtime.
   text/weights.safetensors  text tower in OpenAI CLIP naming, f32.
   text/tokens.json          CLIP BPE token ids of every prompt the text tower needs.
   prompts.safetensors       `quality` and `attr.<name>` text features [2,D] and the
@@ -48,12 +59,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
 
 from bundle_io import save_safetensors, sha256
 from streamiq_train.model_input import CLIP_MEAN as MEAN
 from streamiq_train.model_input import CLIP_STD as STD
+from torchscript_io import check_against_onnx, export_torchscript
 
 # Architectures that --arch can insist on; "auto" accepts any ViT CLIP.
 KNOWN_ARCHS = {
@@ -214,6 +225,7 @@ def _is_torchscript(path):
 def _load_weights_file(path):
     """A state dict from a safetensors file, a TorchScript archive or a torch.save file."""
     if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
         return load_file(str(path))
     if _is_torchscript(path):
         return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
@@ -256,6 +268,42 @@ def load_checkpoint(path):
         state.update(_load_weights_file(f))
     state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
     return state, hf_config, files
+
+
+def random_checkpoint(arch, seed):
+    """An OpenAI-naming state dict of `arch`'s shape with seeded random weights:
+    LayerNorms at identity, biases at 0, embeddings and projections N(0, width^-0.5),
+    other weights N(0, 0.02) (CLIP's initialisation scales), logit scale 100."""
+    c = dict(KNOWN_ARCHS[arch])
+    for tower in ("vision", "text"):
+        c[f"{tower}_heads"] = c[f"{tower}_width"] // 64
+        c[f"{tower}_hidden"] = 4 * c[f"{tower}_width"]
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for prefix, tower, width in (("visual.", VisionTower(c), c["vision_width"]), ("", TextTower(c), c["text_width"])):
+        for name, p in tower.state_dict().items():
+            leaf = name.rsplit(".", 1)[-1]
+            if name.endswith("bias"):
+                value = torch.zeros(p.shape)
+            elif leaf == "weight" and (".ln_" in f".{name}" or name.startswith("ln_")):
+                value = torch.ones(p.shape)
+            elif leaf in ("class_embedding", "positional_embedding", "proj", "text_projection"):
+                value = torch.randn(p.shape, generator=g) * width ** -0.5
+            else:
+                value = torch.randn(p.shape, generator=g) * 0.02
+            sd[prefix + name] = value
+    sd["logit_scale"] = torch.tensor(math.log(100.0))
+    return sd
+
+
+def random_visual(arch, seed):
+    """The image tower of random_checkpoint(arch, seed), as convert() builds it (the
+    eager module behind a --random-weights bundle's visual.onnx and visual.pt)."""
+    sd, _ = canonical_state(random_checkpoint(arch, seed))
+    c = infer_config(sd, None)
+    visual = VisionTower(c).eval()
+    visual.load_state_dict({k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")})
+    return visual
 
 
 def _hf_to_openai(sd):
@@ -465,7 +513,18 @@ def toml_str(s):
     return json.dumps(s, ensure_ascii=False)
 
 
-def manifest_text(name, architecture, c, logit_scale, files, info):
+def manifest_text(name, architecture, c, logit_scale, files, info, text=True):
+    """The manifest; with `text` False, no [text] table (a bundle without a text tower)."""
+    text_table = [
+        "[text]",
+        f"width = {c['text_width']}",
+        f"layers = {c['text_layers']}",
+        f"heads = {c['text_heads']}",
+        f"context_length = {c['context_length']}",
+        f"vocab_size = {c['vocab_size']}",
+        f"n_ctx = {N_CTX}",
+        "",
+    ]
     lines = [
         "format = 1",
         f"name = {toml_str(name)}",
@@ -479,14 +538,7 @@ def manifest_text(name, architecture, c, logit_scale, files, info):
         f"std = {json.dumps(STD)}",
         'resize = "shorter_side_crop"',
         "",
-        "[text]",
-        f"width = {c['text_width']}",
-        f"layers = {c['text_layers']}",
-        f"heads = {c['text_heads']}",
-        f"context_length = {c['context_length']}",
-        f"vocab_size = {c['vocab_size']}",
-        f"n_ctx = {N_CTX}",
-        "",
+        *(text_table if text else []),
         "[files]",
         *[f"{toml_str(k)} = {toml_str(v)}" for k, v in files.items()],
         "",
@@ -498,15 +550,21 @@ def manifest_text(name, architecture, c, logit_scale, files, info):
 
 
 def convert(checkpoint, out, arch="auto", name=None, created="1970-01-01T00:00:00+00:00",
-            text_heads=None, vision_heads=None, force=False):
-    """Converts `checkpoint` into a bundle at `out`; returns a one-line summary."""
+            text_heads=None, vision_heads=None, force=False, random_seed=None, visual_only=False):
+    """Converts `checkpoint` (or, with `random_seed`, random weights of `arch`'s shape)
+    into a bundle at `out`; returns a one-line summary."""
     out = Path(out)
     if out.exists():
         if not force:
             raise ConversionError(f"{out} exists (use --force to replace it)")
         if not (out / "manifest.toml").is_file() and any(out.iterdir()):
             raise ConversionError(f"{out} is not a bundle; not replacing it")
-    raw, hf_config, weight_files = load_checkpoint(checkpoint)
+    if random_seed is None:
+        raw, hf_config, weight_files = load_checkpoint(checkpoint)
+    else:
+        if arch not in KNOWN_ARCHS:
+            raise ConversionError(f"--random-weights needs --arch {' or '.join(KNOWN_ARCHS)}")
+        raw, hf_config, weight_files = random_checkpoint(arch, random_seed), None, []
     hf_naming = any(k.startswith("vision_model.") for k in raw)
     sd, log_scale = canonical_state(raw)
     del raw
@@ -525,44 +583,59 @@ def convert(checkpoint, out, arch="auto", name=None, created="1970-01-01T00:00:0
                                   f"unexpected {result.unexpected_keys}")
     del sd
 
-    tok = make_tokenizer()
-    tokens = build_tokens(tok, c["context_length"])
-    with torch.no_grad():
-        ctx = initial_ctx(tok, text)
-        text64 = copy.deepcopy(text).double()
-        prompts = {"ctx": ctx, "quality": text_features(text64, tokens["quality"], ctx.double())}
-        for attr in ATTRIBUTES:
-            prompts[f"attr.{attr}"] = text_features(text64, tokens["attributes"][attr], ctx.double())
-        del text64
+    if visual_only:
+        tokens = None
+        g = torch.Generator().manual_seed(0 if random_seed is None else random_seed)
+        prompts = {"quality": F.normalize(torch.randn(2, c["embed_dim"], generator=g), dim=1)}
+    else:
+        tok = make_tokenizer()
+        tokens = build_tokens(tok, c["context_length"])
+        with torch.no_grad():
+            ctx = initial_ctx(tok, text)
+            text64 = copy.deepcopy(text).double()
+            prompts = {"ctx": ctx, "quality": text_features(text64, tokens["quality"], ctx.double())}
+            for attr in ATTRIBUTES:
+                prompts[f"attr.{attr}"] = text_features(text64, tokens["attributes"][attr], ctx.double())
+            del text64
     architecture = "clip-" + arch_name.lower()
-    source = f"convert_clip.py {arch_name}"
+    source = f"convert_clip.py {arch_name}" + ("" if random_seed is None else f" random weights (seed {random_seed})")
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         tmp.chmod(0o755)
-        (tmp / "text").mkdir()
         with torch.no_grad():
             export_visual(visual, tmp / "visual.onnx", c["image_size"])
-        save_safetensors(text.state_dict(), tmp / "text" / "weights.safetensors", metadata={})
-        (tmp / "text" / "tokens.json").write_text(dump_json(tokens))
+        export_torchscript(visual, tmp / "visual.pt", c["image_size"])
+        parity = check_against_onnx(tmp / "visual.onnx", tmp / "visual.pt", c["image_size"], batches=(1, 3))
+        rels = ["visual.onnx", "visual.pt", "prompts.safetensors"]
+        if not visual_only:
+            (tmp / "text").mkdir()
+            save_safetensors(text.state_dict(), tmp / "text" / "weights.safetensors", metadata={})
+            (tmp / "text" / "tokens.json").write_text(dump_json(tokens))
+            rels += ["text/weights.safetensors", "text/tokens.json"]
         save_safetensors(prompts, tmp / "prompts.safetensors", metadata={
             "version": "0", "created": created, "labels": "0", "val_srcc": "", "parent": "", "source": source})
-        files = {rel: sha256(tmp / rel) for rel in
-                 ["visual.onnx", "prompts.safetensors", "text/weights.safetensors", "text/tokens.json"]}
-        info = {
-            "generator": f"scripts/convert_clip.py --arch {arch}"
-                         + (f" (resolved {arch_name})" if arch == "auto" else ""),
-            "source": Path(checkpoint).name,
-            "source_format": "huggingface" if hf_naming else "openai",
-        }
+        files = {rel: sha256(tmp / rel) for rel in rels}
+        generator = f"scripts/convert_clip.py --arch {arch}" + (f" (resolved {arch_name})" if arch == "auto" else "")
+        if random_seed is not None:
+            generator += f" --random-weights {random_seed}" + (" --visual-only" if visual_only else "")
+        info = {"generator": generator}
+        if random_seed is None:
+            info["source"] = Path(checkpoint).name
+            info["source_format"] = "huggingface" if hf_naming else "openai"
+        else:
+            info["random_arch"] = arch_name
+            info["random_seed"] = str(random_seed)
         if len(weight_files) == 1:
             info["source_sha256"] = sha256(weight_files[0])
         info["vision"] = (f"width {c['vision_width']}, layers {c['vision_layers']}, heads {c['vision_heads']}, "
                           f"patch {c['patch_size']}")
-        info["prompt_init"] = f"context vectors = token embeddings of {CTX_INIT!r}"
+        if not visual_only:
+            info["prompt_init"] = f"context vectors = token embeddings of {CTX_INIT!r}"
+        info["torchscript_parity"] = f"{parity:.1e}"
         (tmp / "manifest.toml").write_text(manifest_text(name or architecture, architecture, c,
-                                                          math.exp(log_scale), files, info))
+                                                          math.exp(log_scale), files, info, text=not visual_only))
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -570,12 +643,15 @@ def convert(checkpoint, out, arch="auto", name=None, created="1970-01-01T00:00:0
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return (f"wrote {out} ({architecture}: image {c['image_size']}, embed_dim {c['embed_dim']}, "
-            f"logit_scale {math.exp(log_scale):.4f})")
+            f"logit_scale {math.exp(log_scale):.4f}; visual.pt vs visual.onnx {parity:.1e})")
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True, help="OpenAI/open_clip file or Hugging Face CLIPModel directory")
+    source = ap.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="OpenAI/open_clip file or Hugging Face CLIPModel directory")
+    source.add_argument("--random-weights", type=int, metavar="SEED",
+                        help="no checkpoint: seeded random weights of --arch's shape")
     ap.add_argument("--arch", default="auto", choices=[*KNOWN_ARCHS, "auto"],
                     help="architecture the checkpoint must have (default: infer it)")
     ap.add_argument("--out", required=True, help="bundle directory to write")
@@ -584,11 +660,14 @@ def main(argv=None):
                     help="`created` metadata of the prompt set (fixed by default, for reproducible bytes)")
     ap.add_argument("--text-heads", type=int, help="attention heads of the text tower (default: width / 64)")
     ap.add_argument("--vision-heads", type=int, help="attention heads of the image tower (default: width / 64)")
+    ap.add_argument("--visual-only", action="store_true",
+                    help="no text tower: a seeded random quality pair (for benchmarks of the image tower)")
     ap.add_argument("--force", action="store_true", help="replace --out if it is an existing bundle")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)  # reductions in a fixed order: the same bytes from run to run
     try:
-        print(convert(a.checkpoint, a.out, a.arch, a.name, a.created, a.text_heads, a.vision_heads, a.force))
+        print(convert(a.checkpoint, a.out, a.arch, a.name, a.created, a.text_heads, a.vision_heads, a.force,
+                      random_seed=a.random_weights, visual_only=a.visual_only))
     except ConversionError as e:
         print(f"convert_clip.py: {e}", file=sys.stderr)
         return 1

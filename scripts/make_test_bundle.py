@@ -3,7 +3,8 @@
 
     make_test_bundle.py OUT_DIR [--seed 0] [--dim 64] [--size 224]
 
-The visual encoder is a small seeded random convolutional network (random conv
+The visual encoder (visual.onnx, and visual.pt in TorchScript for the daemon's torch
+backend) is a small seeded random convolutional network (random conv
 features respond to texture energy at several scales). Its prompt pairs are not
 learnt by gradient descent but calibrated: each pair is the mean embedding of clean
 versus degraded versions of seeded synthetic textures, so the bundle already ranks
@@ -27,6 +28,7 @@ from PIL import Image, ImageFilter
 from bundle_io import save_safetensors, sha256
 from streamiq_train.model_input import CLIP_MEAN as MEAN
 from streamiq_train.model_input import CLIP_STD as STD
+from torchscript_io import check_against_onnx, export_torchscript
 
 
 class Encoder(torch.nn.Module):
@@ -127,11 +129,13 @@ def main():
     torch.onnx.export(model, to_tensor(clean[:2]), str(out / "visual.onnx"), input_names=["pixels"],
                       output_names=["embeds"], dynamic_axes={"pixels": {0: "n"}, "embeds": {0: "n"}},
                       opset_version=17, dynamo=False)
+    export_torchscript(model, out / "visual.pt", a.size)
+    check_against_onnx(out / "visual.onnx", out / "visual.pt", a.size)
     created = datetime(2026, 1, 1, tzinfo=UTC).isoformat()  # fixed: reproducible bytes
     save_safetensors({k: v.round(decimals=6) for k, v in prompts.items()}, out / "prompts.safetensors",
                      metadata={"version": "0", "created": created, "labels": "0", "val_srcc": "",
                         "parent": "", "source": f"make_test_bundle.py --seed {a.seed}"})
-    files = {name: sha256(out / name) for name in ["visual.onnx", "prompts.safetensors"]}
+    files = {name: sha256(out / name) for name in ["visual.onnx", "visual.pt", "prompts.safetensors"]}
     lines = [
         "format = 1",
         'name = "streamiq-test"',

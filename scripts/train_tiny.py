@@ -35,7 +35,8 @@ models/README.md); nothing is downloaded.
    high quality." / "X X X X low quality." with the context vectors = embeddings of
    "a photo of a"; binary cross-entropy against 1 - level/6) + the attribute pairs on
    the kinds they name + a pairwise ranking loss inside each group.
-5. Export: visual.onnx, text/, prompts.safetensors, manifest.toml with checksums,
+5. Export: visual.onnx, visual.pt (TorchScript, checked against visual.onnx), text/,
+   prompts.safetensors, manifest.toml with checksums,
    through the same writers as scripts/convert_clip.py.
 
 The code lives in the package scripts/streamiq_train/ (photos, distortions, data, model,

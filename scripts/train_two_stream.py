@@ -34,9 +34,9 @@ pooling:
 5. Loss, text tower, tokenizer and bundle writer are train_tiny's: caption InfoNCE, the
    CLIP-IQA quality pair (binary cross-entropy against 1 - level/6), 2 x the in-group
    ranking loss, 0.25 x the attribute pairs; AdamW, one-cycle learning rate.
-6. Export: ONE visual.onnx with streamiq's contract (`pixels` f32 [N,3,224,224] in CLIP
-   mean/std, `embeds` [N,128]); the graph maps CLIP's normalisation to EfficientNet's
-   ((x - 127) / 128, x in 0..255) itself, so the daemon needs no change. The bundle is
+6. Export: ONE visual.onnx (and its TorchScript twin visual.pt) with streamiq's contract
+   (`pixels` f32 [N,3,224,224] in CLIP mean/std, `embeds` [N,128]); the graph maps CLIP's
+   normalisation to EfficientNet's ((x - 127) / 128, x in 0..255) itself, so the daemon needs no change. The bundle is
    checked under ONNX Runtime against the torch tower before the script ends.
 
 Then make_tiny.sh's steps 2-5 (task set, embeddings, meta-prompt pre-training, evaluation)
@@ -295,7 +295,8 @@ def export(out, visual, text, tok, tokens, scale, info, architecture, blur=0.0, 
     visual.eval()
     tt.export(out, visual, text, tok, tokens, scale, info)
     out = Path(out)
-    rels = ["visual.onnx", "prompts.safetensors", "text/weights.safetensors", "text/tokens.json", "text/vocab.json"]
+    rels = ["visual.onnx", "visual.pt", "prompts.safetensors", "text/weights.safetensors", "text/tokens.json",
+            "text/vocab.json"]
     c = tt.text_config(len(tok.clip_ids))
     c["text_heads"] = tt.HEADS
     (out / "manifest.toml").write_text(cc.manifest_text(

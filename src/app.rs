@@ -91,21 +91,21 @@ pub async fn run_with(
     let metrics = Arc::new(Metrics::new());
     let s2 = settings.clone();
     let files = blocking("opening state files", move || open_files(&s2)).await??;
-    let model_settings = settings.model.clone();
+    let (model_settings, backend) = (settings.model.clone(), settings.scorer.backend.clone());
     let loaded: LoadedModel = blocking("loading the model", move || {
-        crate::score::load(&model_settings)
+        crate::score::load(&model_settings, &backend)
     })
     .await??;
     let (major, minor, micro, _) = gstreamer::version();
     metrics.set_build_info(
         &crate::score::model::onnxruntime_version(settings.model.onnxruntime_lib.as_deref()),
         &format!("{major}.{minor}.{micro}"),
-        loaded.model.provider.name(),
+        &loaded.model.execution(),
     );
-    for f in &loaded.model.failures {
+    for f in loaded.model.fallbacks() {
         metrics
             .provider_failures
-            .with_label_values(&[f.provider.name()])
+            .with_label_values(&[f.from.as_str()])
             .inc();
     }
     metrics.prompt_version.set(loaded.prompts.version as i64);

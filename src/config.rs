@@ -14,6 +14,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::qc::{PerKind, SegmentKind};
 
+mod backend;
+pub use backend::{Backend, Precision, TORCH_BUILT, TorchSettings};
+
 /// A configuration that could not be read or is invalid.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -220,6 +223,16 @@ pub struct ScorerConfig {
     pub when_full: String,
     /// "global" (whole frame resized), "crops:N" or "mixed:N" (the whole frame and N crops).
     pub views: String,
+    /// Library that runs the visual tower: "onnxruntime" (`visual.onnx`) or "torch"
+    /// (`visual.pt`; a build with the `torch` feature).
+    pub backend: String,
+    /// Torch backend: "cpu" or "cuda:N".
+    pub device: String,
+    /// Torch backend: "fp32", or "fp16" (CUDA autocast; needs a CUDA device).
+    pub precision: String,
+    /// Torch backend: a CUDA device that is missing or fails to load the tower runs the
+    /// tower on the CPU instead of stopping the start.
+    pub fallback_cpu: bool,
 }
 
 impl Default for ScorerConfig {
@@ -230,6 +243,10 @@ impl Default for ScorerConfig {
             queue_capacity: 256,
             when_full: "drop_oldest".into(),
             views: "crops:4".into(),
+            backend: "onnxruntime".into(),
+            device: "cpu".into(),
+            precision: "fp32".into(),
+            fallback_cpu: false,
         }
     }
 }
@@ -482,6 +499,8 @@ pub struct ScorerSettings {
     pub when_full: WhenFull,
     /// Views per frame.
     pub views: Views,
+    /// The library (and its device) that runs the visual tower.
+    pub backend: Backend,
 }
 
 /// Validated `[qc]`.
@@ -569,7 +588,8 @@ pub struct ServerSettings {
     pub runtime_streams: PathBuf,
 }
 
-/// Where the sidecar runs libtorch (`adapt.device`).
+/// Where libtorch runs (`adapt.device` for the sidecar, `scorer.device` for the torch
+/// backend).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TorchDevice {
     /// The CPU.
@@ -886,6 +906,7 @@ impl Config {
             queue_capacity: nz("scorer.queue_capacity", s.queue_capacity)?,
             when_full,
             views,
+            backend: backend::parse_backend(s)?,
         })
     }
 
@@ -1305,6 +1326,9 @@ mod props {
         "queue_capacity",
         "when_full",
         "views",
+        "backend",
+        "precision",
+        "fallback_cpu",
         "window",
         "black_luma_max",
         "black_pixel_ratio",

@@ -24,7 +24,8 @@
 //! - [`ingest`]: one GStreamer pipeline per stream, the appsink handoff, the supervisor.
 //! - [`frame`]: the `Frame` that flows through, holding the GStreamer buffer (no copy).
 //! - [`batch`]: pure batching rules and the batcher loop.
-//! - [`score`]: model bundle, preprocessing, the ONNX Runtime encoder, prompt sets,
+//! - [`score`]: model bundle, preprocessing, the visual encoder (ONNX Runtime, or
+//!   libtorch with the `torch` feature and `scorer.backend = "torch"`), prompt sets,
 //!   and the engine (batcher + model threads).
 //! - [`qc`]: windowed quality, black / freeze segment detection.
 //! - [`state`]: per-stream runtime state shared by ingest, scoring and HTTP.

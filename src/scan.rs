@@ -233,7 +233,7 @@ pub fn scan_with(
     observer: &mut dyn ScanObserver,
 ) -> Result<Vec<FileReport>, Error> {
     pipeline::init()?;
-    let loaded = crate::score::load(&settings.model)?;
+    let loaded = crate::score::load(&settings.model, &settings.scorer.backend)?;
     let bundle = loaded.bundle.clone();
     let attribute_names: Vec<String> = loaded
         .prompts

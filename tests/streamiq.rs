@@ -886,6 +886,28 @@ fn bad_configs_exit_2_naming_the_culprit() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("visual.onnx"));
 }
 
+/// A daemon built without the torch feature refuses `scorer.backend = "torch"` at start,
+/// naming the key: `check-config` and `run` alike, exit 2.
+#[cfg(not(feature = "torch"))]
+#[test]
+fn a_build_without_torch_refuses_the_torch_backend() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = config_text("", "[scorer]\nbackend = \"torch\"\n");
+    let (code, err) = check_config(dir.path(), &text);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("scorer.backend = \"torch\"") && err.contains("--features torch"),
+        "{err}"
+    );
+    let out = Command::new(bin())
+        .args(["run", "--config"])
+        .arg(write_config(dir.path(), &text))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("scorer.backend = \"torch\""));
+}
+
 #[test]
 fn every_shipped_config_is_valid() {
     for entry in std::fs::read_dir(repo().join("config")).unwrap() {

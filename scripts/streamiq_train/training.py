@@ -16,6 +16,7 @@ from streamiq_train.data import STORE
 from streamiq_train.levels import KINDS
 from streamiq_train.model import CONTEXT, HEADS, MEAN, STD, TinyVisual, init_text, text_config
 from streamiq_train.model_input import SIZE
+from torchscript_io import check_against_onnx, export_torchscript
 
 TRAIN_CROP = 160
 # Attribute pairs of the bundle (convert_clip.ATTRIBUTES) and the kinds each one names.
@@ -199,6 +200,7 @@ def export(out, visual, text, tok, tokens, scale, info):
     (out / "text").mkdir(exist_ok=True)
     with torch.no_grad():
         cc.export_visual(visual, out / "visual.onnx", SIZE)
+        export_torchscript(visual, out / "visual.pt", SIZE)
         ctx = text.token_embedding.weight[torch.tensor(tok.encode(cc.CTX_INIT))].detach().clone()
         t64 = __import__("copy").deepcopy(text).double()
         prompts = {"ctx": ctx, "quality": cc.text_features(t64, tokens["quality"], ctx.double())}
@@ -212,7 +214,9 @@ def export(out, visual, text, tok, tokens, scale, info):
     save_safetensors(prompts, out / "prompts.safetensors", metadata={
         "version": "0", "created": "1970-01-01T00:00:00+00:00", "labels": "0", "val_srcc": "", "parent": "",
         "source": "train_tiny.py"})
-    rels = ["visual.onnx", "prompts.safetensors", "text/weights.safetensors", "text/tokens.json", "text/vocab.json"]
+    check_against_onnx(out / "visual.onnx", out / "visual.pt", SIZE)
+    rels = ["visual.onnx", "visual.pt", "prompts.safetensors", "text/weights.safetensors", "text/tokens.json",
+            "text/vocab.json"]
     files = {r: sha256(out / r) for r in rels}
     c = text_config(len(tok.clip_ids))
     c["text_heads"] = HEADS

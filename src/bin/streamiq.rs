@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use streamiq::config::ScanGates;
-use streamiq::config::{Config, ConfigError, Settings};
+use streamiq::config::{Backend, Config, ConfigError, Settings};
 use streamiq::scan::{self, ScanOptions};
 use streamiq::score::bundle::Bundle;
 use streamiq::score::prompts::PromptSet;
@@ -92,6 +92,45 @@ enum Command {
         /// Image files (anything GStreamer decodes: JPEG, PNG, ...).
         #[arg(required = true)]
         images: Vec<PathBuf>,
+    },
+    /// Decoded-frame-to-score throughput and batch latency through the scoring path
+    /// (preprocessing, batching, the backend's device copies), one JSON line; run by
+    /// scripts/bench_gpu.sh.
+    #[command(hide = true)]
+    BenchEngine {
+        /// Model bundle directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// `scorer.backend`.
+        #[arg(long, default_value = "onnxruntime")]
+        backend: String,
+        /// `scorer.device` (torch backend).
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// `scorer.precision` (torch backend).
+        #[arg(long, default_value = "fp32")]
+        precision: String,
+        /// `scorer.max_batch`.
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        /// `scorer.views`.
+        #[arg(long, default_value = "global")]
+        views: String,
+        /// `model.intra_threads`.
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        /// Frames scored before timing.
+        #[arg(long, default_value_t = 64)]
+        warmup: usize,
+        /// Frames timed.
+        #[arg(long, default_value_t = 512)]
+        frames: usize,
+        /// Batches of latency measurement after the throughput run (0 = none).
+        #[arg(long, default_value_t = 0)]
+        latency_rounds: usize,
+        /// Frame size WxH as ingest delivers it.
+        #[arg(long, default_value = "398x224")]
+        frame: String,
     },
     /// Write a labelled set of synthetically distorted images (13 kinds x 5 levels by
     /// default).
@@ -328,6 +367,44 @@ fn main() -> ExitCode {
             };
             score_cmd(&s, images, json)
         }
+        Command::BenchEngine {
+            model,
+            backend,
+            device,
+            precision,
+            batch,
+            views,
+            threads,
+            warmup,
+            frames,
+            latency_rounds,
+            frame,
+        } => {
+            let mut c = model_config(model, Some(views));
+            c.scorer.backend = backend;
+            c.scorer.device = device;
+            c.scorer.precision = precision;
+            c.scorer.max_batch = batch;
+            c.scorer.queue_capacity = c.scorer.queue_capacity.max(2 * batch);
+            c.model.intra_threads = threads;
+            let Some((width, height)) = frame
+                .split_once('x')
+                .and_then(|(w, h)| Some((w.parse().ok()?, h.parse().ok()?)))
+            else {
+                return fail(2, format!("--frame {frame:?}: expected WxH"));
+            };
+            let opts = streamiq::score::bench::BenchOptions {
+                warmup,
+                frames,
+                latency_rounds,
+                width,
+                height,
+            };
+            match c.validate() {
+                Ok(s) => bench_cmd(&s, &opts),
+                Err(e) => fail(2, e),
+            }
+        }
         Command::Distort {
             out,
             seed,
@@ -349,6 +426,16 @@ fn main() -> ExitCode {
             };
             eval_cmd(&s, &labels, splits.max(1), json, save_embeddings.as_deref())
         }
+    }
+}
+
+fn bench_cmd(s: &Settings, opts: &streamiq::score::bench::BenchOptions) -> ExitCode {
+    match streamiq::score::bench::bench(s, opts) {
+        Ok(r) => {
+            println!("{}", serde_json::to_string(&r).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e.exit_code(), e),
     }
 }
 
@@ -492,6 +579,11 @@ fn check_config(config: PathBuf) -> ExitCode {
         Err(e) => return fail(2, format!("model.bundle: {e}")),
     };
     if let Err(e) = PromptSet::load(&bundle.prompts_path(), bundle.manifest.embed_dim) {
+        return fail(2, format!("model.bundle: {e}"));
+    }
+    if matches!(s.scorer.backend, Backend::Torch(_))
+        && let Err(e) = bundle.torchscript_bytes()
+    {
         return fail(2, format!("model.bundle: {e}"));
     }
     match toml::to_string_pretty(&raw) {

@@ -1,6 +1,7 @@
-//! Model bundles: a directory with `manifest.toml`, `visual.onnx`, `prompts.safetensors`
-//! and (for the sidecar) `text/`. Every file listed in the manifest is checked against
-//! its sha256 before anything is loaded.
+//! Model bundles: a directory with `manifest.toml`, `visual.onnx`, `prompts.safetensors`,
+//! optionally `visual.pt` (the same tower in TorchScript, for the torch backend) and
+//! (for the sidecar) `text/`. Every file listed in the manifest is checked against its
+//! sha256 before anything is loaded.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -201,18 +202,38 @@ impl Bundle {
     /// again: the model is built from exactly these bytes, so a file replaced between
     /// [`Bundle::open`]'s check and the load is refused, never run.
     pub fn visual_bytes(&self) -> Result<Vec<u8>, BundleError> {
-        let path = self.visual_path();
+        self.checked_bytes("visual.onnx")
+    }
+
+    /// Path of the TorchScript export of the visual encoder (the torch backend's).
+    pub fn torchscript_path(&self) -> PathBuf {
+        self.dir.join("visual.pt")
+    }
+
+    /// `visual.pt`'s bytes, checked as [`Bundle::visual_bytes`] checks `visual.onnx`'s;
+    /// a bundle whose manifest lists no `visual.pt` is refused with how to make one.
+    pub fn torchscript_bytes(&self) -> Result<Vec<u8>, BundleError> {
+        if !self.manifest.files.contains_key("visual.pt") {
+            return Err(BundleError::Manifest {
+                path: self.dir.join("manifest.toml"),
+                message: "files has no entry for visual.pt, the TorchScript tower the torch \
+                          backend runs: add one with `make torchscript BUNDLE=DIR` \
+                          (scripts/bundle_torchscript.py)"
+                    .into(),
+            });
+        }
+        self.checked_bytes("visual.pt")
+    }
+
+    /// The bytes of the bundle's file `rel`, checked against the manifest's sha256.
+    fn checked_bytes(&self, rel: &str) -> Result<Vec<u8>, BundleError> {
+        let path = self.dir.join(rel);
         let bytes = fs::read(&path).map_err(|source| BundleError::Io {
             path: path.clone(),
             source,
         })?;
         let actual = hex::encode(Sha256::digest(&bytes));
-        let expected = self
-            .manifest
-            .files
-            .get("visual.onnx")
-            .cloned()
-            .unwrap_or_default();
+        let expected = self.manifest.files.get(rel).cloned().unwrap_or_default();
         if !actual.eq_ignore_ascii_case(&expected) {
             return Err(BundleError::Checksum {
                 path,
@@ -256,7 +277,12 @@ mod tests {
     fn a_visual_tower_swapped_after_the_check_is_never_loaded() {
         let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/streamiq-tiny");
         let dir = tempfile::tempdir().unwrap();
-        for f in ["manifest.toml", "visual.onnx", "prompts.safetensors"] {
+        for f in [
+            "manifest.toml",
+            "visual.onnx",
+            "visual.pt",
+            "prompts.safetensors",
+        ] {
             fs::copy(src.join(f), dir.path().join(f)).unwrap();
         }
         fs::create_dir(dir.path().join("text")).unwrap();
@@ -265,6 +291,7 @@ mod tests {
         }
         let bundle = Bundle::open(dir.path()).unwrap();
         assert!(bundle.visual_bytes().is_ok());
+        assert!(bundle.torchscript_bytes().is_ok());
         // Replaced between the check at open and the load: refused by its bytes.
         fs::write(bundle.visual_path(), b"not the model").unwrap();
         match bundle.visual_bytes() {

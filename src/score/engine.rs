@@ -1,6 +1,6 @@
 //! The scoring engine: the frame queue, a batcher thread that groups queued frames and
-//! writes them straight into the batch tensor, and a model thread that owns the ONNX
-//! Runtime session while the next batch is prepared, and hands scores to a
+//! writes them straight into the batch tensor, and a model thread that owns the visual
+//! encoder (ONNX Runtime or libtorch) while the next batch is prepared, and hands scores to a
 //! [`ScoreSink`]. The daemon and `scan` start it the same way; only their sinks differ.
 
 use std::sync::Arc;
@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::Receiver;
 
-use super::model::VisualModel;
+use super::encoder::Encoder;
 use super::preprocess::Normaliser;
 use super::prompts::{self, PromptPair};
 use super::{ActivePrompts, LoadedModel, ScoreSink};
@@ -223,7 +223,7 @@ struct ModelTask {
 impl ModelTask {
     fn run(
         self,
-        mut model: VisualModel,
+        mut model: Encoder,
         rx: Receiver<Batch>,
         pool: crossbeam_channel::Sender<Vec<f32>>,
     ) {

@@ -1,23 +1,29 @@
-//! Scoring: the model bundle ([`bundle`]), preprocessing ([`preprocess`]), the ONNX
-//! Runtime visual encoder ([`model`]), prompt sets ([`prompts`], [`prompt_store`]),
+//! Scoring: the model bundle ([`bundle`]), preprocessing ([`preprocess`]), the visual
+//! encoder ([`encoder`]: ONNX Runtime in [`model`], or libtorch in `torch` with the
+//! `torch` feature, as `scorer.backend` says), prompt sets ([`prompts`], [`prompt_store`]),
 //! and the [`Engine`] that runs them for the daemon and for `scan` alike: frames go in
 //! through its queue ([`Engine::handoff`]), scores come out at a [`ScoreSink`].
 
+pub mod bench;
 pub mod bundle;
+pub mod encoder;
 mod engine;
 pub mod model;
 pub mod preprocess;
 pub mod prompt_store;
 pub mod prompts;
+#[cfg(feature = "torch")]
+pub mod torch;
 
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
-use crate::config::ModelSettings;
+use crate::config::{Backend, ModelSettings};
 use crate::frame::{Frame, ScoredFrame};
 use crate::metrics::DropReason;
 use bundle::Bundle;
+use encoder::Encoder;
 use model::{ModelOptions, VisualModel};
 use prompts::PromptSet;
 
@@ -43,9 +49,20 @@ pub enum LoadError {
     /// The bundle's prompt set.
     #[error(transparent)]
     Prompts(#[from] prompts::PromptError),
-    /// ONNX Runtime or the visual tower.
+    /// ONNX Runtime, libtorch or the visual tower.
     #[error(transparent)]
     Model(#[from] model::ModelError),
+    /// The configured device cannot run the tower and no fall-back is configured.
+    #[error("scorer.device = \"{device}\": {message}")]
+    Device {
+        /// The device, as configured.
+        device: String,
+        /// Why it cannot be used.
+        message: String,
+    },
+    /// `scorer.backend` names a backend this build does not have.
+    #[error("scorer.backend = \"{0}\": this streamiq was built without it (cargo feature `{0}`)")]
+    NotBuilt(&'static str),
 }
 
 /// A verified bundle with its encoder and its own prompt set, ready for an [`Engine`].
@@ -53,30 +70,25 @@ pub struct LoadedModel {
     /// The verified bundle.
     pub bundle: Bundle,
     /// The encoder.
-    pub model: VisualModel,
+    pub model: Encoder,
     /// The bundle's prompt set.
     pub prompts: PromptSet,
 }
 
-/// Opens the bundle, loads its prompt set and the encoder. Errors name the file.
-pub fn load(settings: &ModelSettings) -> Result<LoadedModel, LoadError> {
+/// Opens the bundle, loads its prompt set and the encoder `backend` names. Errors name
+/// the file or the key.
+pub fn load(settings: &ModelSettings, backend: &Backend) -> Result<LoadedModel, LoadError> {
     let bundle = Bundle::open(&settings.bundle)?;
     let dim = bundle.manifest.embed_dim;
     let prompts = PromptSet::load(&bundle.prompts_path(), dim)?;
-    let opts = ModelOptions {
-        execution: settings.execution.clone(),
-        intra_threads: settings.intra_threads,
-        onnxruntime_lib: settings.onnxruntime_lib.clone(),
-    };
-    // Built from the bytes whose sha256 was just checked (no second read of the file).
-    let bytes = bundle.visual_bytes()?;
-    let model = VisualModel::load_bytes(&bytes, &bundle.visual_path(), dim, &opts)?;
-    for f in &model.failures {
-        tracing::warn!(provider = f.provider.name(), reason = %f.reason, "Execution provider unavailable");
+    let model = load_encoder(&bundle, settings, backend)?;
+    for f in model.fallbacks() {
+        tracing::warn!(provider = %f.from, reason = %f.reason, "Execution provider unavailable");
     }
     tracing::info!(
         bundle = %bundle.dir.display(),
-        execution = model.provider.name(),
+        backend = backend.name(),
+        execution = %model.execution(),
         embed_dim = dim,
         prompt_version = prompts.version,
         onnxruntime = %model::onnxruntime_path(settings.onnxruntime_lib.as_deref())
@@ -88,4 +100,41 @@ pub fn load(settings: &ModelSettings) -> Result<LoadedModel, LoadError> {
         model,
         prompts,
     })
+}
+
+/// The bundle's visual tower in `backend`, built from the bytes whose sha256 was just
+/// checked (no second read of the file).
+fn load_encoder(
+    bundle: &Bundle,
+    settings: &ModelSettings,
+    backend: &Backend,
+) -> Result<Encoder, LoadError> {
+    match backend {
+        Backend::OnnxRuntime => {
+            let opts = ModelOptions {
+                execution: settings.execution.clone(),
+                intra_threads: settings.intra_threads,
+                onnxruntime_lib: settings.onnxruntime_lib.clone(),
+            };
+            let bytes = bundle.visual_bytes()?;
+            let dim = bundle.manifest.embed_dim;
+            let model = VisualModel::load_bytes(&bytes, &bundle.visual_path(), dim, &opts)?;
+            Ok(Encoder::OnnxRuntime(model))
+        }
+        #[cfg(feature = "torch")]
+        Backend::Torch(t) => {
+            let bytes = bundle.torchscript_bytes()?;
+            let opts = torch::TorchOptions {
+                path: bundle.torchscript_path(),
+                embed_dim: bundle.manifest.embed_dim,
+                size: bundle.manifest.input.size as usize,
+                settings: *t,
+                intra_threads: settings.intra_threads,
+            };
+            Ok(Encoder::Torch(torch::load(&bytes, &opts)?))
+        }
+        // Refused when the config is validated; kept as an error, never a panic.
+        #[cfg(not(feature = "torch"))]
+        Backend::Torch(_) => Err(LoadError::NotBuilt(backend.name())),
+    }
 }
