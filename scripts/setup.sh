@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install what streamiq needs to build, run and test, idempotently.
-#   scripts/setup.sh            system packages + Python venv + the peers' venv
-#   scripts/setup.sh apt|venv|peers   one part only
+#   scripts/setup.sh            system packages + Python venv + the peers' and Triton's venvs
+#   scripts/setup.sh apt|venv|peers|triton   one part only
 # The venv lives at a fixed place ($STREAMIQ_VENV, default /opt/streamiq/venv) so that a
 # fresh clone on the same machine reuses it; a stamp file records what it holds.
 # The classic IQA peers that scripts/peers.py runs (BRISQUE, NIQE) get a venv of their own
@@ -15,6 +15,9 @@ set -euo pipefail
 
 VENV=${STREAMIQ_VENV:-/opt/streamiq/venv}
 PEERS_VENV=${STREAMIQ_PEERS_VENV:-/opt/streamiq/peers-venv}
+# A real Triton server (PyTriton bundles tritonserver with its Python backend) that the
+# kserve backend's tests score against: scripts/triton_serve.py.
+TRITON_VENV=${STREAMIQ_TRITON_VENV:-/opt/streamiq/triton-venv}
 APT_PACKAGES=(opencv-data python3-seccomp systemd pkg-config libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev
   gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad
   gstreamer1.0-plugins-ugly gstreamer1.0-libav gstreamer1.0-tools ffmpeg prometheus sqlite3 chromium curl dpkg-dev nginx-light
@@ -40,6 +43,8 @@ RUFF=ruff==0.17.6
 KUBE_VALIDATE=kubernetes-validate==1.37.0
 PEERS_PY_PACKAGES=(numpy==1.23.5 scipy==1.11.4 pillow==10.4.0 opencv-contrib-python-headless==4.8.1.78
   scikit-video==1.1.11)
+
+TRITON_PY_PACKAGES=(nvidia-pytriton==0.7.0 onnxruntime==1.31.1)
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 
@@ -101,6 +106,10 @@ setup_peers() {
     "${PEERS_PY_PACKAGES[@]}"
 }
 
+setup_triton() {
+  make_venv "$TRITON_VENV" 'import pytriton.triton, onnxruntime' "${TRITON_PY_PACKAGES[@]}"
+}
+
 # A version-independent path to the venv's libtorch, for tch's build (.cargo/config.toml).
 link_torch() {
   local torch
@@ -112,6 +121,7 @@ case "${1:-all}" in
   apt) setup_apt ;;
   venv) setup_venv; link_torch ;;
   peers) setup_peers ;;
-  all) setup_apt; setup_venv; link_torch; setup_peers ;;
-  *) echo "usage: $0 [all|apt|venv|peers]" >&2; exit 2 ;;
+  triton) setup_triton ;;
+  all) setup_apt; setup_venv; link_torch; setup_peers; setup_triton ;;
+  *) echo "usage: $0 [all|apt|venv|peers|triton]" >&2; exit 2 ;;
 esac

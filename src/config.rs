@@ -223,8 +223,8 @@ pub struct ScorerConfig {
     pub when_full: String,
     /// "global" (whole frame resized), "crops:N" or "mixed:N" (the whole frame and N crops).
     pub views: String,
-    /// Library that runs the visual tower: "onnxruntime" (`visual.onnx`) or "torch"
-    /// (`visual.pt`; a build with the `torch` feature).
+    /// What runs the visual tower: "onnxruntime" (`visual.onnx`), "torch" (`visual.pt`;
+    /// a build with the `torch` feature) or "kserve" (a KServe v2 gRPC server).
     pub backend: String,
     /// Torch backend: "cpu" or "cuda:N".
     pub device: String,
@@ -233,6 +233,8 @@ pub struct ScorerConfig {
     /// Torch backend: a CUDA device that is missing or fails to load the tower runs the
     /// tower on the CPU instead of stopping the start.
     pub fallback_cpu: bool,
+    /// KServe backend (`[scorer.kserve]`): the server and the model it serves.
+    pub kserve: crate::score::kserve::KserveConfig,
 }
 
 impl Default for ScorerConfig {
@@ -247,6 +249,7 @@ impl Default for ScorerConfig {
             device: "cpu".into(),
             precision: "fp32".into(),
             fallback_cpu: false,
+            kserve: Default::default(),
         }
     }
 }

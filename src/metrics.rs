@@ -15,14 +15,20 @@ pub enum DropReason {
     QueueFull,
     /// Inference failed for its batch (or produced a non-finite output).
     Error,
+    /// The remote scorer (`scorer.backend = "kserve"`) was unreachable or too slow.
+    ScorerUnavailable,
 }
 
 impl DropReason {
+    /// Every reason, in the order APIs list them.
+    pub const ALL: [Self; 3] = [Self::QueueFull, Self::Error, Self::ScorerUnavailable];
+
     /// The label value.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::QueueFull => "queue_full",
             Self::Error => "error",
+            Self::ScorerUnavailable => "scorer_unavailable",
         }
     }
 }
@@ -371,6 +377,7 @@ impl Metrics {
             scored: self.scored.with_label_values(&[stream]),
             dropped_queue_full: dropped(DropReason::QueueFull),
             dropped_error: dropped(DropReason::Error),
+            dropped_unavailable: dropped(DropReason::ScorerUnavailable),
             quality: self.quality.with_label_values(&[stream]),
             quality_drop_threshold: self.quality_drop_threshold.with_label_values(&[stream]),
             segment_active: self
@@ -402,7 +409,7 @@ impl Metrics {
         for (_, m) in self.segment_events.iter() {
             let _ = m.remove_label_values(&one);
         }
-        for r in [DropReason::QueueFull, DropReason::Error] {
+        for r in DropReason::ALL {
             let _ = self.dropped.remove_label_values(&[stream, r.as_str()]);
         }
         for a in attributes {
@@ -439,6 +446,7 @@ pub struct StreamMetrics {
     pub scored: IntCounter,
     dropped_queue_full: IntCounter,
     dropped_error: IntCounter,
+    dropped_unavailable: IntCounter,
     /// `streamiq_quality_score`.
     pub quality: Gauge,
     /// `streamiq_quality_drop_threshold`.
@@ -459,6 +467,7 @@ impl StreamMetrics {
         match reason {
             DropReason::QueueFull => &self.dropped_queue_full,
             DropReason::Error => &self.dropped_error,
+            DropReason::ScorerUnavailable => &self.dropped_unavailable,
         }
         .inc_by(n);
     }
@@ -468,6 +477,7 @@ impl StreamMetrics {
         match reason {
             DropReason::QueueFull => &self.dropped_queue_full,
             DropReason::Error => &self.dropped_error,
+            DropReason::ScorerUnavailable => &self.dropped_unavailable,
         }
         .get()
     }

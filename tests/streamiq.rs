@@ -3453,3 +3453,234 @@ fn kubernetes_manifests_validate_and_their_config_runs_as_a_replica() {
         "{err}"
     );
 }
+
+/// Per-frame scores of `scan --per-frame` with `config` (path, pts -> score).
+fn per_frame_scores(config: &Path, video: &Path, out: &Path) -> Vec<(String, f64)> {
+    let ran = common::run_ok(
+        Command::new(bin())
+            .args(["scan", "--json", "--config"])
+            .arg(config)
+            .arg("--per-frame")
+            .arg(out)
+            .arg(video),
+    );
+    assert!(ran.stdout.contains("\"frames_scored\":"), "{}", ran.text());
+    std::fs::read_to_string(out)
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            (f[1].to_string(), f[2].parse().unwrap())
+        })
+        .collect()
+}
+
+/// `scorer.backend = "kserve"` against a real Triton server (PyTriton's tritonserver
+/// running the bundle's visual.onnx): `scan` gives the in-process scores within 1e-4,
+/// with FP32 views and with a model that takes UINT8 pixels; the daemon starts while the
+/// server is down (frames dropped as `scorer_unavailable`, the stream up), scores once it
+/// comes, loses no stream when it is killed mid-run and recovers when it returns; a
+/// server slower than `scorer.kserve.timeout` costs the frames (timeouts counted), not
+/// the stream. `export-triton` writes a repository that Triton's own parser accepts
+/// up to the ONNX Runtime backend it lacks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kserve_backend_scores_like_onnxruntime_through_triton_and_survives_it() {
+    use common::triton::{Triton, free_port};
+    let dir = tempfile::tempdir().unwrap();
+    let clip = dir.path().join("clip.mp4");
+    common::synth(
+        "testsrc2=size=640x360:rate=10:duration=2",
+        &["-pix_fmt", "yuv420p"],
+        &clip,
+    );
+    let port = free_port();
+    let write = |name: &str, scorer: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(
+            &p,
+            format!(
+                "[model]\nbundle = \"{}\"\nintra_threads = 1\n[scorer]\n{scorer}\n",
+                bundle().display()
+            ),
+        )
+        .unwrap();
+        p
+    };
+    let local = write("local.toml", "");
+    let remote_keys = format!(
+        "backend = \"kserve\"\n[scorer.kserve]\nendpoint = \"http://127.0.0.1:{port}\"\nmax_batch_size = 16\ntimeout = \"20s\""
+    );
+    let remote = write("remote.toml", &remote_keys);
+
+    // Parity, FP32 then UINT8 pixels.
+    let want = per_frame_scores(&local, &clip, &dir.path().join("local.csv"));
+    assert_eq!(want.len(), 20);
+    for extra in [&[][..], &["--uint8"][..]] {
+        let server = Triton::start(&bundle(), port, extra);
+        let got = per_frame_scores(&remote, &clip, &dir.path().join("remote.csv"));
+        assert_eq!(got.len(), want.len(), "{extra:?}");
+        let worst = want
+            .iter()
+            .zip(&got)
+            .map(|((pa, a), (pb, b))| {
+                assert_eq!(pa, pb);
+                (a - b).abs()
+            })
+            .fold(0.0, f64::max);
+        eprintln!("kserve {extra:?}: largest score difference {worst:e}");
+        assert!(worst < 1e-4, "{extra:?}: {worst}");
+        server.kill();
+    }
+
+    // The daemon, with the server down at start.
+    let stream = "[[streams]]\nid = \"cam\"\npipeline = \"videotestsrc is-live=true pattern=ball ! video/x-raw,width=320,height=240,framerate=5/1\"\nsample_fps = 2.0\n";
+    let mut s = settings(&config_text(stream, ""));
+    s.server.api_token_file = dir.path().join("api-token");
+    s.labels_db = dir.path().join("labels.sqlite");
+    s.scorer.backend = streamiq::config::Backend::Kserve(
+        streamiq::score::kserve::KserveConfig {
+            endpoint: format!("http://127.0.0.1:{port}"),
+            max_batch_size: 16,
+            timeout: "1s".into(),
+            ..Default::default()
+        }
+        .validate()
+        .unwrap(),
+    );
+    let d = InProcess::start(s).await;
+    let addr = d.addr;
+    let b = bundle();
+    tokio::task::spawn_blocking(move || {
+        let m = || text(addr, "/metrics");
+        let value = |series: &str| sample(&m(), series).unwrap_or(0.0);
+        let scored = || value("streamiq_frames_scored_total{stream=\"cam\"}");
+        let unavailable =
+            || value("streamiq_frames_dropped_total{reason=\"scorer_unavailable\",stream=\"cam\"}");
+        common::wait_until("frames dropped while the server is down", || {
+            unavailable() >= 2.0
+        });
+        assert_eq!(scored(), 0.0);
+        assert_eq!(value("streamiq_stream_up{stream=\"cam\"}"), 1.0);
+        assert!(m().contains("execution=\"kserve\""), "{}", m());
+
+        let server = Triton::start(&b, port, &[]);
+        common::wait_until("scoring once the server answers", || scored() >= 3.0);
+        server.kill();
+        let before = unavailable();
+        common::wait_until("frames dropped after the server was killed", || {
+            unavailable() >= before + 2.0
+        });
+        assert_eq!(
+            value("streamiq_stream_up{stream=\"cam\"}"),
+            1.0,
+            "the stream is not the scorer"
+        );
+        let _server = Triton::start(&b, port, &[]);
+        let now = scored();
+        common::wait_until("scoring again after the server came back", || {
+            scored() >= now + 3.0
+        });
+        drop(_server);
+
+        // Slower than the 1-s timeout: frames dropped, timeouts counted.
+        let _slow = Triton::start(&b, port, &["--delay-ms", "2500"]);
+        let before = value("streamiq_inference_errors_total{kind=\"timeout\"}");
+        common::wait_until_for(Duration::from_secs(60), "timeouts counted", || {
+            value("streamiq_inference_errors_total{kind=\"timeout\"}") >= before + 2.0
+        });
+        assert_eq!(value("streamiq_stream_up{stream=\"cam\"}"), 1.0);
+        assert_eq!(
+            get(addr, "/readyz").0,
+            200,
+            "a slow scorer is not a dead engine"
+        );
+    })
+    .await
+    .unwrap();
+    d.stop().await;
+
+    // export-triton: Triton parses the repository and stops only for want of the ONNX
+    // Runtime backend (PyTriton's server has only the Python one); a second export of
+    // the same name is refused.
+    let repo = dir.path().join("repo");
+    let export = || {
+        Command::new(bin())
+            .args(["export-triton", "--model"])
+            .arg(bundle())
+            .arg(&repo)
+            .output()
+            .unwrap()
+    };
+    let out = export();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let config = std::fs::read_to_string(repo.join("streamiq_visual/config.pbtxt")).unwrap();
+    assert_eq!(
+        std::fs::read(repo.join("streamiq_visual/1/model.onnx")).unwrap(),
+        std::fs::read(bundle().join("visual.onnx")).unwrap()
+    );
+    assert!(
+        config.contains("max_batch_size: 32") && config.contains("kind: KIND_GPU"),
+        "{config}"
+    );
+    let again = export();
+    assert_eq!(again.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("exists"));
+    let site = common::triton_python()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("lib/python3.11/site-packages");
+    let server_dir = site.join("pytriton/tritonserver");
+    let parse = |repo: &Path| {
+        let o = Command::new(server_dir.join("bin/tritonserver"))
+            .env("LD_LIBRARY_PATH", site.join("nvidia_pytriton.libs"))
+            .arg(format!("--model-repository={}", repo.display()))
+            .arg(format!(
+                "--backend-directory={}",
+                server_dir.join("backends").display()
+            ))
+            .args([
+                "--disable-auto-complete-config",
+                "--allow-gpu-metrics=false",
+                "--allow-http=false",
+                "--allow-grpc=false",
+                "--allow-metrics=false",
+            ])
+            .output()
+            .unwrap();
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    };
+    let log = parse(&repo);
+    assert!(
+        log.contains("unable to find backend library for backend 'onnxruntime'"),
+        "{log}"
+    );
+    // The same with a misspelt field fails earlier, at parsing.
+    let broken = dir.path().join("broken");
+    std::fs::create_dir_all(broken.join("streamiq_visual/1")).unwrap();
+    std::fs::copy(
+        repo.join("streamiq_visual/1/model.onnx"),
+        broken.join("streamiq_visual/1/model.onnx"),
+    )
+    .unwrap();
+    std::fs::write(
+        broken.join("streamiq_visual/config.pbtxt"),
+        config.replacen("\nmax_batch_size:", "\nmax_batch_sise:", 1),
+    )
+    .unwrap();
+    let log = parse(&broken);
+    assert!(
+        log.contains("max_batch_sise") && !log.contains("unable to find backend library"),
+        "{log}"
+    );
+}

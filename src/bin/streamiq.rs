@@ -152,6 +152,25 @@ enum Command {
         #[arg(required = true)]
         sources: Vec<PathBuf>,
     },
+    /// Write a Triton model repository for a bundle (ONNX Runtime backend, dynamic
+    /// batching, GPU instances): OUT/NAME/config.pbtxt and OUT/NAME/1/model.onnx, for
+    /// daemons that score with `scorer.backend = "kserve"`.
+    ExportTriton {
+        /// Model bundle directory (its visual.onnx is verified first).
+        #[arg(long)]
+        model: PathBuf,
+        /// Model name in the repository (`scorer.kserve.model`).
+        #[arg(long, default_value = "streamiq_visual")]
+        name: String,
+        /// Largest batch the server forms (`scorer.kserve.max_batch_size`).
+        #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..=4096))]
+        max_batch_size: u16,
+        /// Execution instances per GPU.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+        instances: u16,
+        /// Repository directory (created if missing).
+        out: PathBuf,
+    },
     /// Write the stored labels as a set `streamiq eval` reads: DIR/labels.csv (path, mos,
     /// type = stream, id, labeller, target, model_score, model_sha256, image) and
     /// DIR/images/label-ID.png, each the frame as it was scored.
@@ -283,6 +302,39 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run { config } => run(config),
         Command::CheckConfig { config } => check_config(config),
+        Command::ExportTriton {
+            model,
+            name,
+            max_batch_size,
+            instances,
+            out,
+        } => {
+            let bundle = match Bundle::open(&model) {
+                Ok(b) => b,
+                Err(e) => return fail(2, format!("--model: {e}")),
+            };
+            let export = streamiq::score::kserve::TritonExport {
+                name,
+                max_batch_size: std::num::NonZeroUsize::new(max_batch_size.into())
+                    .expect("clap keeps it >= 1"),
+                instances: std::num::NonZeroUsize::new(instances.into())
+                    .expect("clap keeps it >= 1"),
+            };
+            match streamiq::score::kserve::export_triton(&bundle, &out, &export) {
+                Ok(dir) => {
+                    eprintln!(
+                        "streamiq: {}: model {:?} of bundle {} (inputs [-1, 3, {s}, {s}] FP32, max_batch_size {})",
+                        dir.display(),
+                        export.name,
+                        bundle.manifest.name,
+                        export.max_batch_size,
+                        s = bundle.manifest.input.size
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(2, e),
+            }
+        }
         Command::ExportLabels {
             config,
             db,
@@ -291,7 +343,10 @@ fn main() -> ExitCode {
         } => {
             let db = match (db, config) {
                 (Some(db), _) => db,
-                (None, Some(c)) => match settings(&c) {
+                (None, Some(c)) => match Config::load(&c).and_then(|mut raw| {
+                    raw.cluster = Default::default();
+                    raw.validate()
+                }) {
                     Ok(s) => s.labels_db,
                     Err(e) => return fail(2, e),
                 },
@@ -332,7 +387,12 @@ fn main() -> ExitCode {
                 (None, Some(m)) => Ok(model_config(m, views)),
                 (None, None) => unreachable!("clap requires --config or --model"),
             };
-            let loaded = raw.and_then(|raw| raw.settings().map(|s| (raw, s)));
+            // A scan watches no streams: the config's [cluster] (whose replica index may
+            // come from a pod's host name) does not apply.
+            let loaded = raw.and_then(|mut raw| {
+                raw.cluster = Default::default();
+                raw.settings().map(|s| (raw, s))
+            });
             let (raw, mut s) = match loaded {
                 Ok(both) => both,
                 Err(e) => return fail(2, e),

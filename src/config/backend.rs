@@ -12,6 +12,8 @@ pub enum Backend {
     /// libtorch (tch) on `visual.pt`, the TorchScript export of the same tower; only in
     /// a build with the `torch` cargo feature.
     Torch(TorchSettings),
+    /// A KServe v2 gRPC server (Triton, KServe) serving the bundle's tower.
+    Kserve(crate::score::kserve::KserveSettings),
 }
 
 impl Backend {
@@ -20,6 +22,7 @@ impl Backend {
         match self {
             Self::OnnxRuntime => "onnxruntime",
             Self::Torch(_) => "torch",
+            Self::Kserve(_) => "kserve",
         }
     }
 }
@@ -62,30 +65,21 @@ pub const TORCH_BUILT: bool = cfg!(feature = "torch");
 
 /// Validates `scorer.backend` with the keys that belong to it.
 pub(super) fn parse_backend(s: &ScorerConfig) -> Result<Backend, ConfigError> {
+    if s.backend != "kserve" && s.kserve != ScorerConfig::default().kserve {
+        return Err(ConfigError::invalid(
+            "scorer.kserve",
+            "(set)",
+            "applies to scorer.backend = \"kserve\" only",
+        ));
+    }
     match s.backend.as_str() {
         "onnxruntime" => {
-            let defaults = ScorerConfig::default();
-            for (key, value, default) in [
-                ("scorer.device", &s.device, &defaults.device),
-                ("scorer.precision", &s.precision, &defaults.precision),
-            ] {
-                if value != default {
-                    return Err(ConfigError::invalid(
-                        key,
-                        format!("{value:?}"),
-                        "applies to scorer.backend = \"torch\" only (ONNX Runtime runs on \
-                         model.execution's providers)",
-                    ));
-                }
-            }
-            if s.fallback_cpu {
-                return Err(ConfigError::invalid(
-                    "scorer.fallback_cpu",
-                    true,
-                    "applies to scorer.backend = \"torch\" only",
-                ));
-            }
+            no_torch_keys(s, "ONNX Runtime runs on model.execution's providers")?;
             Ok(Backend::OnnxRuntime)
+        }
+        "kserve" => {
+            no_torch_keys(s, "the server decides where the tower runs")?;
+            Ok(Backend::Kserve(s.kserve.validate()?))
         }
         "torch" if !TORCH_BUILT => Err(ConfigError::invalid(
             "scorer.backend",
@@ -97,9 +91,35 @@ pub(super) fn parse_backend(s: &ScorerConfig) -> Result<Backend, ConfigError> {
         other => Err(ConfigError::invalid(
             "scorer.backend",
             format!("{other:?}"),
-            "expected \"onnxruntime\" or \"torch\"",
+            "expected \"onnxruntime\", \"torch\" or \"kserve\"",
         )),
     }
+}
+
+/// Refuses the torch backend's keys with another backend (`why` says what decides
+/// instead).
+fn no_torch_keys(s: &ScorerConfig, why: &str) -> Result<(), ConfigError> {
+    let defaults = ScorerConfig::default();
+    for (key, value, default) in [
+        ("scorer.device", &s.device, &defaults.device),
+        ("scorer.precision", &s.precision, &defaults.precision),
+    ] {
+        if value != default {
+            return Err(ConfigError::invalid(
+                key,
+                format!("{value:?}"),
+                format!("applies to scorer.backend = \"torch\" only ({why})"),
+            ));
+        }
+    }
+    if s.fallback_cpu {
+        return Err(ConfigError::invalid(
+            "scorer.fallback_cpu",
+            true,
+            "applies to scorer.backend = \"torch\" only",
+        ));
+    }
+    Ok(())
 }
 
 fn parse_torch(s: &ScorerConfig) -> Result<TorchSettings, ConfigError> {
@@ -161,6 +181,28 @@ mod tests {
         assert!(e.starts_with("scorer.fallback_cpu"), "{e}");
         let e = err(&scorer("tensorflow", "cpu", "fp32", false));
         assert!(e.starts_with("scorer.backend = \"tensorflow\""), "{e}");
+    }
+
+    #[test]
+    fn kserve_takes_its_table_and_refuses_the_torch_keys() {
+        let mut s = scorer("kserve", "cpu", "fp32", false);
+        s.kserve.endpoint = "http://triton:8001".into();
+        match parse_backend(&s).unwrap() {
+            Backend::Kserve(k) => assert_eq!(k.endpoint, "http://triton:8001"),
+            other => panic!("{other:?}"),
+        }
+        let e = err(&scorer("kserve", "cuda:0", "fp32", false));
+        assert!(e.starts_with("scorer.device"), "{e}");
+        s.kserve.timeout = "soon".into();
+        assert!(err(&s).starts_with("scorer.kserve.timeout"));
+        // The table means nothing to another backend: a forgotten `backend` line.
+        let mut s = scorer("onnxruntime", "cpu", "fp32", false);
+        s.kserve.endpoint = "http://triton:8001".into();
+        let e = err(&s);
+        assert!(
+            e.starts_with("scorer.kserve") && e.contains("\"kserve\" only"),
+            "{e}"
+        );
     }
 
     #[cfg(not(feature = "torch"))]

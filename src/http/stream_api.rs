@@ -55,7 +55,7 @@ fn stream_view(st: &StreamState, runtime: bool) -> StreamView {
         last_error: status.last_error,
         frames_decoded: m.decoded.get(),
         frames_scored: m.scored.get(),
-        frames_dropped: [DropReason::QueueFull, DropReason::Error]
+        frames_dropped: DropReason::ALL
             .into_iter()
             .map(|r| (r.as_str(), m.dropped_count(r)))
             .collect(),

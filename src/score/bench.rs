@@ -225,6 +225,8 @@ pub fn bench(settings: &Settings, opts: &BenchOptions) -> Result<BenchReport, cr
     let precision = match &settings.scorer.backend {
         Backend::Torch(t) => t.precision.name(),
         Backend::OnnxRuntime => "fp32",
+        // As the server runs it; the views travel as the model declares.
+        Backend::Kserve(_) => "remote",
     };
     Ok(BenchReport {
         bundle: manifest.name,

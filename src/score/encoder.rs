@@ -20,6 +20,8 @@ pub enum Encoder {
     /// libtorch on `visual.pt`.
     #[cfg(feature = "torch")]
     Torch(super::torch::TorchVisual),
+    /// A KServe v2 gRPC server.
+    Remote(Box<super::kserve::RemoteModel>),
 }
 
 impl Encoder {
@@ -30,6 +32,7 @@ impl Encoder {
             Self::OnnxRuntime(m) => m.embed(pixels, n, size),
             #[cfg(feature = "torch")]
             Self::Torch(m) => m.embed(pixels, n, size),
+            Self::Remote(m) => m.embed(pixels, n, size),
         }
     }
 
@@ -39,16 +42,18 @@ impl Encoder {
             Self::OnnxRuntime(m) => m.embed_dim(),
             #[cfg(feature = "torch")]
             Self::Torch(m) => m.embed_dim(),
+            Self::Remote(m) => m.embed_dim(),
         }
     }
 
     /// What runs the tower, as `streamiq_build_info{execution}` shows it: an ONNX
-    /// Runtime provider (`cpu`, `cuda`, `tensorrt`) or `torch-<device>`.
+    /// Runtime provider (`cpu`, `cuda`, `tensorrt`), `torch-<device>` or `kserve`.
     pub fn execution(&self) -> String {
         match self {
             Self::OnnxRuntime(m) => m.provider.name().to_string(),
             #[cfg(feature = "torch")]
             Self::Torch(m) => m.execution(),
+            Self::Remote(_) => "kserve".to_string(),
         }
     }
 
@@ -65,6 +70,7 @@ impl Encoder {
                 .collect(),
             #[cfg(feature = "torch")]
             Self::Torch(m) => m.fallback.iter().cloned().collect(),
+            Self::Remote(_) => Vec::new(),
         }
     }
 }

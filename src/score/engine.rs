@@ -250,7 +250,7 @@ impl ModelTask {
                         .inference_errors
                         .with_label_values(&[e.kind()])
                         .inc();
-                    self.sink.dropped(&frames, DropReason::Error);
+                    self.sink.dropped(&frames, e.drop_reason());
                 }
             }
         }

@@ -8,6 +8,7 @@ pub mod bench;
 pub mod bundle;
 pub mod encoder;
 mod engine;
+pub mod kserve;
 pub mod model;
 pub mod preprocess;
 pub mod prompt_store;
@@ -136,5 +137,27 @@ fn load_encoder(
         // Refused when the config is validated; kept as an error, never a panic.
         #[cfg(not(feature = "torch"))]
         Backend::Torch(_) => Err(LoadError::NotBuilt(backend.name())),
+        Backend::Kserve(k) => {
+            let input = &bundle.manifest.input;
+            let mut remote = kserve::RemoteModel::new(
+                k.clone(),
+                bundle.manifest.embed_dim,
+                input.size as usize,
+                input.mean,
+                input.std,
+            )?;
+            // A server that is down now is not a reason to refuse the start: its frames
+            // are dropped until it answers. One that serves another interface is.
+            match remote.check() {
+                Ok(pixels) => {
+                    tracing::info!(endpoint = %k.endpoint, model = %k.model, ?pixels, "Remote scorer answers")
+                }
+                Err(e @ (model::ModelError::Unavailable(_) | model::ModelError::Timeout(_))) => {
+                    tracing::warn!(endpoint = %k.endpoint, error = %e, "Remote scorer not answering yet; frames are dropped until it does")
+                }
+                Err(e) => return Err(e.into()),
+            }
+            Ok(Encoder::Remote(Box::new(remote)))
+        }
     }
 }

@@ -33,6 +33,12 @@ pub enum ModelError {
     /// A batch failed to run.
     #[error("inference failed: {0}")]
     Run(String),
+    /// A remote scorer could not be reached, is shutting down or is overloaded.
+    #[error("scorer unavailable: {0}")]
+    Unavailable(String),
+    /// A remote scorer did not answer in time.
+    #[error("scorer timed out: {0}")]
+    Timeout(String),
 }
 
 impl ModelError {
@@ -42,6 +48,19 @@ impl ModelError {
             Self::Runtime { .. } => "runtime",
             Self::Load { .. } => "load",
             Self::Run(_) => "run",
+            Self::Unavailable(_) => "unavailable",
+            Self::Timeout(_) => "timeout",
+        }
+    }
+
+    /// Why the frames of a failed batch are dropped
+    /// (`streamiq_frames_dropped_total{reason}`).
+    pub fn drop_reason(&self) -> crate::metrics::DropReason {
+        match self {
+            Self::Unavailable(_) | Self::Timeout(_) => {
+                crate::metrics::DropReason::ScorerUnavailable
+            }
+            _ => crate::metrics::DropReason::Error,
         }
     }
 }

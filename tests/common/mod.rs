@@ -4,6 +4,7 @@
 //! - [`daemon`]: a daemon in the test process or as a child process, stopped on drop;
 //! - [`http`]: the one HTTP client, and reading `/metrics`;
 //! - [`default_run`]: the shipped config as a daemon;
+//! - [`triton`]: a real Triton server serving a bundle (`scripts/triton_serve.py`);
 //! - here: paths (repository, binaries, bundle, venvs), configs, commands, polling and
 //!   test data.
 #![allow(dead_code)]
@@ -16,6 +17,7 @@ use streamiq::config::{Config, Settings};
 pub mod daemon;
 pub mod default_run;
 pub mod http;
+pub mod triton;
 
 // Each test binary uses some of these.
 #[allow(unused_imports)]
@@ -87,6 +89,11 @@ pub fn run_ok(cmd: &mut std::process::Command) -> Ran {
 /// The project venv's Python (`scripts/setup.sh`).
 pub fn venv_python() -> PathBuf {
     python_of("STREAMIQ_VENV", "/opt/streamiq/venv")
+}
+
+/// The Python of the Triton venv (`scripts/setup.sh triton`).
+pub fn triton_python() -> PathBuf {
+    python_of("STREAMIQ_TRITON_VENV", "/opt/streamiq/triton-venv")
 }
 
 /// The Python of the classic IQA peers' venv (`scripts/setup.sh peers`).
