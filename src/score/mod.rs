@@ -1,6 +1,7 @@
 //! Scoring: the model bundle ([`bundle`]), preprocessing ([`preprocess`]), the visual
-//! encoder ([`encoder`]: ONNX Runtime in [`model`], or libtorch in `torch` with the
-//! `torch` feature, as `scorer.backend` says), prompt sets ([`prompts`], [`prompt_store`]),
+//! encoder ([`encoder`]: ONNX Runtime in [`model`], libtorch in `torch` with the `torch`
+//! feature, or a KServe v2 server through [`kserve`], as `scorer.backend` says), prompt
+//! sets ([`prompts`], [`prompt_store`]),
 //! and the [`Engine`] that runs them for the daemon and for `scan` alike: frames go in
 //! through its queue ([`Engine::handoff`]), scores come out at a [`ScoreSink`].
 
