@@ -110,7 +110,8 @@ pub async fn run_with(
     }
     metrics.prompt_version.set(loaded.prompts.version as i64);
     metrics.set_cluster(settings.cluster);
-    let elsewhere = settings.streams.len() - settings.cluster.mine(&settings.streams).len();
+    let mine = settings.cluster.mine(&settings.streams);
+    let elsewhere = settings.streams.len() - mine.len();
     metrics.cluster_streams_elsewhere.set(elsewhere as i64);
     if settings.cluster.is_sharded() {
         tracing::info!(
@@ -188,10 +189,8 @@ pub async fn run_with(
     // started, the ones that did are stopped in order and the failure is reported.
     let runtime =
         match crate::runtime_streams::RuntimeStreams::load(&settings.server.runtime_streams)
-            .and_then(|r| {
-                r.combine(&settings.cluster.mine(&settings.streams))
-                    .map(|all| (r, all))
-            }) {
+            .and_then(|r| r.combine(&mine).map(|all| (r, all)))
+        {
             Ok(both) => both,
             Err(e) => {
                 stop_engine(&streams, engine).await;

@@ -19,8 +19,18 @@ pub enum DropReason {
     ScorerUnavailable,
 }
 
+// `DropReason::ALL[i] as usize == i`, checked at compile time.
+const _: () = {
+    let mut i = 0;
+    while i < DropReason::ALL.len() {
+        assert!(DropReason::ALL[i] as usize == i);
+        i += 1;
+    }
+};
+
 impl DropReason {
-    /// Every reason, in the order APIs list them.
+    /// Every reason, in the order APIs list them and of declaration (`reason as usize`
+    /// indexes the per-stream counters).
     pub const ALL: [Self; 3] = [Self::QueueFull, Self::Error, Self::ScorerUnavailable];
 
     /// The label value.
@@ -375,9 +385,7 @@ impl Metrics {
             restarts: self.restarts.with_label_values(&[stream]),
             decoded: self.decoded.with_label_values(&[stream]),
             scored: self.scored.with_label_values(&[stream]),
-            dropped_queue_full: dropped(DropReason::QueueFull),
-            dropped_error: dropped(DropReason::Error),
-            dropped_unavailable: dropped(DropReason::ScorerUnavailable),
+            dropped: DropReason::ALL.map(dropped),
             quality: self.quality.with_label_values(&[stream]),
             quality_drop_threshold: self.quality_drop_threshold.with_label_values(&[stream]),
             segment_active: self
@@ -444,9 +452,8 @@ pub struct StreamMetrics {
     pub decoded: IntCounter,
     /// `streamiq_frames_scored_total`.
     pub scored: IntCounter,
-    dropped_queue_full: IntCounter,
-    dropped_error: IntCounter,
-    dropped_unavailable: IntCounter,
+    /// Indexed by `DropReason as usize` (the order of [`DropReason::ALL`]).
+    dropped: [IntCounter; DropReason::ALL.len()],
     /// `streamiq_quality_score`.
     pub quality: Gauge,
     /// `streamiq_quality_drop_threshold`.
@@ -464,22 +471,12 @@ pub struct StreamMetrics {
 impl StreamMetrics {
     /// Counts `n` dropped frames.
     pub fn dropped(&self, reason: DropReason, n: u64) {
-        match reason {
-            DropReason::QueueFull => &self.dropped_queue_full,
-            DropReason::Error => &self.dropped_error,
-            DropReason::ScorerUnavailable => &self.dropped_unavailable,
-        }
-        .inc_by(n);
+        self.dropped[reason as usize].inc_by(n);
     }
 
     /// Frames dropped for `reason` so far.
     pub fn dropped_count(&self, reason: DropReason) -> u64 {
-        match reason {
-            DropReason::QueueFull => &self.dropped_queue_full,
-            DropReason::Error => &self.dropped_error,
-            DropReason::ScorerUnavailable => &self.dropped_unavailable,
-        }
-        .get()
+        self.dropped[reason as usize].get()
     }
 
     /// `streamiq_quality_attribute{stream, attribute}`.

@@ -1836,11 +1836,7 @@ async fn keyframe_sampling_and_sources_without_timestamps() {
         ],
         &clip,
     );
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_port();
     /// Kills the sender however the test ends.
     struct Killed(std::process::Child);
     impl Drop for Killed {
@@ -1997,11 +1993,7 @@ async fn the_readme_tls_proxy_recipe_works_with_nginx() {
         .unwrap()
         .trim()
         .to_string();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_port();
     let server = block
         .replace("listen 443 ssl;", &format!("listen 127.0.0.1:{port} ssl;"))
         .replace(
@@ -3486,7 +3478,7 @@ fn per_frame_scores(config: &Path, video: &Path, out: &Path) -> Vec<(String, f64
 /// up to the ONNX Runtime backend it lacks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kserve_backend_scores_like_onnxruntime_through_triton_and_survives_it() {
-    use common::triton::{Triton, free_port};
+    use common::{free_port, triton::Triton};
     let dir = tempfile::tempdir().unwrap();
     let clip = dir.path().join("clip.mp4");
     common::synth(

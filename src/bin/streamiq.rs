@@ -269,6 +269,13 @@ impl GateArgs {
     }
 }
 
+/// `raw` for a command that watches no streams (`scan`, `export-labels`): its
+/// `[cluster]`, whose replica index may come from a pod's host name, does not apply.
+fn without_cluster(mut raw: Config) -> Config {
+    raw.cluster = Default::default();
+    raw
+}
+
 fn settings(path: &std::path::Path) -> Result<Settings, ConfigError> {
     Config::load(path)?.validate()
 }
@@ -343,10 +350,10 @@ fn main() -> ExitCode {
         } => {
             let db = match (db, config) {
                 (Some(db), _) => db,
-                (None, Some(c)) => match Config::load(&c).and_then(|mut raw| {
-                    raw.cluster = Default::default();
-                    raw.validate()
-                }) {
+                (None, Some(c)) => match Config::load(&c)
+                    .map(without_cluster)
+                    .and_then(Config::validate)
+                {
                     Ok(s) => s.labels_db,
                     Err(e) => return fail(2, e),
                 },
@@ -387,12 +394,9 @@ fn main() -> ExitCode {
                 (None, Some(m)) => Ok(model_config(m, views)),
                 (None, None) => unreachable!("clap requires --config or --model"),
             };
-            // A scan watches no streams: the config's [cluster] (whose replica index may
-            // come from a pod's host name) does not apply.
-            let loaded = raw.and_then(|mut raw| {
-                raw.cluster = Default::default();
-                raw.settings().map(|s| (raw, s))
-            });
+            let loaded = raw
+                .map(without_cluster)
+                .and_then(|raw| raw.settings().map(|s| (raw, s)));
             let (raw, mut s) = match loaded {
                 Ok(both) => both,
                 Err(e) => return fail(2, e),

@@ -236,16 +236,14 @@ impl KserveConfig {
                 "expected a version number or \"\" (the server's choice)",
             ));
         }
-        let timeout = humantime::parse_duration(&self.timeout)
-            .ok()
-            .filter(|d| (Duration::from_millis(10)..=Duration::from_secs(600)).contains(d))
-            .ok_or_else(|| {
-                ConfigError::invalid(
-                    "scorer.kserve.timeout",
-                    &self.timeout,
-                    "expected a duration within 10ms..=10m, e.g. \"5s\"",
-                )
-            })?;
+        let timeout = crate::config::duration("scorer.kserve.timeout", &self.timeout)?;
+        if !(Duration::from_millis(10)..=Duration::from_secs(600)).contains(&timeout) {
+            return Err(ConfigError::invalid(
+                "scorer.kserve.timeout",
+                &self.timeout,
+                "expected a duration within 10ms..=10m, e.g. \"5s\"",
+            ));
+        }
         let max_batch_size = NonZeroUsize::new(self.max_batch_size)
             .filter(|n| n.get() <= 4096)
             .ok_or_else(|| {

@@ -153,6 +153,15 @@ window = "5s"
     )
 }
 
+/// A loopback port nothing listens on now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// The API token in `path` (a daemon's `server.api_token_file`).
 pub fn token_in(path: &std::path::Path) -> String {
     std::fs::read_to_string(path)

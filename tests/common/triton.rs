@@ -14,15 +14,6 @@ pub struct Triton {
     pub grpc_port: u16,
 }
 
-/// A port nothing listens on now.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 impl Triton {
     /// Serves `bundle` on `grpc_port` (HTTP and metrics on free ports) with extra
     /// `scripts/triton_serve.py` options; waits (90 s) for it to answer.
@@ -34,8 +25,8 @@ impl Triton {
             .arg("--bundle")
             .arg(bundle)
             .args(["--grpc-port", &grpc_port.to_string()])
-            .args(["--http-port", &free_port().to_string()])
-            .args(["--metrics-port", &free_port().to_string()])
+            .args(["--http-port", &super::free_port().to_string()])
+            .args(["--metrics-port", &super::free_port().to_string()])
             .arg("--workspace")
             .arg(workspace.path().join("pytriton"))
             .args(extra)
