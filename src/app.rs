@@ -207,6 +207,27 @@ pub async fn run_with(
         return Err(Error::runtime("starting the streams", e));
     }
 
+    let follower = match settings.follow.clone() {
+        None => None,
+        Some(follow) => {
+            let path = bundle.prompts_path();
+            let sha = match crate::score::bundle::sha256_file(&path) {
+                Ok(sha) => sha,
+                Err(e) => {
+                    stop_engine(&streams, engine).await;
+                    return Err(Error::runtime("reading the bundle's prompt set", e));
+                }
+            };
+            Some(crate::follower::Follower::new(
+                follow,
+                settings.cluster.replica,
+                files.labels.clone(),
+                prompt_manager.clone(),
+                sha,
+                metrics.register_follower(),
+            ))
+        }
+    };
     let hosts =
         crate::http::host::HostPolicy::new(&settings.server.allowed_hosts, settings.server.listen);
     if let Some(w) = hosts.warning(settings.server.listen) {
@@ -230,6 +251,7 @@ pub async fn run_with(
         incidents,
         runtime_streams: runtime.clone(),
         cluster: settings.cluster,
+        follower: follower.clone(),
     });
     let listener = match tokio::net::TcpListener::bind(settings.server.listen).await {
         Ok(l) => l,
@@ -274,6 +296,7 @@ pub async fn run_with(
         tokio::spawn(sighup_task(reloader, shutdown.clone()))
     });
     let prompt_watch = tokio::spawn(prompt_watch_task(prompt_manager, shutdown.clone()));
+    let follower = follower.map(|f| tokio::spawn(f.run(shutdown.clone())));
     tracing::info!(streams = streams.len(), "Running");
 
     shutdown.cancelled().await;
@@ -291,6 +314,9 @@ pub async fn run_with(
     );
     watchdog.abort();
     prompt_watch.abort();
+    if let Some(task) = follower {
+        task.abort();
+    }
     if let Some(task) = reload {
         task.abort();
     }

@@ -22,6 +22,23 @@ pub struct ClusterConfig {
     /// name (a StatefulSet pod `streamiq-2` is replica 2).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub replica: Option<u32>,
+    /// The primary's HTTP address (`http://streamiq-0.streamiq:9790`): the replica that
+    /// keeps the cluster's label store and prompt sets. The others forward their labels
+    /// to it and follow its active prompt set. Unset: every daemon keeps its own.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub primary: Option<String>,
+    /// Which replica the primary is.
+    pub primary_replica: u32,
+    /// The file holding the primary's API token (default: `server.api_token_file`, the
+    /// same token on every replica).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub primary_token_file: Option<std::path::PathBuf>,
+    /// Labels a replica keeps queued (in its label store) while the primary does not
+    /// answer; beyond them new labels are refused (503), none is dropped.
+    pub forward_queue_max: u64,
+    /// How often a replica sends queued labels and asks the primary for its active
+    /// prompt set.
+    pub sync_interval: String,
 }
 
 impl Default for ClusterConfig {
@@ -29,8 +46,46 @@ impl Default for ClusterConfig {
         Self {
             replicas: 1,
             replica: None,
+            primary: None,
+            primary_replica: 0,
+            primary_token_file: None,
+            forward_queue_max: 10_000,
+            sync_interval: "10s".into(),
         }
     }
+}
+
+/// What a replica that is not the primary does with labels and prompt sets
+/// (`cluster.primary`), validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Follow {
+    /// The primary's address, as configured (for messages).
+    pub url: String,
+    /// `host:port` to connect to, and the `Host` header.
+    pub authority: String,
+    /// The primary's API token file.
+    pub token_file: std::path::PathBuf,
+    /// `cluster.forward_queue_max`.
+    pub queue_max: u64,
+    /// `cluster.sync_interval`.
+    pub interval: std::time::Duration,
+}
+
+/// The `host:port` of a `http://host[:port][/]` address.
+fn http_authority(url: &str) -> Result<String, String> {
+    let rest = url.strip_prefix("http://").ok_or(
+        "expected http://HOST:PORT (the primary's plain-HTTP listen address inside the cluster)",
+    )?;
+    let authority = rest.strip_suffix('/').unwrap_or(rest);
+    if authority.is_empty() || authority.contains(['/', '?', '#', '@', ' ']) {
+        return Err("expected http://HOST:PORT with no path, user or query".into());
+    }
+    let uri: hyper::Uri = format!("http://{authority}/")
+        .parse()
+        .map_err(|e| format!("not an address: {e}"))?;
+    let host = uri.host().filter(|h| !h.is_empty()).ok_or("no host")?;
+    let port = uri.port_u16().unwrap_or(80);
+    Ok(format!("{host}:{port}"))
 }
 
 /// Validated `[cluster]`: which replica this daemon is.
@@ -95,6 +150,57 @@ impl ClusterConfig {
             ));
         }
         Ok(Cluster { replicas, replica })
+    }
+
+    /// What `cluster` (this daemon, validated by [`validate`](Self::validate)) does as a
+    /// follower of `cluster.primary`: `None` without a primary or on the primary itself.
+    pub fn follow(
+        &self,
+        cluster: &Cluster,
+        api_token_file: &std::path::Path,
+    ) -> Result<Option<Follow>, ConfigError> {
+        if self.primary_replica >= cluster.replicas.get() {
+            return Err(ConfigError::invalid(
+                "cluster.primary_replica",
+                self.primary_replica,
+                format!("must be below cluster.replicas ({})", cluster.replicas),
+            ));
+        }
+        let interval = crate::config::duration("cluster.sync_interval", &self.sync_interval)?;
+        if !(std::time::Duration::from_millis(100)..=std::time::Duration::from_secs(3600))
+            .contains(&interval)
+        {
+            return Err(ConfigError::invalid(
+                "cluster.sync_interval",
+                &self.sync_interval,
+                "must be within 100ms..=1h",
+            ));
+        }
+        if self.forward_queue_max == 0 {
+            return Err(ConfigError::invalid(
+                "cluster.forward_queue_max",
+                0,
+                "must be at least 1",
+            ));
+        }
+        let Some(url) = &self.primary else {
+            return Ok(None);
+        };
+        let authority = http_authority(url.trim())
+            .map_err(|why| ConfigError::invalid("cluster.primary", url, why))?;
+        if cluster.replica == self.primary_replica {
+            return Ok(None);
+        }
+        Ok(Some(Follow {
+            url: url.trim().trim_end_matches('/').to_string(),
+            authority,
+            token_file: self
+                .primary_token_file
+                .clone()
+                .unwrap_or_else(|| api_token_file.to_owned()),
+            queue_max: self.forward_queue_max,
+            interval,
+        }))
     }
 }
 
@@ -224,8 +330,69 @@ mod tests {
     }
 
     #[test]
+    fn replicas_other_than_the_primary_follow_it() {
+        let token = std::path::Path::new("state/api-token");
+        let config = |replica, primary: &str| ClusterConfig {
+            replicas: 3,
+            replica: Some(replica),
+            primary: Some(primary.into()),
+            ..Default::default()
+        };
+        let follow = |c: ClusterConfig| {
+            let cluster = c.validate(|| None).unwrap();
+            c.follow(&cluster, token)
+        };
+        assert_eq!(
+            follow(config(0, "http://streamiq-0.streamiq:9790")).unwrap(),
+            None
+        );
+        let f = follow(config(2, "http://streamiq-0.streamiq:9790/"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(f.authority, "streamiq-0.streamiq:9790");
+        assert_eq!(f.url, "http://streamiq-0.streamiq:9790");
+        assert_eq!(f.token_file, token);
+        assert_eq!(f.interval, std::time::Duration::from_secs(10));
+        assert_eq!(
+            follow(config(1, "http://10.0.0.7"))
+                .unwrap()
+                .unwrap()
+                .authority,
+            "10.0.0.7:80"
+        );
+        for (bad, key) in [
+            ("https://streamiq-0:9790", "cluster.primary"),
+            ("streamiq-0:9790", "cluster.primary"),
+            ("http://streamiq-0:9790/api", "cluster.primary"),
+            ("http://user@streamiq-0:9790", "cluster.primary"),
+            ("http://", "cluster.primary"),
+        ] {
+            let e = follow(config(1, bad)).unwrap_err().to_string();
+            assert!(e.contains(key), "{bad}: {e}");
+        }
+        let e = follow(ClusterConfig {
+            primary_replica: 3,
+            ..config(1, "http://a:1")
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("cluster.primary_replica"), "{e}");
+        let e = follow(ClusterConfig {
+            sync_interval: "1ms".into(),
+            ..config(1, "http://a:1")
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("cluster.sync_interval"), "{e}");
+    }
+
+    #[test]
     fn replica_comes_from_the_pod_ordinal_or_is_refused() {
-        let c = |replicas, replica| ClusterConfig { replicas, replica };
+        let c = |replicas, replica| ClusterConfig {
+            replicas,
+            replica,
+            ..Default::default()
+        };
         assert_eq!(
             c(3, None)
                 .validate(|| Some("streamiq-2".into()))

@@ -666,6 +666,9 @@ pub struct Settings {
     pub scan: ScanGates,
     /// Which replica this daemon is; it watches only the streams that fall to it.
     pub cluster: crate::cluster::Cluster,
+    /// The primary this replica forwards labels to and takes prompt sets from
+    /// (`cluster.primary`), unless it is the primary or there is none.
+    pub follow: Option<crate::cluster::Follow>,
     /// Streams, in config order (all of them: [`cluster`](Self::cluster) picks this
     /// daemon's).
     pub streams: Vec<StreamSettings>,
@@ -715,6 +718,8 @@ impl Config {
 
     /// Validates a borrowed configuration (the caller keeps it, e.g. to print it).
     pub fn settings(&self) -> Result<Settings, ConfigError> {
+        let cluster = self.cluster.validate(crate::cluster::hostname)?;
+        let follow = self.cluster.follow(&cluster, &self.server.api_token_file)?;
         let server = ServerSettings {
             listen: self.server.listen.parse().map_err(|_| {
                 ConfigError::invalid("server.listen", &self.server.listen, "expected IP:PORT")
@@ -780,7 +785,8 @@ impl Config {
             },
             adapt,
             scan: ScanGates::from_config(&self.scan, "scan.")?,
-            cluster: self.cluster.validate(crate::cluster::hostname)?,
+            cluster,
+            follow,
             streams,
         })
     }

@@ -54,6 +54,7 @@ pub mod csv;
 pub mod distort;
 pub mod error;
 pub mod eval;
+pub mod follower;
 pub mod frame;
 pub mod http;
 pub mod incidents;

@@ -43,6 +43,27 @@ impl DropReason {
     }
 }
 
+/// The metrics of a replica that follows the cluster's primary
+/// ([`Metrics::register_follower`]).
+#[derive(Clone)]
+pub struct FollowerMetrics {
+    /// `streamiq_cluster_primary_up`.
+    pub primary_up: IntGauge,
+    /// `streamiq_cluster_labels_queued`.
+    pub labels_queued: IntGauge,
+    /// `streamiq_cluster_labels_forwarded_total`.
+    pub labels_forwarded: IntCounter,
+    /// `streamiq_cluster_sync_errors_total{kind}`.
+    pub sync_errors: IntCounterVec,
+    /// `streamiq_cluster_last_sync_timestamp_seconds`.
+    pub last_sync: Gauge,
+}
+
+impl FollowerMetrics {
+    /// The `kind` values of `streamiq_cluster_sync_errors_total`.
+    pub const ERROR_KINDS: [&'static str; 4] = ["unreachable", "refused", "checksum", "rejected"];
+}
+
 /// The registry and every metric family.
 pub struct Metrics {
     /// The registry `/metrics` encodes.
@@ -375,6 +396,49 @@ impl Metrics {
         self.cluster_info
             .with_label_values(&[cluster.replica.to_string(), cluster.replicas.to_string()])
             .set(1);
+    }
+
+    /// Registers and returns the metrics of a replica that follows the cluster's
+    /// primary (`cluster.primary`); call once. Other daemons export none of them.
+    pub fn register_follower(&self) -> FollowerMetrics {
+        let r = &self.registry;
+        let one = |name: &str, help: &str| reg(r, IntGauge::new(name, help).expect("valid metric"));
+        let errors = counter(
+            r,
+            "streamiq_cluster_sync_errors_total",
+            "Failed exchanges with the cluster's primary, by kind: unreachable (no answer), refused (it answered with an error), checksum (a prompt set that did not match its sha256), rejected (a prompt set this replica cannot use).",
+            &["kind"],
+        );
+        for kind in FollowerMetrics::ERROR_KINDS {
+            errors.with_label_values(&[kind]);
+        }
+        FollowerMetrics {
+            primary_up: one(
+                "streamiq_cluster_primary_up",
+                "1 when the last exchange with the cluster's primary (cluster.primary) succeeded.",
+            ),
+            labels_queued: one(
+                "streamiq_cluster_labels_queued",
+                "Labels stored on this replica that the cluster's primary has not stored yet.",
+            ),
+            labels_forwarded: reg(
+                r,
+                IntCounter::new(
+                    "streamiq_cluster_labels_forwarded_total",
+                    "Labels the cluster's primary stored from this replica.",
+                )
+                .expect("valid metric"),
+            ),
+            sync_errors: errors,
+            last_sync: reg(
+                r,
+                Gauge::new(
+                    "streamiq_cluster_last_sync_timestamp_seconds",
+                    "When this replica last exchanged labels and the prompt set with the primary successfully.",
+                )
+                .expect("valid metric"),
+            ),
+        }
     }
 
     /// Resolves the per-stream children for `stream`, creating every series at 0.

@@ -129,7 +129,10 @@ impl Reloader {
             ("model", old.model != new.model),
             ("scorer", old.scorer != new.scorer),
             ("qc", old.qc != new.qc),
-            ("cluster", old.cluster != new.cluster),
+            (
+                "cluster",
+                old.cluster != new.cluster || old.follow != new.follow,
+            ),
             (
                 "labels",
                 old.labels_db != new.labels_db || old.recent_frames != new.recent_frames,

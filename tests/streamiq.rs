@@ -957,6 +957,8 @@ fn alerts_and_dashboard_use_only_exported_metrics_and_documented_runbooks() {
     metrics.inference_duration.observe(0.1);
     metrics.frame_latency.observe(0.1);
     metrics.set_build_info("1.31.1", "1.22.0", "cpu");
+    // What a replica that follows the cluster's primary exports besides.
+    metrics.register_follower();
     for c in [
         &metrics.provider_failures,
         &metrics.prompt_rejects,

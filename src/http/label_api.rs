@@ -24,6 +24,9 @@ use crate::state::unix_seconds;
 /// Largest accepted request body on label routes, in bytes.
 pub const MAX_BODY: usize = 16 * 1024;
 
+/// Largest accepted body of a label forwarded by a replica with its frame, in bytes.
+pub const MAX_FORWARDED_BODY: usize = 8 << 20;
+
 /// The summary's recent targets per stream: at most this many, newest first.
 const RECENT_TARGETS: usize = 20;
 
@@ -39,6 +42,9 @@ struct StoredView {
     replaced: bool,
     /// Where the stored thumbnail is served.
     thumbnail: String,
+    /// On a replica that follows the cluster's primary: `queued`, for it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    primary: Option<&'static str>,
 }
 
 fn store_error(e: LabelError) -> ApiError {
@@ -64,12 +70,64 @@ fn join_error(e: tokio::task::JoinError) -> ApiError {
 
 /// `POST /api/v1/labels`: `{"frame_id", "mos" | "score", "labeller"?}` -> 201 and the
 /// stored label. The frame must still be in its stream's recent-frame ring.
+async fn read_request(request: axum::extract::Request) -> Result<LabelRequest, ApiError> {
+    let json = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        })
+        .is_some_and(|m| {
+            m == "application/json" || (m.starts_with("application/") && m.ends_with("+json"))
+        });
+    if !json {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "Expected request with `Content-Type: application/json`",
+            "body",
+        ));
+    }
+    let bytes = axum::body::to_bytes(request.into_body(), MAX_FORWARDED_BODY)
+        .await
+        .map_err(|e| {
+            let too_large = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            if too_large {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("a forwarded label is at most {MAX_FORWARDED_BODY} bytes"),
+                    "body",
+                )
+            } else {
+                ApiError::bad_request(format!("reading the body: {e}"), "body")
+            }
+        })?;
+    let Json(req) = Json::<LabelRequest>::from_bytes(&bytes)
+        .map_err(|r: JsonRejection| ApiError::new(r.status(), r.body_text(), "body"))?;
+    if req.forwarded.is_none() && bytes.len() > MAX_BODY {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("a label request is at most {MAX_BODY} bytes"),
+            "body",
+        ));
+    }
+    Ok(req)
+}
+
 pub(super) async fn create(
     _auth: Bearer,
     State(s): State<AppState>,
-    body: Result<Json<LabelRequest>, JsonRejection>,
+    request: axum::extract::Request,
 ) -> Result<Response, ApiError> {
-    let Json(req) = body.map_err(|r| ApiError::new(r.status(), r.body_text(), "body"))?;
+    let req = read_request(request).await?;
+    if req.forwarded.is_some() {
+        return create_forwarded(s, req).await;
+    }
     if let Err(wait) = s.label_rate.admit(std::time::Instant::now()) {
         let secs = wait.as_secs().max(1);
         let mut r = ApiError::new(
@@ -117,6 +175,9 @@ pub(super) async fn create(
             .await
             .map_err(join_error)?
         }
+        LabelTarget::Forwarded(_) => {
+            unreachable!("forwarded labels are stored by create_forwarded")
+        }
         LabelTarget::Incident { id, frame } => {
             let incidents = s.incidents.clone().ok_or_else(|| {
                 ApiError::not_found(
@@ -133,10 +194,22 @@ pub(super) async fn create(
         }
     };
     let store = s.labels.clone();
-    let inserted = tokio::task::spawn_blocking(move || store.insert(&label))
-        .await
-        .map_err(join_error)?
-        .map_err(store_error)?;
+    let queue_max = s.follower.as_ref().map(|f| f.follow().queue_max);
+    let inserted = tokio::task::spawn_blocking(move || match queue_max {
+        Some(max) => store.insert_queued(&label, max),
+        None => store.insert(&label),
+    })
+    .await
+    .map_err(join_error)?
+    .map_err(|e| store_error_for(&s, e))?;
+    if let Some(f) = &s.follower {
+        f.wake();
+    }
+    Ok(stored(&s, inserted, None))
+}
+
+/// The 201 reply for a stored label, logged and counted.
+fn stored(s: &AppState, inserted: crate::labels::Inserted, from_replica: Option<u32>) -> Response {
     s.metrics.labels_total.inc();
     let l = &inserted.label;
     tracing::info!(
@@ -146,14 +219,96 @@ pub(super) async fn create(
         labeller = %l.labeller,
         target = l.target,
         replaced = inserted.replaced,
+        from_replica,
         "Label stored"
     );
     let view = StoredView {
         thumbnail: format!("/api/v1/labels/{}/thumbnail.jpg", l.id),
         replaced: inserted.replaced,
+        primary: s.follower.as_ref().map(|_| "queued"),
         label: inserted.label,
     };
-    Ok((StatusCode::CREATED, Json(view)).into_response())
+    (StatusCode::CREATED, Json(view)).into_response()
+}
+
+/// [`store_error`], but a full forwarding queue names the primary that does not answer.
+fn store_error_for(s: &AppState, e: LabelError) -> ApiError {
+    match (&e, &s.follower) {
+        (LabelError::QueueFull { count, limit, .. }, Some(f)) => {
+            tracing::warn!(count, limit, primary = %f.follow().url, "Label refused: the queue for the primary is full");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "{count} labels wait for the cluster's primary at {} (cluster.forward_queue_max \
+                     = {limit}), which does not take them: label again when it is back",
+                    f.follow().url
+                ),
+                "labels",
+            )
+        }
+        _ => store_error(e),
+    }
+}
+
+/// A label that a replica stored first and forwards with its frame: stored under the
+/// replica's run id, if it was embedded by this daemon's model. Not rate-limited (the
+/// replica's own limit admitted it); refused on a replica that forwards labels itself.
+async fn create_forwarded(s: AppState, req: LabelRequest) -> Result<Response, ApiError> {
+    if let Some(f) = &s.follower {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "this replica is not the cluster's primary: forward labels to {}",
+                f.follow().url
+            ),
+            "forwarded",
+        ));
+    }
+    let req = req
+        .validate()
+        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.message, e.field))?;
+    let LabelTarget::Forwarded(f) = req.target else {
+        unreachable!("a request with forwarded validates to a forwarded target")
+    };
+    let mine = &*s.provenance;
+    if !f
+        .label
+        .provenance
+        .model_sha256
+        .eq_ignore_ascii_case(&mine.model_sha256)
+    {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "replica {} embedded this frame with {} (visual.onnx sha256 {}); this primary \
+                 scores with {} (sha256 {}): every replica must run the primary's model bundle",
+                f.replica,
+                f.label.provenance.bundle,
+                f.label.provenance.model_sha256,
+                mine.bundle,
+                mine.model_sha256
+            ),
+            "forwarded",
+        ));
+    }
+    let dim = s.prompt_manager.dim();
+    if f.label.embedding.len() != dim {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "forwarded embedding has {} values; the model's have {dim}",
+                f.label.embedding.len()
+            ),
+            "forwarded",
+        ));
+    }
+    let store = s.labels.clone();
+    let replica = f.replica;
+    let inserted = tokio::task::spawn_blocking(move || store.insert_from(&f.run_id, &f.label))
+        .await
+        .map_err(join_error)?
+        .map_err(store_error)?;
+    Ok(stored(&s, inserted, Some(replica)))
 }
 
 /// The label for frame `n` of incident `id`: the embedding, score and working frame it

@@ -72,6 +72,8 @@ pub struct AppState {
     pub runtime_streams: Arc<crate::runtime_streams::RuntimeStreams>,
     /// Which replica this daemon is (streams added through the API must fall to it).
     pub cluster: crate::cluster::Cluster,
+    /// The link to the cluster's primary, on a replica that follows one.
+    pub follower: Option<Arc<crate::follower::Follower>>,
 }
 
 /// The router: `/metrics`, `/healthz`, `/readyz`, the labelling page and the stream
@@ -89,13 +91,14 @@ pub fn router(state: AppState) -> Router {
             get(stream_api::thumbnail),
         )
         .route("/api/v1/prompts", get(prompt_api::list))
+        .route("/api/v1/prompts/active", get(prompt_api::active_file))
         .route("/api/v1/prompts/reload", post(prompt_api::reload))
         .route("/api/v1/prompts/rollback", post(prompt_api::rollback))
         .route(
             "/api/v1/labels",
             get(label_api::list)
                 .post(label_api::create)
-                .layer(DefaultBodyLimit::max(label_api::MAX_BODY)),
+                .layer(DefaultBodyLimit::max(label_api::MAX_FORWARDED_BODY)),
         )
         .route(
             "/api/v1/labels/{id}/thumbnail.jpg",

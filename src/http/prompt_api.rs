@@ -1,11 +1,14 @@
-//! Prompt-set routes: `GET /api/v1/prompts` (active version and history), and the
-//! bearer-protected `POST /api/v1/prompts/reload` (activate what `prompts_dir/active`
-//! names) and `POST /api/v1/prompts/rollback` (`{"version": N}`, any earlier version;
-//! 0 is the bundle's own set).
+//! Prompt-set routes: `GET /api/v1/prompts` (active version and history),
+//! `GET /api/v1/prompts/active` (the active set's file, with its version and sha256:
+//! what the cluster's replicas take from their primary), and
+//! `POST /api/v1/prompts/reload` (activate what `prompts_dir/active` names) and
+//! `POST /api/v1/prompts/rollback` (`{"version": N}`, any earlier version; 0 is the
+//! bundle's own set), which a replica that follows a primary refuses.
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -39,8 +42,73 @@ pub async fn list(State(s): State<AppState>) -> Json<Value> {
     }))
 }
 
+/// `GET /api/v1/prompts/active`: the active set's bytes (`application/octet-stream`),
+/// with its version (`x-streamiq-prompt-version`) and sha256 (`x-streamiq-sha256`, also
+/// the `ETag`); `If-None-Match` with that tag answers 304.
+pub async fn active_file(
+    State(s): State<AppState>,
+    request_headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let set = s.prompt_manager.active();
+    let path = set.path.clone();
+    let bytes = tokio::task::spawn_blocking(move || std::fs::read(&path))
+        .await
+        .map_err(|e| ApiError::internal(format!("reading the prompt set: {e}")))?
+        .map_err(|e| {
+            tracing::error!(path = %set.path.display(), error = %e, "Active prompt set unreadable");
+            ApiError::internal("the active prompt set cannot be read")
+        })?;
+    let sha = crate::follower::sha256_hex(&bytes);
+    let etag = format!("\"{sha}\"");
+    let version = set.version.to_string();
+    let headers = [
+        (header::ETAG, etag.clone()),
+        (header::CACHE_CONTROL, "no-cache".to_string()),
+        (
+            header::HeaderName::from_static(crate::follower::VERSION_HEADER),
+            version,
+        ),
+        (
+            header::HeaderName::from_static(crate::follower::SHA256_HEADER),
+            sha,
+        ),
+    ];
+    let unchanged = request_headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim() == etag);
+    if unchanged {
+        return Ok((StatusCode::NOT_MODIFIED, headers).into_response());
+    }
+    Ok((
+        headers,
+        [(header::CONTENT_TYPE, "application/octet-stream")],
+        bytes,
+    )
+        .into_response())
+}
+
+/// On a replica that follows the cluster's primary, prompt sets are switched there.
+fn refuse_on_follower(s: &AppState) -> Result<(), ApiError> {
+    match &s.follower {
+        Some(f) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "this replica takes its prompt set from the cluster's primary (cluster.primary = \
+                 {}): reload or roll back there, and every replica follows",
+                f.follow().url
+            ),
+            "version",
+        )),
+        None => Ok(()),
+    }
+}
+
 /// `POST /api/v1/prompts/reload`.
 pub async fn reload(_: Bearer, State(s): State<AppState>) -> Result<Json<Value>, ApiError> {
+    refuse_on_follower(&s)?;
     let m = s.prompt_manager.clone();
     let from = m.active().version;
     let to = tokio::task::spawn_blocking(move || m.reload())
@@ -73,6 +141,7 @@ pub async fn rollback(
             "version",
         )
     })?;
+    refuse_on_follower(&s)?;
     let m = s.prompt_manager.clone();
     let from = m.active().version;
     let to = tokio::task::spawn_blocking(move || m.rollback(version))

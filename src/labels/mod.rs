@@ -9,13 +9,14 @@
 //!   ─▶ load_training_set (read-only; the sidecar) ─▶ (embedding, target) pairs
 //! ```
 
+pub mod forward;
 pub mod reembed;
 pub mod store;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-pub use store::{ExportFormat, Inserted, LabelError, LabelStore, load_training_set};
+pub use store::{ExportFormat, Inserted, LabelError, LabelStore, Queued, load_training_set};
 
 /// Longest `labeller` name, in characters.
 pub const MAX_LABELLER_CHARS: usize = 64;
@@ -94,6 +95,9 @@ pub struct LabelRequest {
     pub score: Option<Value>,
     /// Who labelled it (default [`DEFAULT_LABELLER`]).
     pub labeller: Option<Value>,
+    /// Instead of `frame_id` or `incident`: a label that a replica stored first and
+    /// forwards to the cluster's primary, with its frame ([`forward::Forwarded`]).
+    pub forwarded: Option<Value>,
 }
 
 /// A label request whose fields are all valid.
@@ -119,12 +123,29 @@ pub enum LabelTarget {
         /// The frame's index in it.
         frame: usize,
     },
+    /// A frame another replica saw, sent with the label.
+    Forwarded(Box<forward::ValidForwarded>),
 }
 
 impl LabelRequest {
     /// Checks every field; the error names the first bad one.
-    pub fn validate(self) -> Result<ValidRequest, FieldError> {
-        let target = match (self.frame_id, self.incident) {
+    pub fn validate(mut self) -> Result<ValidRequest, FieldError> {
+        if let Some(forwarded) = self.forwarded.take() {
+            if self.frame_id.is_some() || self.incident.is_some() || self.frame.is_some() {
+                return Err(FieldError::new(
+                    "forwarded",
+                    "give forwarded alone, without frame_id, incident or frame",
+                ));
+            }
+            let (rating, labeller) = self.rating_and_labeller()?;
+            let f = forward::Forwarded::validate(forwarded, rating, labeller.clone())?;
+            return Ok(ValidRequest {
+                target: LabelTarget::Forwarded(Box::new(f)),
+                rating,
+                labeller,
+            });
+        }
+        let target = match (self.frame_id.take(), self.incident.take()) {
             (Some(v), None) => LabelTarget::Frame(parse_frame_id(&v)?),
             (None, Some(v)) => {
                 let id = v
@@ -160,6 +181,15 @@ impl LabelRequest {
         if self.frame.is_some() && !matches!(target, LabelTarget::Incident { .. }) {
             return Err(FieldError::new("frame", "only with incident"));
         }
+        let (rating, labeller) = self.rating_and_labeller()?;
+        Ok(ValidRequest {
+            target,
+            rating,
+            labeller,
+        })
+    }
+
+    fn rating_and_labeller(self) -> Result<(Rating, String), FieldError> {
         let rating = match (self.mos, self.score) {
             (Some(m), None) => Rating::Mos(number_in("mos", &m, 1.0, 5.0)?),
             (None, Some(s)) => Rating::Score(number_in("score", &s, 0.0, 1.0)?),
@@ -177,11 +207,7 @@ impl LabelRequest {
             None => DEFAULT_LABELLER.to_string(),
             Some(v) => parse_labeller(&v)?,
         };
-        Ok(ValidRequest {
-            target,
-            rating,
-            labeller,
-        })
+        Ok((rating, labeller))
     }
 }
 
@@ -252,7 +278,7 @@ pub struct Provenance {
 }
 
 /// A label to store: the rating plus everything the model knew about the frame.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct NewLabel {
     /// Stream id.
     pub stream: String,

@@ -57,6 +57,15 @@ const MIGRATIONS: &[&str] = &[
         embedding_source TEXT    NOT NULL,
         PRIMARY KEY (label_id, model_sha256)
     );",
+    // 3: labels a replica has stored but the cluster's primary has not yet
+    // acknowledged (`cluster.primary`), oldest first; a row goes when the primary has
+    // stored the label, or when the label is replaced by a newer one of its frame.
+    "CREATE TABLE outbox (
+        label_id   INTEGER PRIMARY KEY,
+        queued     REAL    NOT NULL,
+        attempts   INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT
+    );",
 ];
 
 /// The schema version this build writes.
@@ -108,6 +117,18 @@ pub enum LabelError {
         /// The limit.
         limit: u64,
     },
+    /// `cluster.forward_queue_max` labels already wait for the cluster's primary.
+    #[error(
+        "{path}: {count} labels wait for the cluster's primary (cluster.forward_queue_max = {limit}); they are sent when it answers again"
+    )]
+    QueueFull {
+        /// The database file.
+        path: PathBuf,
+        /// Labels waiting.
+        count: u64,
+        /// The limit.
+        limit: u64,
+    },
     /// A stored row or a label to store is inconsistent.
     #[error("{path}: label {id}: {message}")]
     Invalid {
@@ -128,9 +149,25 @@ impl LabelError {
             Self::Sqlite { .. } => "sqlite",
             Self::Schema { .. } => "schema",
             Self::Full { .. } => "full",
+            Self::QueueFull { .. } => "queue_full",
             Self::Invalid { .. } => "invalid",
         }
     }
+}
+
+/// A label waiting for the cluster's primary, with its blobs.
+#[derive(Debug, Clone)]
+pub struct Queued {
+    /// The label as stored here.
+    pub label: Label,
+    /// Its embedding, little-endian f32s.
+    pub embedding: Vec<u8>,
+    /// Its JPEG thumbnail.
+    pub thumbnail: Vec<u8>,
+    /// Its frame as PNG, if kept.
+    pub frame: Option<Vec<u8>>,
+    /// Deliveries tried and failed so far.
+    pub attempts: u64,
 }
 
 /// [`LabelStore::summary`]'s counts.
@@ -349,6 +386,40 @@ impl LabelStore {
     /// Stores a label in one durable transaction. An earlier label of the same frame (in
     /// this run) by the same labeller is replaced; the new row gets a new id.
     pub fn insert(&self, l: &NewLabel) -> Result<Inserted, LabelError> {
+        self.insert_row(&self.run_id, l, None)
+    }
+
+    /// [`insert`](Self::insert) for a label another daemon stored first (a replica
+    /// forwarding to the cluster's primary), under that daemon's `run_id`: its frame ids
+    /// count in that run, and a label sent twice replaces itself instead of doubling.
+    pub fn insert_from(&self, run_id: &str, l: &NewLabel) -> Result<Inserted, LabelError> {
+        if run_id.is_empty()
+            || run_id.len() > 64
+            || !run_id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
+            return Err(self.invalid(
+                0,
+                format!("run_id {run_id:?}: expected 1-64 letters, digits or '-'"),
+            ));
+        }
+        self.insert_row(run_id, l, None)
+    }
+
+    /// [`insert`](Self::insert), and in the same transaction queues the label for the
+    /// cluster's primary ([`outbox`](Self::outbox)). With `queue_max` labels queued
+    /// already, nothing is stored and [`LabelError::QueueFull`] says so.
+    pub fn insert_queued(&self, l: &NewLabel, queue_max: u64) -> Result<Inserted, LabelError> {
+        self.insert_row(&self.run_id, l, Some(queue_max))
+    }
+
+    fn insert_row(
+        &self,
+        run_id: &str,
+        l: &NewLabel,
+        queue_max: Option<u64>,
+    ) -> Result<Inserted, LabelError> {
         let target = l.rating.target();
         if !(0.0..=1.0).contains(&target) {
             return Err(self.invalid(0, format!("target {target} outside 0..1")));
@@ -366,16 +437,23 @@ impl LabelStore {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(&sql)?;
+        const EARLIER: &str =
+            "(SELECT id FROM labels WHERE run_id = ?1 AND frame_id = ?2 AND labeller = ?3)";
         tx.execute(
-            "DELETE FROM label_embeddings WHERE label_id IN
-                 (SELECT id FROM labels WHERE run_id = ?1 AND frame_id = ?2 AND labeller = ?3)",
-            params![self.run_id, frame_id, l.labeller],
+            &format!("DELETE FROM label_embeddings WHERE label_id IN {EARLIER}"),
+            params![run_id, frame_id, l.labeller],
+        )
+        .map_err(&sql)?;
+        // A queued earlier label is superseded: only the newest rating travels.
+        tx.execute(
+            &format!("DELETE FROM outbox WHERE label_id IN {EARLIER}"),
+            params![run_id, frame_id, l.labeller],
         )
         .map_err(&sql)?;
         let replaced = tx
             .execute(
                 "DELETE FROM labels WHERE run_id = ?1 AND frame_id = ?2 AND labeller = ?3",
-                params![self.run_id, frame_id, l.labeller],
+                params![run_id, frame_id, l.labeller],
             )
             .map_err(&sql)?
             > 0;
@@ -390,6 +468,18 @@ impl LabelStore {
                 limit: self.max_labels,
             });
         }
+        if let Some(limit) = queue_max {
+            let queued = tx
+                .query_row("SELECT count(*) FROM outbox", [], |r| r.get::<_, i64>(0))
+                .map_err(&sql)? as u64;
+            if queued >= limit {
+                return Err(LabelError::QueueFull {
+                    path: self.path.clone(),
+                    count: queued,
+                    limit,
+                });
+            }
+        }
         tx.execute(
             "INSERT INTO labels (run_id, stream, frame_id, captured, pts, mos, score, target,
                  labeller, embedding, embed_dim, bundle, model_sha256, prompt_version,
@@ -397,7 +487,7 @@ impl LabelStore {
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
                  ?18)",
             params![
-                self.run_id,
+                run_id,
                 l.stream,
                 frame_id,
                 l.captured,
@@ -419,6 +509,13 @@ impl LabelStore {
         )
         .map_err(&sql)?;
         let id = tx.last_insert_rowid();
+        if queue_max.is_some() {
+            tx.execute(
+                "INSERT INTO outbox (label_id, queued) VALUES (?1, ?2)",
+                params![id, unix_now()],
+            )
+            .map_err(&sql)?;
+        }
         let label = tx
             .query_row(
                 &format!("SELECT {LABEL_COLUMNS} FROM labels WHERE id = ?1"),
@@ -428,6 +525,63 @@ impl LabelStore {
             .map_err(&sql)?;
         tx.commit().map_err(&sql)?;
         Ok(Inserted { label, replaced })
+    }
+
+    /// Labels queued for the cluster's primary ([`insert_queued`](Self::insert_queued)).
+    pub fn outbox_len(&self) -> Result<u64, LabelError> {
+        self.conn()
+            .query_row("SELECT count(*) FROM outbox", [], |r| r.get::<_, i64>(0))
+            .map(|n| n as u64)
+            .map_err(self.sql())
+    }
+
+    /// Up to `limit` queued labels with a label id above `after`, oldest first, each
+    /// with everything the primary needs to store it.
+    pub fn outbox(&self, after: i64, limit: usize) -> Result<Vec<Queued>, LabelError> {
+        let sql = self.sql();
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(&format!(
+                "SELECT {LABEL_COLUMNS}, embedding, thumbnail, frame, o.attempts
+                 FROM outbox o JOIN labels l ON l.id = o.label_id
+                 WHERE o.label_id > ?1 ORDER BY o.label_id LIMIT ?2"
+            ))
+            .map_err(&sql)?;
+        let rows = stmt
+            .query_map(
+                params![after, i64::try_from(limit).unwrap_or(i64::MAX)],
+                |r| {
+                    Ok(Queued {
+                        label: label_from_row(r)?,
+                        embedding: r.get(17)?,
+                        thumbnail: r.get(18)?,
+                        frame: r.get(19)?,
+                        attempts: r.get::<_, i64>(20)? as u64,
+                    })
+                },
+            )
+            .map_err(&sql)?;
+        rows.collect::<Result<_, _>>().map_err(sql)
+    }
+
+    /// The primary stored label `id`: it leaves the queue.
+    pub fn delivered(&self, id: i64) -> Result<(), LabelError> {
+        self.conn()
+            .execute("DELETE FROM outbox WHERE label_id = ?1", [id])
+            .map(drop)
+            .map_err(self.sql())
+    }
+
+    /// The primary refused label `id`, or could not be asked: it stays queued, with the
+    /// reason.
+    pub fn delivery_failed(&self, id: i64, error: &str) -> Result<(), LabelError> {
+        self.conn()
+            .execute(
+                "UPDATE outbox SET attempts = attempts + 1, last_error = ?2 WHERE label_id = ?1",
+                params![id, error],
+            )
+            .map(drop)
+            .map_err(self.sql())
     }
 
     /// Labels with an id above `since`, oldest first, at most `limit` (all if `None`).
@@ -963,6 +1117,80 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("nested/state/labels.sqlite");
         (dir, path)
+    }
+
+    #[test]
+    fn the_outbox_is_bounded_superseded_by_relabelling_and_round_trips_to_the_primary() {
+        let (_dir, path) = temp_db();
+        let sha = "a".repeat(64);
+        let replica = LabelStore::open(&path).unwrap();
+        let a = replica
+            .insert_queued(&label(1, Rating::Mos(2.0), "ann", &sha), 2)
+            .unwrap();
+        replica
+            .insert_queued(&label(2, Rating::Mos(3.0), "ann", &sha), 2)
+            .unwrap();
+        // Full: refused, nothing stored, the queued ones intact.
+        let e = replica
+            .insert_queued(&label(3, Rating::Mos(4.0), "ann", &sha), 2)
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                LabelError::QueueFull {
+                    count: 2,
+                    limit: 2,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert_eq!(
+            (replica.count().unwrap(), replica.outbox_len().unwrap()),
+            (2, 2)
+        );
+        // Relabelling frame 1 replaces its queued label: still two queued, the new one.
+        let a2 = replica
+            .insert_queued(&label(1, Rating::Mos(5.0), "ann", &sha), 2)
+            .unwrap();
+        assert!(a2.replaced);
+        let queued = replica.outbox(0, 10).unwrap();
+        let ids: Vec<i64> = queued.iter().map(|q| q.label.id).collect();
+        assert!(
+            !ids.contains(&a.label.id) && ids.contains(&a2.label.id),
+            "{ids:?}"
+        );
+        assert_eq!(queued.len(), 2);
+
+        // The primary stores each under the replica's run id; sending one twice
+        // replaces it instead of counting it twice.
+        let (_dir2, path2) = temp_db();
+        let primary = LabelStore::open(&path2).unwrap();
+        for q in queued.iter().chain(&queued[..1]) {
+            let body = crate::labels::forward::request_body(q, 1);
+            let req: crate::labels::LabelRequest = serde_json::from_value(body).unwrap();
+            let v = req.validate().unwrap();
+            let crate::labels::LabelTarget::Forwarded(f) = v.target else {
+                panic!("not forwarded")
+            };
+            assert_eq!(f.label.embedding, vec![0.6, 0.8, 0.0, 0.0]);
+            assert_eq!(f.label.thumbnail, q.thumbnail);
+            primary.insert_from(&f.run_id, &f.label).unwrap();
+            replica.delivered(q.label.id).unwrap();
+        }
+        let stored = primary.list(0, None).unwrap();
+        assert_eq!(stored.len(), 2);
+        assert!(stored.iter().all(|l| l.run_id == replica.run_id()));
+        assert_eq!(
+            stored.iter().map(|l| l.mos).collect::<Vec<_>>(),
+            vec![Some(5.0), Some(3.0)]
+        );
+        assert_eq!(replica.outbox_len().unwrap(), 0);
+        assert!(
+            primary
+                .insert_from("", &label(9, Rating::Mos(1.0), "ann", &sha))
+                .is_err()
+        );
     }
 
     #[test]

@@ -200,7 +200,7 @@ impl PromptDir {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -226,7 +226,7 @@ mod tests {
     }
 
     /// A prompt set file of embedding size 2 with `meta`.
-    fn set_file(meta: &[(&str, &str)]) -> Vec<u8> {
+    pub(crate) fn set_file(meta: &[(&str, &str)]) -> Vec<u8> {
         let v: Vec<u8> = [1.0f32, 0.0, 0.0, 1.0]
             .iter()
             .flat_map(|x| x.to_le_bytes())
@@ -458,6 +458,11 @@ impl PromptManager {
     /// The directory.
     pub fn dir(&self) -> &PromptDir {
         &self.dir
+    }
+
+    /// The embedding size of the model's sets.
+    pub fn dim(&self) -> usize {
+        self.dim
     }
 
     /// The active set.
