@@ -3,19 +3,26 @@
 # same H.264 clip and the same bundle, alternating runs, medians printed side by side.
 #
 #   scripts/bench.sh [--runs N] [--seconds S] [--size WxH] [--bundle DIR]
+#                    [--views global|crops:N|mixed:N] [--batch FRAMES]
+#
+# Both sides do the same work per frame: the same visual.onnx, the same views (default
+# the daemon's, crops:4) and the same frames per model call (default 8, the daemon's
+# scorer.max_batch).
 #
 # Needs `make build` (target/release/streamiq) and the venv (scripts/setup.sh). The
 # baseline is scripts/bench_baseline.py, the clip comes from scripts/make_bench_clip.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-RUNS=3 SECONDS_=30 SIZE=1280x720 BUNDLE=models/streamiq-test
+RUNS=3 SECONDS_=30 SIZE=1280x720 BUNDLE=models/streamiq-test VIEWS=crops:4 BATCH=8
 while [ $# -gt 0 ]; do
   case $1 in
     --runs) RUNS=$2; shift 2 ;;
     --seconds) SECONDS_=$2; shift 2 ;;
     --size) SIZE=$2; shift 2 ;;
     --bundle) BUNDLE=$2; shift 2 ;;
+    --views) VIEWS=$2; shift 2 ;;
+    --batch) BATCH=$2; shift 2 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -31,6 +38,9 @@ clip="$OUT/clip-${SIZE}-${SECONDS_}s.mp4"
 cat >"$OUT/bench.toml" <<EOF
 [model]
 bundle = "$BUNDLE"
+[scorer]
+views = "$VIEWS"
+max_batch = $BATCH
 EOF
 
 # Runs a command and prints "wall_s cpu_s peak_rss_mib".
@@ -49,11 +59,11 @@ PY
 }
 
 frames=$(ffprobe -v error -count_frames -select_streams v:0 -show_entries stream=nb_read_frames -of csv=p=0 "$clip")
-echo "clip $clip: $frames frames ($SIZE, H.264), bundle $BUNDLE, $(nproc) cores, $RUNS runs each" >&2
+echo "clip $clip: $frames frames ($SIZE, H.264), bundle $BUNDLE, views $VIEWS, $BATCH frames per call, $(nproc) cores, $RUNS runs each" >&2
 : >"$OUT/runs.txt"
 for i in $(seq "$RUNS"); do
   echo "run $i/$RUNS: python baseline" >&2
-  echo "python $(measure "$VENV/bin/python" scripts/bench_baseline.py --bundle "$BUNDLE" --video "$clip" 2>/dev/null)" >>"$OUT/runs.txt"
+  echo "python $(measure "$VENV/bin/python" scripts/bench_baseline.py --bundle "$BUNDLE" --video "$clip" --views "$VIEWS" --batch "$BATCH" 2>/dev/null)" >>"$OUT/runs.txt"
   echo "run $i/$RUNS: streamiq scan" >&2
   echo "streamiq $(measure target/release/streamiq scan --config "$OUT/bench.toml" "$clip" 2>/dev/null)" >>"$OUT/runs.txt"
 done

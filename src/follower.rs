@@ -123,8 +123,9 @@ pub struct Follower {
     /// sha256 of the bundle's own prompt set (version 0).
     bundle_prompts_sha256: String,
     metrics: FollowerMetrics,
-    /// sha256 of the prompt set last taken from the primary (or active at start).
-    applied: Mutex<Option<String>>,
+    /// Version and sha256 of the prompt set last taken from the primary (or active at
+    /// start).
+    applied: Mutex<Option<(u64, String)>>,
     wake: tokio::sync::Notify,
 }
 
@@ -139,9 +140,10 @@ impl Follower {
         bundle_prompts_sha256: String,
         metrics: FollowerMetrics,
     ) -> Arc<Self> {
-        let applied = std::fs::read(&prompts.active().path)
+        let active = prompts.active();
+        let applied = std::fs::read(&active.path)
             .ok()
-            .map(|b| sha256_hex(&b));
+            .map(|b| (active.version, sha256_hex(&b)));
         Arc::new(Self {
             follow,
             replica,
@@ -382,6 +384,9 @@ impl Follower {
     /// Asks the primary for its active prompt set (unless it is the one applied last)
     /// and activates it. Returns the version switched to, if any.
     async fn sync_prompts(&self) -> Result<Option<u64>, SyncError> {
+        // Only while the set taken last is still the active one: a set activated here
+        // by other means (a round run beside a replica by mistake) is replaced.
+        let active = self.prompts.active().version;
         let applied = self
             .applied
             .lock()
@@ -389,7 +394,8 @@ impl Follower {
             .clone();
         let headers = applied
             .iter()
-            .map(|sha| (header::IF_NONE_MATCH, format!("\"{sha}\"")))
+            .filter(|(v, _)| *v == active)
+            .map(|(_, sha)| (header::IF_NONE_MATCH, format!("\"{sha}\"")))
             .collect();
         let (status, headers, bytes) = self
             .exchange(Method::GET, "/api/v1/prompts/active", headers, Vec::new())
@@ -444,7 +450,7 @@ impl Follower {
             .await
             .map_err(|e| rejected(e.to_string()))?
             .map_err(rejected)?;
-        *self.applied.lock().unwrap_or_else(|e| e.into_inner()) = Some(actual.clone());
+        *self.applied.lock().unwrap_or_else(|e| e.into_inner()) = Some((version, actual.clone()));
         tracing::info!(version, sha256 = %actual, primary = %self.follow.url, "Prompt set taken from the primary");
         Ok(Some(version))
     }

@@ -225,6 +225,9 @@ pub fn scan(settings: &Settings, opts: &ScanOptions) -> Result<Vec<FileReport>, 
     scan_with(settings, opts, &mut ())
 }
 
+/// Batches of frames `scan` lets wait for the scorer (at most `scorer.queue_capacity`).
+pub const SCAN_BATCHES_AHEAD: usize = 4;
+
 /// Scans the files, `opts.jobs` at a time with one engine, telling `observer` of each
 /// report as its file ends; returns the reports in the order of `opts.files`.
 pub fn scan_with(
@@ -252,14 +255,16 @@ pub fn scan_with(
         per_frame: opts.per_frame,
         scored: AtomicU64::new(0),
     });
-    let engine = Engine::start(
-        loaded,
-        prompts,
-        &settings.scorer,
-        sink.clone(),
-        metrics.clone(),
-    )
-    .map_err(|e| Error::runtime("starting the scoring threads", e))?;
+    // Files are read no faster than they are scored (backpressure), so frames beyond a
+    // few batches ahead only cost memory: a working frame for crops is about 1 MB.
+    let mut scorer = settings.scorer.clone();
+    scorer.queue_capacity = scorer.queue_capacity.min(
+        scorer
+            .max_batch
+            .saturating_mul(std::num::NonZeroUsize::new(SCAN_BATCHES_AHEAD).expect("nonzero")),
+    );
+    let engine = Engine::start(loaded, prompts, &scorer, sink.clone(), metrics.clone())
+        .map_err(|e| Error::runtime("starting the scoring threads", e))?;
     observer.started(&attribute_names);
     let handoff = engine.handoff();
     let spec = PipelineSpec {

@@ -239,6 +239,21 @@ fn labels_reach_the_primary_and_its_prompt_set_reaches_every_replica() {
         std::fs::read(dir0.path(1)).unwrap()
     );
     assert_eq!(json_as(a1, "/api/v1/prompts", &token)["active"], 1);
+    // A set activated on the replica behind its back (its own `active` file) is
+    // replaced by the primary's again.
+    let taken = |p: &Process| {
+        p.log_text()
+            .matches("Prompt set taken from the primary")
+            .count()
+    };
+    assert_eq!(taken(&replica), 1);
+    dir1.set_active(0).unwrap();
+    wait_until_for(WAIT, "the primary's set taken again", || {
+        taken(&replica) == 2
+    });
+    wait_until_for(WAIT, "replica 1 back on prompt set 1", || {
+        metric_of(a1, "streamiq_prompt_version") == Some(1.0) && dir1.active().unwrap() == Some(1)
+    });
     // Replica 1 leaves switching to the primary; a rollback there reaches it.
     let (code, body) = http(
         a1,

@@ -270,7 +270,11 @@ fn build_session(
         b = b.with_intra_threads(intra_threads).map_err(err)?;
     }
     b = match provider {
-        ExecutionProvider::Cpu => b,
+        // ONNX Runtime's memory pattern plans one block for every intermediate tensor of
+        // a batch; without it tensors are allocated as they live. On the CPU the speed
+        // is the same and the peak memory is much lower (streamiq-tiny, 32 views: 318
+        // against 515 MiB, README "Performance").
+        ExecutionProvider::Cpu => b.with_memory_pattern(false).map_err(err)?,
         ExecutionProvider::Cuda => b
             .with_execution_providers([ort::ep::CUDA::default().build().error_on_failure()])
             .map_err(err)?,
