@@ -1643,6 +1643,19 @@ async fn hostile_input_on_every_route_gets_a_clear_4xx() {
                 ),
                 ("text/plain", &b"{\"frame_id\": 1, \"mos\": 3}"[..]),
                 ("application/json", &big[..]),
+                // A label forwarded by a replica: the wrong type, hostile fields.
+                (
+                    "application/json",
+                    &b"{\"mos\": 3, \"forwarded\": \"x\"}"[..],
+                ),
+                (
+                    "application/json",
+                    &br#"{"mos": 3, "forwarded": {"replica": 1, "run_id": "1 OR 1=1",
+                        "frame_id": 1, "stream": "../x", "captured": 1, "pts": null,
+                        "bundle": "b", "model_sha256": "00", "prompt_version": 0,
+                        "model_score": 0.5, "embedding": "%%%", "thumbnail": "", "frame": null}}"#
+                        [..],
+                ),
             ] {
                 let headers = [("Authorization", auth.as_str()), ("Content-Type", ctype)];
                 let (code, _, bytes) =
@@ -1661,6 +1674,7 @@ async fn hostile_input_on_every_route_gets_a_clear_4xx() {
                 check("POST", path, &[("Content-Type", ctype)], body, false, false);
             }
         }
+        check("GET", "/api/v1/prompts/active", &[], b"", false, false);
         // Nothing was stored, and the daemon still answers.
         assert_eq!(
             json_as(addr, "/api/v1/labels", &token),
