@@ -252,6 +252,7 @@ pub async fn run_with(
         runtime_streams: runtime.clone(),
         cluster: settings.cluster,
         follower: follower.clone(),
+        cluster_primary: settings.cluster_primary,
     });
     let listener = match tokio::net::TcpListener::bind(settings.server.listen).await {
         Ok(l) => l,

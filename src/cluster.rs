@@ -49,7 +49,7 @@ impl Default for ClusterConfig {
             primary: None,
             primary_replica: 0,
             primary_token_file: None,
-            forward_queue_max: 10_000,
+            forward_queue_max: 2_000,
             sync_interval: "10s".into(),
         }
     }
@@ -63,6 +63,8 @@ pub struct Follow {
     pub url: String,
     /// `host:port` to connect to, and the `Host` header.
     pub authority: String,
+    /// `cluster.primary_replica`: the replica the daemon at `url` must say it is.
+    pub primary_replica: u32,
     /// The primary's API token file.
     pub token_file: std::path::PathBuf,
     /// `cluster.forward_queue_max`.
@@ -152,6 +154,21 @@ impl ClusterConfig {
         Ok(Cluster { replicas, replica })
     }
 
+    /// Whether `cluster` (this daemon) is the cluster's primary: `cluster.primary` is
+    /// set and this is `cluster.primary_replica`. Only the primary takes labels that
+    /// replicas forward.
+    pub fn is_primary(&self, cluster: &Cluster) -> bool {
+        self.primary.is_some() && cluster.replica == self.primary_replica
+    }
+
+    /// The host name of `cluster.primary` (lower case), if it is set and valid.
+    pub fn primary_host(&self) -> Option<String> {
+        let authority = http_authority(self.primary.as_deref()?.trim()).ok()?;
+        let uri: hyper::Uri = format!("http://{authority}/").parse().ok()?;
+        uri.host()
+            .map(|h| h.trim_matches(['[', ']']).to_ascii_lowercase())
+    }
+
     /// What `cluster` (this daemon, validated by [`validate`](Self::validate)) does as a
     /// follower of `cluster.primary`: `None` without a primary or on the primary itself.
     pub fn follow(
@@ -194,6 +211,7 @@ impl ClusterConfig {
         Ok(Some(Follow {
             url: url.trim().trim_end_matches('/').to_string(),
             authority,
+            primary_replica: self.primary_replica,
             token_file: self
                 .primary_token_file
                 .clone()

@@ -669,6 +669,8 @@ pub struct Settings {
     /// The primary this replica forwards labels to and takes prompt sets from
     /// (`cluster.primary`), unless it is the primary or there is none.
     pub follow: Option<crate::cluster::Follow>,
+    /// This daemon is the cluster's primary: it takes the labels replicas forward.
+    pub cluster_primary: bool,
     /// Streams, in config order (all of them: [`cluster`](Self::cluster) picks this
     /// daemon's).
     pub streams: Vec<StreamSettings>,
@@ -720,6 +722,20 @@ impl Config {
     pub fn settings(&self) -> Result<Settings, ConfigError> {
         let cluster = self.cluster.validate(crate::cluster::hostname)?;
         let follow = self.cluster.follow(&cluster, &self.server.api_token_file)?;
+        let cluster_primary = self.cluster.is_primary(&cluster);
+        if let Some(host) = self.cluster.primary_host() {
+            let allowed = &self.server.allowed_hosts;
+            if !allowed.is_empty() && !allowed.iter().any(|h| h.eq_ignore_ascii_case(&host)) {
+                return Err(ConfigError::invalid(
+                    "cluster.primary",
+                    self.cluster.primary.as_deref().unwrap_or_default(),
+                    format!(
+                        "its host {host:?} is not in server.allowed_hosts: the primary would \
+                         refuse the replicas (421); add it there"
+                    ),
+                ));
+            }
+        }
         let server = ServerSettings {
             listen: self.server.listen.parse().map_err(|_| {
                 ConfigError::invalid("server.listen", &self.server.listen, "expected IP:PORT")
@@ -787,6 +803,7 @@ impl Config {
             scan: ScanGates::from_config(&self.scan, "scan.")?,
             cluster,
             follow,
+            cluster_primary,
             streams,
         })
     }
@@ -1228,6 +1245,11 @@ mod tests {
             ("[scorer]\nmax_wait = \"soon\"\n", "scorer.max_wait"),
             ("[scorer]\nwhen_full = \"block\"\n", "scorer.when_full"),
             ("[scorer]\nviews = \"crops:0\"\n", "scorer.views"),
+            (
+                "[server]\nallowed_hosts = [\"qc.example\"]\n[cluster]\nreplicas = 2\n\
+                 replica = 1\nprimary = \"http://streamiq-0.streamiq:9790\"\n",
+                "cluster.primary",
+            ),
             ("[qc]\nblack_luma_max = 2.0\n", "qc.black_luma_max"),
             ("[model]\nexecution = [\"gpu\"]\n", "model.execution"),
             ("[server]\nlisten = \"nowhere\"\n", "server.listen"),

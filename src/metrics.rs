@@ -51,6 +51,8 @@ pub struct FollowerMetrics {
     pub primary_up: IntGauge,
     /// `streamiq_cluster_labels_queued`.
     pub labels_queued: IntGauge,
+    /// `streamiq_cluster_labels_refused`.
+    pub labels_refused: IntGauge,
     /// `streamiq_cluster_labels_forwarded_total`.
     pub labels_forwarded: IntCounter,
     /// `streamiq_cluster_sync_errors_total{kind}`.
@@ -61,7 +63,14 @@ pub struct FollowerMetrics {
 
 impl FollowerMetrics {
     /// The `kind` values of `streamiq_cluster_sync_errors_total`.
-    pub const ERROR_KINDS: [&'static str; 4] = ["unreachable", "refused", "checksum", "rejected"];
+    pub const ERROR_KINDS: [&'static str; 6] = [
+        "unreachable",
+        "unauthorized",
+        "refused",
+        "checksum",
+        "rejected",
+        "local",
+    ];
 }
 
 /// The registry and every metric family.
@@ -406,7 +415,7 @@ impl Metrics {
         let errors = counter(
             r,
             "streamiq_cluster_sync_errors_total",
-            "Failed exchanges with the cluster's primary, by kind: unreachable (no answer), refused (it answered with an error), checksum (a prompt set that did not match its sha256), rejected (a prompt set this replica cannot use).",
+            "Failed exchanges with the cluster's primary, by kind: unreachable (no answer, or a server error), unauthorized (401/403: another token), refused (it answered that it cannot take a label or give its prompt set), checksum (a prompt set that did not match its sha256), rejected (a prompt set this replica cannot use), local (this replica's own token file or label store).",
             &["kind"],
         );
         for kind in FollowerMetrics::ERROR_KINDS {
@@ -415,11 +424,15 @@ impl Metrics {
         FollowerMetrics {
             primary_up: one(
                 "streamiq_cluster_primary_up",
-                "1 when the last exchange with the cluster's primary (cluster.primary) succeeded.",
+                "1 when the cluster's primary (cluster.primary) answered the last exchange as a primary of this cluster (not: no answer, a server error, another token, another replica).",
             ),
             labels_queued: one(
                 "streamiq_cluster_labels_queued",
-                "Labels stored on this replica that the cluster's primary has not stored yet.",
+                "Labels stored on this replica that wait to be sent to the cluster's primary.",
+            ),
+            labels_refused: one(
+                "streamiq_cluster_labels_refused",
+                "Labels stored on this replica that the cluster's primary refused (sent again when the replica restarts).",
             ),
             labels_forwarded: reg(
                 r,

@@ -211,7 +211,7 @@ fn labels_reach_the_primary_and_its_prompt_set_reaches_every_replica() {
     let (code, err) = post_label(a1, Some(&token), r#"{"mos": 3, "forwarded": {}}"#);
     assert_eq!(
         (code, err["field"].as_str()),
-        (409, Some("forwarded")),
+        (409, Some("cluster")),
         "{err}"
     );
 

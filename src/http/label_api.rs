@@ -70,7 +70,13 @@ fn join_error(e: tokio::task::JoinError) -> ApiError {
 
 /// `POST /api/v1/labels`: `{"frame_id", "mos" | "score", "labeller"?}` -> 201 and the
 /// stored label. The frame must still be in its stream's recent-frame ring.
-async fn read_request(request: axum::extract::Request) -> Result<LabelRequest, ApiError> {
+/// The request's JSON body: at most [`MAX_BODY`] bytes, except on the cluster's primary
+/// (`primary`), which reads up to [`MAX_FORWARDED_BODY`] for labels forwarded with their
+/// frame; a larger body that is not one is refused as too large.
+async fn read_request(
+    request: axum::extract::Request,
+    primary: bool,
+) -> Result<LabelRequest, ApiError> {
     let json = request
         .headers()
         .get(header::CONTENT_TYPE)
@@ -92,30 +98,42 @@ async fn read_request(request: axum::extract::Request) -> Result<LabelRequest, A
             "body",
         ));
     }
-    let bytes = axum::body::to_bytes(request.into_body(), MAX_FORWARDED_BODY)
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            if primary {
+                format!(
+                    "a label request is at most {MAX_BODY} bytes (a label forwarded by a replica \
+                     with its frame, {MAX_FORWARDED_BODY})"
+                )
+            } else {
+                format!("a label request is at most {MAX_BODY} bytes")
+            },
+            "body",
+        )
+    };
+    let limit = if primary {
+        MAX_FORWARDED_BODY
+    } else {
+        MAX_BODY
+    };
+    let bytes = axum::body::to_bytes(request.into_body(), limit)
         .await
         .map_err(|e| {
-            let too_large = std::error::Error::source(&e)
-                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-            if too_large {
-                ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    format!("a forwarded label is at most {MAX_FORWARDED_BODY} bytes"),
-                    "body",
-                )
+            if std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+            {
+                too_large()
             } else {
                 ApiError::bad_request(format!("reading the body: {e}"), "body")
             }
         })?;
-    let Json(req) = Json::<LabelRequest>::from_bytes(&bytes)
-        .map_err(|r: JsonRejection| ApiError::new(r.status(), r.body_text(), "body"))?;
-    if req.forwarded.is_none() && bytes.len() > MAX_BODY {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("a label request is at most {MAX_BODY} bytes"),
-            "body",
-        ));
+    let parsed = Json::<LabelRequest>::from_bytes(&bytes);
+    if bytes.len() > MAX_BODY && !matches!(&parsed, Ok(Json(r)) if r.forwarded.is_some()) {
+        return Err(too_large());
     }
+    let Json(req) =
+        parsed.map_err(|r: JsonRejection| ApiError::new(r.status(), r.body_text(), "body"))?;
     Ok(req)
 }
 
@@ -124,7 +142,7 @@ pub(super) async fn create(
     State(s): State<AppState>,
     request: axum::extract::Request,
 ) -> Result<Response, ApiError> {
-    let req = read_request(request).await?;
+    let req = read_request(request, s.cluster_primary).await?;
     if req.forwarded.is_some() {
         return create_forwarded(s, req).await;
     }
@@ -239,8 +257,9 @@ fn store_error_for(s: &AppState, e: LabelError) -> ApiError {
             ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!(
-                    "{count} labels wait for the cluster's primary at {} (cluster.forward_queue_max \
-                     = {limit}), which does not take them: label again when it is back",
+                    "{count} labels wait to be sent to the cluster's primary at {} \
+                     (cluster.forward_queue_max = {limit}): label again once they have gone \
+                     (streamiq_cluster_labels_queued; the replica's log says why they wait)",
                     f.follow().url
                 ),
                 "labels",
@@ -254,15 +273,17 @@ fn store_error_for(s: &AppState, e: LabelError) -> ApiError {
 /// replica's run id, if it was embedded by this daemon's model. Not rate-limited (the
 /// replica's own limit admitted it); refused on a replica that forwards labels itself.
 async fn create_forwarded(s: AppState, req: LabelRequest) -> Result<Response, ApiError> {
-    if let Some(f) = &s.follower {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            format!(
+    if !s.cluster_primary {
+        let message = match &s.follower {
+            Some(f) => format!(
                 "this replica is not the cluster's primary: forward labels to {}",
                 f.follow().url
             ),
-            "forwarded",
-        ));
+            None => "this daemon is not a cluster's primary (cluster.primary, \
+                     cluster.primary_replica): it takes no forwarded labels"
+                .to_string(),
+        };
+        return Err(ApiError::new(StatusCode::CONFLICT, message, "cluster"));
     }
     let req = req
         .validate()
@@ -270,6 +291,25 @@ async fn create_forwarded(s: AppState, req: LabelRequest) -> Result<Response, Ap
     let LabelTarget::Forwarded(f) = req.target else {
         unreachable!("a request with forwarded validates to a forwarded target")
     };
+    let invalid =
+        |message: String| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, message, "forwarded");
+    let cluster = s.cluster;
+    if f.replica >= cluster.replicas.get() || f.replica == cluster.replica {
+        return Err(invalid(format!(
+            "replica {}: not another replica of this cluster (cluster.replicas = {}, this \
+             primary is {})",
+            f.replica, cluster.replicas, cluster.replica
+        )));
+    }
+    if f.run_id == s.labels.run_id() {
+        return Err(invalid("run_id: this primary's own run".into()));
+    }
+    let norm = f.label.embedding.iter().map(|v| v * v).sum::<f32>().sqrt();
+    if (norm - 1.0).abs() > 1e-3 {
+        return Err(invalid(format!(
+            "embedding: L2 norm {norm}, the model's embeddings have 1"
+        )));
+    }
     let mine = &*s.provenance;
     if !f
         .label

@@ -74,6 +74,8 @@ pub struct AppState {
     pub cluster: crate::cluster::Cluster,
     /// The link to the cluster's primary, on a replica that follows one.
     pub follower: Option<Arc<crate::follower::Follower>>,
+    /// This daemon is the cluster's primary: it takes the labels replicas forward.
+    pub cluster_primary: bool,
 }
 
 /// The router: `/metrics`, `/healthz`, `/readyz`, the labelling page and the stream

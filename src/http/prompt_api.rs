@@ -43,8 +43,9 @@ pub async fn list(State(s): State<AppState>) -> Json<Value> {
 }
 
 /// `GET /api/v1/prompts/active`: the active set's bytes (`application/octet-stream`),
-/// with its version (`x-streamiq-prompt-version`) and sha256 (`x-streamiq-sha256`, also
-/// the `ETag`); `If-None-Match` with that tag answers 304.
+/// with its version (`x-streamiq-prompt-version`), its sha256 (`x-streamiq-sha256`, also
+/// the `ETag`) and which replica this daemon is (`x-streamiq-replica`); `If-None-Match`
+/// with that tag answers 304.
 pub async fn active_file(
     State(s): State<AppState>,
     request_headers: HeaderMap,
@@ -71,6 +72,10 @@ pub async fn active_file(
         (
             header::HeaderName::from_static(crate::follower::SHA256_HEADER),
             sha,
+        ),
+        (
+            header::HeaderName::from_static(crate::follower::REPLICA_HEADER),
+            s.cluster.replica.to_string(),
         ),
     ];
     let unchanged = request_headers

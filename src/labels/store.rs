@@ -59,13 +59,20 @@ const MIGRATIONS: &[&str] = &[
     );",
     // 3: labels a replica has stored but the cluster's primary has not yet
     // acknowledged (`cluster.primary`), oldest first; a row goes when the primary has
-    // stored the label, or when the label is replaced by a newer one of its frame.
+    // stored the label, or with its label (replaced by a newer one of its frame, or
+    // deleted). `refused`: the primary answered that it will not store this label (not
+    // sent again until the replica restarts).
     "CREATE TABLE outbox (
         label_id   INTEGER PRIMARY KEY,
         queued     REAL    NOT NULL,
         attempts   INTEGER NOT NULL DEFAULT 0,
+        refused    INTEGER NOT NULL DEFAULT 0,
         last_error TEXT
-    );",
+    );
+    CREATE TRIGGER outbox_follows_labels AFTER DELETE ON labels
+    BEGIN
+        DELETE FROM outbox WHERE label_id = OLD.id;
+    END;",
 ];
 
 /// The schema version this build writes.
@@ -444,12 +451,8 @@ impl LabelStore {
             params![run_id, frame_id, l.labeller],
         )
         .map_err(&sql)?;
-        // A queued earlier label is superseded: only the newest rating travels.
-        tx.execute(
-            &format!("DELETE FROM outbox WHERE label_id IN {EARLIER}"),
-            params![run_id, frame_id, l.labeller],
-        )
-        .map_err(&sql)?;
+        // A queued earlier label is superseded (its outbox row goes with it, by the
+        // trigger): only the newest rating travels.
         let replaced = tx
             .execute(
                 "DELETE FROM labels WHERE run_id = ?1 AND frame_id = ?2 AND labeller = ?3",
@@ -470,7 +473,9 @@ impl LabelStore {
         }
         if let Some(limit) = queue_max {
             let queued = tx
-                .query_row("SELECT count(*) FROM outbox", [], |r| r.get::<_, i64>(0))
+                .query_row("SELECT count(*) FROM outbox WHERE refused = 0", [], |r| {
+                    r.get::<_, i64>(0)
+                })
                 .map_err(&sql)? as u64;
             if queued >= limit {
                 return Err(LabelError::QueueFull {
@@ -527,16 +532,29 @@ impl LabelStore {
         Ok(Inserted { label, replaced })
     }
 
-    /// Labels queued for the cluster's primary ([`insert_queued`](Self::insert_queued)).
-    pub fn outbox_len(&self) -> Result<u64, LabelError> {
+    /// Labels queued for the cluster's primary ([`insert_queued`](Self::insert_queued))
+    /// and labels it refused ([`refused`](Self::refused)).
+    pub fn outbox_len(&self) -> Result<(u64, u64), LabelError> {
         self.conn()
-            .query_row("SELECT count(*) FROM outbox", [], |r| r.get::<_, i64>(0))
-            .map(|n| n as u64)
+            .query_row(
+                "SELECT count(*) - coalesce(sum(refused), 0), coalesce(sum(refused), 0)
+                 FROM outbox",
+                [],
+                |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+            )
             .map_err(self.sql())
     }
 
-    /// Up to `limit` queued labels with a label id above `after`, oldest first, each
-    /// with everything the primary needs to store it.
+    /// Queues the labels the primary refused again (a replica's start: the cause may
+    /// have been fixed); returns how many.
+    pub fn retry_refused(&self) -> Result<usize, LabelError> {
+        self.conn()
+            .execute("UPDATE outbox SET refused = 0 WHERE refused = 1", [])
+            .map_err(self.sql())
+    }
+
+    /// Up to `limit` queued labels (not refused) with a label id above `after`, oldest
+    /// first, each with everything the primary needs to store it.
     pub fn outbox(&self, after: i64, limit: usize) -> Result<Vec<Queued>, LabelError> {
         let sql = self.sql();
         let conn = self.conn();
@@ -544,7 +562,7 @@ impl LabelStore {
             .prepare_cached(&format!(
                 "SELECT {LABEL_COLUMNS}, embedding, thumbnail, frame, o.attempts
                  FROM outbox o JOIN labels l ON l.id = o.label_id
-                 WHERE o.label_id > ?1 ORDER BY o.label_id LIMIT ?2"
+                 WHERE o.label_id > ?1 AND o.refused = 0 ORDER BY o.label_id LIMIT ?2"
             ))
             .map_err(&sql)?;
         let rows = stmt
@@ -572,8 +590,20 @@ impl LabelStore {
             .map_err(self.sql())
     }
 
-    /// The primary refused label `id`, or could not be asked: it stays queued, with the
-    /// reason.
+    /// The primary answered that it will not store label `id`: it stays in the store
+    /// and out of the queue, with the reason, until [`retry_refused`](Self::retry_refused).
+    pub fn refused(&self, id: i64, error: &str) -> Result<(), LabelError> {
+        self.conn()
+            .execute(
+                "UPDATE outbox SET attempts = attempts + 1, refused = 1, last_error = ?2
+                 WHERE label_id = ?1",
+                params![id, error],
+            )
+            .map(drop)
+            .map_err(self.sql())
+    }
+
+    /// Label `id` could not be delivered (no answer): it stays queued, with the reason.
     pub fn delivery_failed(&self, id: i64, error: &str) -> Result<(), LabelError> {
         self.conn()
             .execute(
@@ -1147,7 +1177,7 @@ mod tests {
         );
         assert_eq!(
             (replica.count().unwrap(), replica.outbox_len().unwrap()),
-            (2, 2)
+            (2, (2, 0))
         );
         // Relabelling frame 1 replaces its queued label: still two queued, the new one.
         let a2 = replica
@@ -1185,12 +1215,31 @@ mod tests {
             stored.iter().map(|l| l.mos).collect::<Vec<_>>(),
             vec![Some(5.0), Some(3.0)]
         );
-        assert_eq!(replica.outbox_len().unwrap(), 0);
+        assert_eq!(replica.outbox_len().unwrap(), (0, 0));
         assert!(
             primary
                 .insert_from("", &label(9, Rating::Mos(1.0), "ann", &sha))
                 .is_err()
         );
+
+        // A refused label leaves the queue (and its bound) until retried; a deleted
+        // label leaves the outbox with it.
+        let c = replica
+            .insert_queued(&label(3, Rating::Mos(4.0), "ann", &sha), 1)
+            .unwrap();
+        replica.refused(c.label.id, "409 another model").unwrap();
+        assert_eq!(replica.outbox_len().unwrap(), (0, 1));
+        assert!(replica.outbox(0, 10).unwrap().is_empty());
+        let d = replica
+            .insert_queued(&label(4, Rating::Mos(4.0), "ann", &sha), 1)
+            .unwrap();
+        assert_eq!(replica.retry_refused().unwrap(), 1);
+        assert_eq!(replica.outbox_len().unwrap(), (2, 0));
+        replica
+            .conn()
+            .execute("DELETE FROM labels WHERE id = ?1", [d.label.id])
+            .unwrap();
+        assert_eq!(replica.outbox_len().unwrap(), (1, 0));
     }
 
     #[test]

@@ -478,6 +478,20 @@ impl PromptManager {
         }
     }
 
+    /// Validates `bytes` as version `v` is validated at activation (its shape, the
+    /// visual tower it was made for) without writing or activating it; `path` names it
+    /// in errors.
+    pub fn check_bytes(
+        &self,
+        v: u64,
+        bytes: &[u8],
+        path: &Path,
+    ) -> Result<(), super::prompts::PromptError> {
+        let mut set = super::prompts::PromptSet::parse(bytes, path, self.dim)?;
+        set.version = v;
+        check_model(&set, &self.model_sha256).map(drop)
+    }
+
     /// Loads and validates version `v` without activating it: its shape, and that it
     /// was made for this model's visual tower ([`check_model`]).
     pub fn load(&self, v: u64) -> Result<super::prompts::PromptSet, super::prompts::PromptError> {
