@@ -131,7 +131,9 @@ impl Reloader {
             ("qc", old.qc != new.qc),
             (
                 "cluster",
-                old.cluster != new.cluster || old.follow != new.follow,
+                old.cluster != new.cluster
+                    || old.follow != new.follow
+                    || old.cluster_primary != new.cluster_primary,
             ),
             (
                 "labels",

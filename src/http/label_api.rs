@@ -68,8 +68,6 @@ fn join_error(e: tokio::task::JoinError) -> ApiError {
     ApiError::internal("label task failed")
 }
 
-/// `POST /api/v1/labels`: `{"frame_id", "mos" | "score", "labeller"?}` -> 201 and the
-/// stored label. The frame must still be in its stream's recent-frame ring.
 /// The request's JSON body: at most [`MAX_BODY`] bytes, except on the cluster's primary
 /// (`primary`), which reads up to [`MAX_FORWARDED_BODY`] for labels forwarded with their
 /// frame; a larger body that is not one is refused as too large.
@@ -137,6 +135,9 @@ async fn read_request(
     Ok(req)
 }
 
+/// `POST /api/v1/labels`: `{"frame_id", "mos" | "score", "labeller"?}` -> 201 and the
+/// stored label. The frame must still be in its stream's recent-frame ring. On the
+/// cluster's primary, also a label a replica forwards (`forwarded`).
 pub(super) async fn create(
     _auth: Bearer,
     State(s): State<AppState>,
@@ -249,7 +250,7 @@ fn stored(s: &AppState, inserted: crate::labels::Inserted, from_replica: Option<
     (StatusCode::CREATED, Json(view)).into_response()
 }
 
-/// [`store_error`], but a full forwarding queue names the primary that does not answer.
+/// [`store_error`], but a full forwarding queue names the primary it waits for.
 fn store_error_for(s: &AppState, e: LabelError) -> ApiError {
     match (&e, &s.follower) {
         (LabelError::QueueFull { count, limit, .. }, Some(f)) => {
