@@ -49,6 +49,10 @@ const BATCH: usize = 16;
 /// after, with the prompt set asked for in between.
 const MAX_PER_ROUND: usize = 256;
 
+/// While rounds keep failing, one is logged as a warning this often (the others at
+/// debug level).
+const WARN_EVERY: Duration = Duration::from_secs(300);
+
 /// Largest prompt-set version taken from a primary.
 const MAX_VERSION: u64 = 1_000_000_000;
 
@@ -188,6 +192,8 @@ pub struct Follower {
     /// sha256 of the last set refused here: not fetched again while the primary serves it.
     rejected: Mutex<Option<String>>,
     wake: tokio::sync::Notify,
+    /// When a failed round was last logged as a warning (`None` after a good round).
+    last_warning: Mutex<Option<std::time::Instant>>,
 }
 
 impl Follower {
@@ -215,6 +221,7 @@ impl Follower {
             applied: Mutex::new(applied),
             rejected: Mutex::new(None),
             wake: tokio::sync::Notify::new(),
+            last_warning: Mutex::new(None),
         })
     }
 
@@ -291,7 +298,18 @@ impl Follower {
                 .sync_errors
                 .with_label_values(&[e.kind()])
                 .inc();
-            tracing::warn!(error = %e, kind = e.kind(), "Sync with the cluster's primary failed");
+            // Once when it starts failing, then every few minutes while it goes on (the
+            // counter counts every round).
+            let mut last = self.last_warning.lock().unwrap_or_else(|e| e.into_inner());
+            if last.is_none_or(|t| t.elapsed() >= WARN_EVERY) {
+                *last = Some(std::time::Instant::now());
+                tracing::warn!(error = %e, kind = e.kind(), "Sync with the cluster's primary failed");
+            } else {
+                tracing::debug!(error = %e, kind = e.kind(), "Sync with the cluster's primary failed");
+            }
+        }
+        if ok {
+            *self.last_warning.lock().unwrap_or_else(|e| e.into_inner()) = None;
         }
         let answered = answered.unwrap_or(ok || self.metrics.primary_up.get() == 1);
         self.metrics.primary_up.set(i64::from(answered));
