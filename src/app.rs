@@ -209,24 +209,15 @@ pub async fn run_with(
 
     let follower = match settings.follow.clone() {
         None => None,
-        Some(follow) => {
-            let path = bundle.prompts_path();
-            let sha = match crate::score::bundle::sha256_file(&path) {
-                Ok(sha) => sha,
-                Err(e) => {
-                    stop_engine(&streams, engine).await;
-                    return Err(Error::runtime("reading the bundle's prompt set", e));
-                }
-            };
-            Some(crate::follower::Follower::new(
-                follow,
-                settings.cluster.replica,
-                files.labels.clone(),
-                prompt_manager.clone(),
-                sha,
-                metrics.register_follower(),
-            ))
-        }
+        // The bundle's own set is in its manifest, checked when the bundle was opened.
+        Some(follow) => Some(crate::follower::Follower::new(
+            follow,
+            settings.cluster.replica,
+            files.labels.clone(),
+            prompt_manager.clone(),
+            bundle.manifest.files["prompts.safetensors"].to_ascii_lowercase(),
+            metrics.register_follower(),
+        )),
     };
     let hosts =
         crate::http::host::HostPolicy::new(&settings.server.allowed_hosts, settings.server.listen);

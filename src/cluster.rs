@@ -73,8 +73,8 @@ pub struct Follow {
     pub interval: std::time::Duration,
 }
 
-/// The `host:port` of a `http://host[:port][/]` address.
-fn http_authority(url: &str) -> Result<String, String> {
+/// The host and port of a `http://host[:port][/]` address.
+fn http_host_port(url: &str) -> Result<(String, u16), String> {
     let rest = url.strip_prefix("http://").ok_or(
         "expected http://HOST:PORT (the primary's plain-HTTP listen address inside the cluster)",
     )?;
@@ -86,8 +86,7 @@ fn http_authority(url: &str) -> Result<String, String> {
         .parse()
         .map_err(|e| format!("not an address: {e}"))?;
     let host = uri.host().filter(|h| !h.is_empty()).ok_or("no host")?;
-    let port = uri.port_u16().unwrap_or(80);
-    Ok(format!("{host}:{port}"))
+    Ok((host.to_string(), uri.port_u16().unwrap_or(80)))
 }
 
 /// Validated `[cluster]`: which replica this daemon is.
@@ -163,10 +162,8 @@ impl ClusterConfig {
 
     /// The host name of `cluster.primary` (lower case), if it is set and valid.
     pub fn primary_host(&self) -> Option<String> {
-        let authority = http_authority(self.primary.as_deref()?.trim()).ok()?;
-        let uri: hyper::Uri = format!("http://{authority}/").parse().ok()?;
-        uri.host()
-            .map(|h| h.trim_matches(['[', ']']).to_ascii_lowercase())
+        let (host, _) = http_host_port(self.primary.as_deref()?.trim()).ok()?;
+        Some(host.trim_matches(['[', ']']).to_ascii_lowercase())
     }
 
     /// What `cluster` (this daemon, validated by [`validate`](Self::validate)) does as a
@@ -203,14 +200,14 @@ impl ClusterConfig {
         let Some(url) = &self.primary else {
             return Ok(None);
         };
-        let authority = http_authority(url.trim())
+        let (host, port) = http_host_port(url.trim())
             .map_err(|why| ConfigError::invalid("cluster.primary", url, why))?;
         if cluster.replica == self.primary_replica {
             return Ok(None);
         }
         Ok(Some(Follow {
             url: url.trim().trim_end_matches('/').to_string(),
-            authority,
+            authority: format!("{host}:{port}"),
             primary_replica: self.primary_replica,
             token_file: self
                 .primary_token_file

@@ -673,48 +673,69 @@ mod tests {
                 }
             }),
         );
+        serve(app).await
+    }
+
+    /// Serves `app` on a loopback port.
+    async fn serve(app: axum::Router) -> std::net::SocketAddr {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await });
         addr
     }
 
-    #[tokio::test]
-    async fn prompt_sets_that_fail_their_checksum_or_fit_another_model_are_not_used() {
-        let dir = tempfile::tempdir().unwrap();
-        let bundle_set = dir.path().join("prompts.safetensors");
+    /// A follower (replica 1) of the primary at `addr` (replica 0), in `dir`: a bundle
+    /// whose own set has no metadata, sets of embedding size 2 for visual tower `aaaa`,
+    /// the label store `dir/labels.sqlite`, a token file.
+    fn follower_of(
+        addr: std::net::SocketAddr,
+        dir: &std::path::Path,
+    ) -> (
+        Arc<Follower>,
+        Arc<PromptManager>,
+        LabelStore,
+        FollowerMetrics,
+    ) {
+        let bundle_set = dir.join("prompts.safetensors");
         std::fs::write(&bundle_set, set_file(&[])).unwrap();
-        let prompts = PromptDir::new(dir.path().join("prompts"));
         let initial = crate::score::prompts::PromptSet::load(&bundle_set, 2).unwrap();
         let manager = Arc::new(PromptManager::new(
-            prompts.clone(),
-            bundle_set.clone(),
+            PromptDir::new(dir.join("prompts")),
+            bundle_set,
             2,
             "aaaa",
             Arc::new(arc_swap::ArcSwap::from_pointee(initial)),
             None,
         ));
-        let good = set_file(&[("model_sha256", "aaaa")]);
-        let served: Served = Arc::new(Mutex::new((1, good.clone(), sha256_hex(b"other"))));
-        // The stand-in says it is replica 0, the primary_replica configured below.
-        let addr = stand_in_primary(served.clone()).await;
-        std::fs::write(dir.path().join("token"), "t".repeat(32)).unwrap();
+        std::fs::write(dir.join("token"), "t".repeat(32)).unwrap();
+        let store = LabelStore::open(&dir.join("labels.sqlite")).unwrap();
         let metrics = crate::metrics::Metrics::new().register_follower();
         let follower = Follower::new(
             Follow {
                 url: format!("http://{addr}"),
                 authority: addr.to_string(),
                 primary_replica: 0,
-                token_file: dir.path().join("token"),
+                token_file: dir.join("token"),
                 queue_max: 10,
                 interval: Duration::from_secs(1),
             },
             1,
-            LabelStore::open(&dir.path().join("labels.sqlite")).unwrap(),
+            store.clone(),
             manager.clone(),
             sha256_hex(&set_file(&[])),
             metrics.clone(),
         );
+        (follower, manager, store, metrics)
+    }
+
+    #[tokio::test]
+    async fn prompt_sets_that_fail_their_checksum_or_fit_another_model_are_not_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = set_file(&[("model_sha256", "aaaa")]);
+        let served: Served = Arc::new(Mutex::new((1, good.clone(), sha256_hex(b"other"))));
+        let addr = stand_in_primary(served.clone()).await;
+        let (follower, manager, _, metrics) = follower_of(addr, dir.path());
+        let prompts = manager.dir().clone();
         let errors = |kind: &str| metrics.sync_errors.with_label_values(&[kind]).get();
 
         // Bytes that do not hash to the sha256 sent with them: not written, not used.
@@ -793,22 +814,7 @@ mod tests {
                         .into_response()
                 }),
             );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        std::fs::write(dir.path().join("token"), "t".repeat(32)).unwrap();
-        let bundle_set = dir.path().join("prompts.safetensors");
-        std::fs::write(&bundle_set, set_file(&[])).unwrap();
-        let initial = crate::score::prompts::PromptSet::load(&bundle_set, 2).unwrap();
-        let manager = Arc::new(PromptManager::new(
-            PromptDir::new(dir.path().join("prompts")),
-            bundle_set,
-            2,
-            "aaaa",
-            Arc::new(arc_swap::ArcSwap::from_pointee(initial)),
-            None,
-        ));
-        let store = LabelStore::open(&dir.path().join("labels.sqlite")).unwrap();
+        let (follower, _, store, metrics) = follower_of(serve(app).await, dir.path());
         let label = |frame_id| crate::labels::NewLabel {
             stream: "cam".into(),
             frame_id,
@@ -828,22 +834,6 @@ mod tests {
         };
         store.insert_queued(&label(1), 10).unwrap();
         store.insert_queued(&label(2), 10).unwrap();
-        let metrics = crate::metrics::Metrics::new().register_follower();
-        let follower = Follower::new(
-            Follow {
-                url: format!("http://{addr}"),
-                authority: addr.to_string(),
-                primary_replica: 0,
-                token_file: dir.path().join("token"),
-                queue_max: 10,
-                interval: Duration::from_secs(1),
-            },
-            1,
-            store.clone(),
-            manager,
-            sha256_hex(&set_file(&[])),
-            metrics.clone(),
-        );
         let errors = |kind: &str| metrics.sync_errors.with_label_values(&[kind]).get();
 
         // Refused one by one (another model): both leave the queue, the primary is up.

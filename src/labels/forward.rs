@@ -90,13 +90,7 @@ impl Forwarded {
         labeller: String,
     ) -> Result<ValidForwarded, FieldError> {
         let f: Self = serde_json::from_value(value).map_err(|e| bad(e.to_string()))?;
-        if f.run_id.is_empty()
-            || f.run_id.len() > 64
-            || !f
-                .run_id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        {
+        if !super::store::valid_run_id(&f.run_id) {
             return Err(bad(format!(
                 "run_id {:?}: expected 1-64 letters, digits or '-'",
                 f.run_id

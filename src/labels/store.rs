@@ -78,6 +78,16 @@ const MIGRATIONS: &[&str] = &[
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
+/// Whether `run_id` can be a label's run id: 1-64 ASCII letters, digits or `-` (a
+/// store's own are 16 hex digits).
+pub fn valid_run_id(run_id: &str) -> bool {
+    !run_id.is_empty()
+        && run_id.len() <= 64
+        && run_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
 /// The columns of a [`Label`], in [`label_from_row`]'s order.
 const LABEL_COLUMNS: &str = "id, run_id, stream, frame_id, captured, pts, mos, score, target, \
      labeller, embed_dim, bundle, model_sha256, prompt_version, model_score, created, \
@@ -400,12 +410,7 @@ impl LabelStore {
     /// forwarding to the cluster's primary), under that daemon's `run_id`: its frame ids
     /// count in that run, and a label sent twice replaces itself instead of doubling.
     pub fn insert_from(&self, run_id: &str, l: &NewLabel) -> Result<Inserted, LabelError> {
-        if run_id.is_empty()
-            || run_id.len() > 64
-            || !run_id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        {
+        if !valid_run_id(run_id) {
             return Err(self.invalid(
                 0,
                 format!("run_id {run_id:?}: expected 1-64 letters, digits or '-'"),
