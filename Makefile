@@ -9,6 +9,9 @@ CONFIG ?= config/streamiq.toml
 export STREAMIQ_VENV := $(VENV)
 export LIBTORCH := $(VENV)/torch
 export LIBTORCH_CXX11_ABI := 1
+# ONNX Runtime sends usage events to Microsoft unless this is set when it loads (also in
+# the tests' own processes, which load it in-process).
+export ORT_DISABLE_TELEMETRY := 1
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
 .PHONY: all setup bundle demo build build-daemon build-torch torchscript deb run test lint bench bench-streams bench-gpu bench-gpu-smoke soak peers tiny model few-shot-evidence clean

@@ -110,6 +110,17 @@ setup_triton() {
   make_venv "$TRITON_VENV" 'import pytriton.triton, onnxruntime' "${TRITON_PY_PACKAGES[@]}"
 }
 
+# ONNX Runtime 1.31 sends usage events to Microsoft (a device id under ~/.cache/Microsoft,
+# an HTTPS upload) unless ORT_DISABLE_TELEMETRY is set when it loads: a .pth file makes
+# every interpreter of the venv set it (the daemon sets it itself).
+no_telemetry() {
+  local site pth
+  site=$("$1/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
+  pth="$site/streamiq-no-telemetry.pth"
+  local want='import os; os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")'
+  [ "$(cat "$pth" 2>/dev/null)" = "$want" ] || printf '%s\n' "$want" >"$pth"
+}
+
 # A version-independent path to the venv's libtorch, for tch's build (.cargo/config.toml).
 link_torch() {
   local torch
@@ -119,9 +130,10 @@ link_torch() {
 
 case "${1:-all}" in
   apt) setup_apt ;;
-  venv) setup_venv; link_torch ;;
+  venv) setup_venv; no_telemetry "$VENV"; link_torch ;;
   peers) setup_peers ;;
-  triton) setup_triton ;;
-  all) setup_apt; setup_venv; link_torch; setup_peers; setup_triton ;;
+  triton) setup_triton; no_telemetry "$TRITON_VENV" ;;
+  all) setup_apt; setup_venv; no_telemetry "$VENV"; link_torch; setup_peers; setup_triton
+    no_telemetry "$TRITON_VENV" ;;
   *) echo "usage: $0 [all|apt|venv|peers|triton]" >&2; exit 2 ;;
 esac

@@ -1268,9 +1268,15 @@ fn distort_writes_a_deterministic_labelled_set_that_eval_reads() {
             "{key}: {x} on the set, {y} on its export"
         );
     }
+    // The same frames scored twice can differ in the last bits (batches form by timing).
     for (kind, m) in r["per_type"].as_object().unwrap() {
-        for key in ["n", "srcc", "plcc"] {
-            assert_eq!(m[key], e["per_type"][kind][key], "{kind} {key}");
+        assert_eq!(m["n"], e["per_type"][kind]["n"], "{kind} n");
+        for key in ["srcc", "plcc"] {
+            let (x, y) = (
+                m[key].as_f64().unwrap(),
+                e["per_type"][kind][key].as_f64().unwrap(),
+            );
+            assert!((x - y).abs() < 1e-9, "{kind} {key}: {x} and {y}");
         }
     }
     // A directory that holds something is never written into.
@@ -2827,7 +2833,8 @@ pipeline = "videotestsrc is-live=true ! video/x-raw,width=160,height=120,framera
     );
 
     let daemon = Process::start(&cfg);
-    // Let the unreachable streams fail and restart at least once.
+    // Let the unreachable streams fail and restart at least once (generous: on a loaded
+    // machine every stream once sat in "starting" for 40 s; the log then says why).
     let t0 = Instant::now();
     let streams = loop {
         let body = text(daemon.addr, "/api/v1/streams");
@@ -2841,7 +2848,11 @@ pipeline = "videotestsrc is-live=true ! video/x-raw,width=160,height=120,framera
         if failed >= 4 {
             break body;
         }
-        assert!(t0.elapsed() < Duration::from_secs(40), "{body}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "{body}\nlog:\n{}",
+            daemon.log().join("\n")
+        );
         std::thread::sleep(Duration::from_millis(200));
     };
     assert!(!streams.contains(SECRET), "/api/v1/streams: {streams}");
@@ -2849,6 +2860,48 @@ pipeline = "videotestsrc is-live=true ! video/x-raw,width=160,height=120,framera
     let log = daemon.log().join("\n");
     assert!(log.contains("Restarting pipeline"), "{log}");
     assert!(!log.contains(SECRET), "log: {log}");
+}
+
+/// ONNX Runtime sends usage events to Microsoft unless `ORT_DISABLE_TELEMETRY=1` is set
+/// when it loads, and keeps a device id and an event store under `~/.cache/Microsoft`.
+/// Started without the variable, the daemon runs itself again with it (same PID), scores,
+/// and leaves nothing of ONNX Runtime's in its home directory.
+#[test]
+fn onnxruntime_sends_and_keeps_nothing_of_its_own() {
+    let home = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let streams = r#"
+[[streams]]
+id = "cam"
+pipeline = "videotestsrc is-live=true ! video/x-raw,width=160,height=120,framerate=10/1"
+"#;
+    let cfg = write_config(dir.path(), &config_text(streams, ""));
+    let mut c = Command::new(bin());
+    c.args(["run", "--config"])
+        .arg(&cfg)
+        .env_remove("ORT_DISABLE_TELEMETRY")
+        .env_remove("XDG_CACHE_HOME")
+        .env("HOME", home.path());
+    let daemon = Process::spawn(c);
+    common::wait_until("frames scored", || {
+        sample(
+            &text(daemon.addr, "/metrics"),
+            "streamiq_frames_scored_total{stream=\"cam\"}",
+        )
+        .is_some_and(|v| v >= 2.0)
+    });
+    let environ = std::fs::read(format!("/proc/{}/environ", daemon.pid())).unwrap();
+    assert!(
+        environ
+            .split(|&b| b == 0)
+            .any(|v| v == b"ORT_DISABLE_TELEMETRY=1"),
+        "the daemon (PID {}) runs without ORT_DISABLE_TELEMETRY=1",
+        daemon.pid()
+    );
+    // GStreamer's registry cache is expected there; nothing of ONNX Runtime's.
+    assert!(home.path().join(".cache/gstreamer-1.0").is_dir());
+    let microsoft = home.path().join(".cache/Microsoft");
+    assert!(!microsoft.exists(), "{} was written", microsoft.display());
 }
 
 /// Seconds until the server closes `s` (a read returns end of file or an error), at most

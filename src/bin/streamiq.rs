@@ -214,6 +214,41 @@ enum Command {
     },
 }
 
+/// ONNX Runtime 1.31 sends usage events to Microsoft (a device id kept under
+/// `~/.cache/Microsoft`, a DNS lookup and an HTTPS upload from the scoring process)
+/// unless `ORT_DISABLE_TELEMETRY=1` is in the environment when it loads; its
+/// `DisableTelemetryEvents` call alone does not stop the upload. Changing the environment
+/// of a running process takes `unsafe` (this crate has none), so without the variable
+/// the program runs itself again with it, once, before anything else (the same process:
+/// `exec` keeps the PID that systemd and the tests watch). The unit, the container and the
+/// Kubernetes manifests set it, so a service never takes this detour.
+fn without_onnxruntime_telemetry() {
+    use std::os::unix::process::CommandExt;
+    const VAR: &str = "ORT_DISABLE_TELEMETRY";
+    if std::env::var_os(VAR).is_some_and(|v| v == "1") {
+        return;
+    }
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(e) => {
+            eprintln!(
+                "streamiq: cannot find its own executable to set {VAR}=1 ({e}); set it in the environment"
+            );
+            return;
+        }
+    };
+    let mut args = std::env::args_os();
+    let mut cmd = std::process::Command::new(&exe);
+    if let Some(argv0) = args.next() {
+        cmd.arg0(argv0);
+    }
+    let e = cmd.args(args).env(VAR, "1").exec();
+    eprintln!(
+        "streamiq: cannot run {} again with {VAR}=1 ({e}); set it in the environment",
+        exe.display()
+    );
+}
+
 fn init_tracing() {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("STREAMIQ_LOG")
@@ -304,6 +339,7 @@ fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
 }
 
 fn main() -> ExitCode {
+    without_onnxruntime_telemetry();
     let cli = Cli::parse();
     init_tracing();
     match cli.command {

@@ -126,8 +126,11 @@ fn environment(lib: Option<&Path>) -> Result<&'static ort::environment::Environm
                     .to_string()
             })?;
             let builder = ort::init_from(&path).map_err(|e| e.to_string())?;
+            // ONNX Runtime 1.31 sends usage events to Microsoft unless told not to (a DNS
+            // lookup and an HTTPS connection from the scoring process): never from here.
             builder
                 .with_name("streamiq")
+                .with_telemetry(false)
                 .build()
                 .map_err(|e| e.to_string())
         })
