@@ -2850,8 +2850,9 @@ pipeline = "videotestsrc is-live=true ! video/x-raw,width=160,height=120,framera
         }
         assert!(
             t0.elapsed() < Duration::from_secs(120),
-            "{body}\nlog:\n{}",
-            daemon.log().join("\n")
+            "{body}\nlog:\n{}\nstream threads:\n{}",
+            daemon.log().join("\n"),
+            daemon.ingest_stacks()
         );
         std::thread::sleep(Duration::from_millis(200));
     };

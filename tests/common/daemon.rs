@@ -165,6 +165,25 @@ impl Process {
         self.log().join("\n")
     }
 
+    /// The stacks of the daemon's stream threads (`ingest-*`), from gdb where it is
+    /// installed: what a test that waited in vain for the streams prints.
+    #[allow(dead_code)]
+    pub fn ingest_stacks(&self) -> String {
+        let out = Command::new("timeout")
+            .args(["60", "gdb", "-q", "-batch", "-p", &self.pid().to_string()])
+            .args(["-ex", "thread apply all bt 40"])
+            .output();
+        let Ok(out) = out else {
+            return "(no gdb to show the stream threads)".into();
+        };
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.split("\nThread ")
+            .filter(|t| t.contains("\"ingest-"))
+            .map(|t| format!("Thread {t}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     /// Sends `signal` (a name `kill` knows: `TERM`, `HUP`, ...).
     pub fn signal(&self, signal: &str) {
         let ok = Command::new("kill")
