@@ -148,6 +148,7 @@ pub async fn run_with(
         let store = crate::incidents::IncidentStore::open(
             settings.incidents.clone(),
             provenance.clone(),
+            files.labels.run_id().to_string(),
             metrics.clone(),
         )
         .map_err(|e| {

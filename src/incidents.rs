@@ -135,6 +135,12 @@ pub struct IncidentFrame {
 /// What a frame had when it was scored (so a label on it needs no model).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ScoredInfo {
+    /// The label store's run id of the daemon that scored it: frame ids count within a
+    /// run, so a label on the frame after a restart is stored under this run, never on
+    /// a frame of the new run that has the same id. Absent in incidents kept before it
+    /// was recorded ([`ScoredInfo::label_run_id`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<String>,
     /// The daemon's frame id.
     pub frame_id: u64,
     /// Quality score.
@@ -145,6 +151,24 @@ pub struct ScoredInfo {
     pub embedding: Vec<f32>,
     /// The encoder that computed it.
     pub provenance: Provenance,
+}
+
+impl ScoredInfo {
+    /// The run a label on this frame of incident `incident_id` is stored under: the run
+    /// that scored it, or, for an incident kept before runs were recorded, one of the
+    /// incident's own (`incident-` and 16 hex digits of its id's sha256), which no
+    /// daemon run ever has.
+    pub fn label_run_id(&self, incident_id: &str) -> String {
+        use sha2::{Digest, Sha256};
+        match &self.run_id {
+            Some(run) => run.clone(),
+            None => {
+                let digest = Sha256::digest(incident_id.as_bytes());
+                let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+                format!("incident-{hex}")
+            }
+        }
+    }
 }
 
 /// `incident.json`.
@@ -177,6 +201,8 @@ struct Job {
 pub struct IncidentStore {
     settings: IncidentSettings,
     provenance: Provenance,
+    /// The label store's run id (frame ids count within it).
+    run_id: String,
     tx: crossbeam_channel::Sender<Job>,
     metrics: Arc<crate::metrics::Metrics>,
     lock: Mutex<()>,
@@ -191,10 +217,12 @@ pub fn valid_id(id: &str) -> bool {
 }
 
 impl IncidentStore {
-    /// Creates the directory and starts the writer thread.
+    /// Creates the directory and starts the writer thread. `run_id` is the label
+    /// store's ([`crate::labels::LabelStore::run_id`]), recorded with each scored frame.
     pub fn open(
         settings: IncidentSettings,
         provenance: Provenance,
+        run_id: String,
         metrics: Arc<crate::metrics::Metrics>,
     ) -> Result<Arc<Self>, std::io::Error> {
         std::fs::create_dir_all(&settings.dir)?;
@@ -202,6 +230,7 @@ impl IncidentStore {
         let store = Arc::new(Self {
             settings,
             provenance,
+            run_id,
             tx,
             metrics,
             lock: Mutex::new(()),
@@ -278,6 +307,7 @@ impl IncidentStore {
                 height: img.height as u32,
                 onset: *onset,
                 scored: scored.as_ref().map(|sf| ScoredInfo {
+                    run_id: Some(self.run_id.clone()),
                     frame_id: sf.frame.id,
                     score: sf.score,
                     prompt_version: sf.prompt_version,
@@ -625,4 +655,35 @@ pub fn native_from_sample(sample: &gst::Sample) -> Option<NativeFrame> {
         buffer: buffer.copy_deep().ok()?,
         info,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An incident kept before runs were recorded reads as it was written; a label on it
+    /// goes to a run of the incident's own: valid, stable, different per incident.
+    #[test]
+    fn scored_frames_without_a_run_get_one_of_their_incident() {
+        let old = r#"{"frame_id": 7, "score": 0.5, "prompt_version": 0, "embedding": [1.0],
+            "provenance": {"bundle": "b", "model_sha256": "aa"}}"#;
+        let s: ScoredInfo = serde_json::from_str(old).unwrap();
+        assert_eq!(s.run_id, None);
+        let a = s.label_run_id("1796650000000-cam-black");
+        assert!(crate::labels::store::valid_run_id(&a), "{a}");
+        assert!(a.starts_with("incident-") && a.len() == 25, "{a}");
+        assert_eq!(a, s.label_run_id("1796650000000-cam-black"));
+        assert_ne!(a, s.label_run_id("1796650000000-cam-freeze"));
+        let s = ScoredInfo {
+            run_id: Some("00ff00ff00ff00ff".into()),
+            ..s
+        };
+        assert_eq!(
+            s.label_run_id("1796650000000-cam-black"),
+            "00ff00ff00ff00ff"
+        );
+        // Written with its run, and read back.
+        let back: ScoredInfo = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        assert_eq!(back, s);
+    }
 }

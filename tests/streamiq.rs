@@ -1406,7 +1406,8 @@ async fn incident_frames_are_kept_at_native_resolution_and_labelled() {
         .trim()
         .to_string();
     let addr = d.addr;
-    let (black, freeze) = tokio::task::spawn_blocking(move || {
+    let token2 = token.clone();
+    let (black, freeze, (relabel, first)) = tokio::task::spawn_blocking(move || {
         let kinds = || -> Vec<serde_json::Value> {
             json_as(addr, "/api/v1/incidents", &token)["incidents"]
                 .as_array()
@@ -1492,7 +1493,22 @@ async fn incident_frames_are_kept_at_native_resolution_and_labelled() {
         assert_eq!(post_label(addr, Some(&token), &body).0, 404);
         let body = r#"{"incident": "0000000000000-cam-nothing", "frame": 0, "mos": 1}"#;
         assert_eq!(post_label(addr, Some(&token), body).0, 404);
-        (black, freeze)
+        // A frame of the newer incident too, to label again after a restart.
+        let newer = [&black, &freeze]
+            .into_iter()
+            .max_by_key(|i| i["id"].as_str().unwrap().to_string())
+            .unwrap();
+        let n = newer["frames"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["labellable"] == true)
+            .expect("a scored frame")["n"]
+            .clone();
+        let body = format!(r#"{{"incident": {}, "frame": {n}, "mos": 2}}"#, newer["id"]);
+        let (code, stored) = post_label(addr, Some(&token), &body);
+        assert_eq!(code, 201, "{stored}");
+        (black, freeze, (body, stored))
     })
     .await
     .unwrap();
@@ -1514,6 +1530,19 @@ async fn incident_frames_are_kept_at_native_resolution_and_labelled() {
         .max()
         .unwrap();
     let d = InProcess::start(config(1)).await;
+    // Frame ids count within a run: the incident's frame labelled again after the
+    // restart replaces the label of the run that scored it, never one of this run's.
+    let addr = d.addr;
+    let again = tokio::task::spawn_blocking(move || post_label(addr, Some(&token2), &relabel))
+        .await
+        .unwrap();
+    assert_eq!(again.0, 201, "{}", again.1);
+    assert_eq!(again.1["replaced"], true, "{} after {first}", again.1);
+    assert_eq!(
+        again.1["run_id"], first["run_id"],
+        "{} after {first}",
+        again.1
+    );
     let kept: Vec<String> = std::fs::read_dir(&incidents)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().to_string())

@@ -165,7 +165,8 @@ pub(super) async fn create(
         .validate()
         .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.message, e.field))?;
     let (rating, labeller) = (req.rating, req.labeller);
-    let label = match req.target {
+    // The run the frame was scored in: this one, except for an incident's frame.
+    let (label, run_id) = match req.target {
         LabelTarget::Frame(frame_id) => {
             let (st, sf) = find_frame(&s.streams.all(), frame_id).ok_or_else(|| {
                 ApiError::not_found(
@@ -177,7 +178,7 @@ pub(super) async fn create(
                 )
             })?;
             let (normaliser, provenance) = (s.normaliser.clone(), (*s.provenance).clone());
-            tokio::task::spawn_blocking(move || NewLabel {
+            let label = tokio::task::spawn_blocking(move || NewLabel {
                 stream: st.id.clone(),
                 frame_id: sf.frame.id,
                 captured: unix_seconds(sf.frame.captured),
@@ -192,7 +193,8 @@ pub(super) async fn create(
                 frame: Some(crate::labels::encode_frame_png(&sf.frame.image)),
             })
             .await
-            .map_err(join_error)?
+            .map_err(join_error)?;
+            (label, None)
         }
         LabelTarget::Forwarded(_) => {
             unreachable!("forwarded labels are stored by create_forwarded")
@@ -205,18 +207,20 @@ pub(super) async fn create(
                 )
             })?;
             let normaliser = s.normaliser.clone();
-            tokio::task::spawn_blocking(move || {
+            let (label, run_id) = tokio::task::spawn_blocking(move || {
                 incident_label(&incidents, &id, frame, rating, labeller, &normaliser)
             })
             .await
-            .map_err(join_error)??
+            .map_err(join_error)??;
+            (label, Some(run_id))
         }
     };
     let store = s.labels.clone();
     let queue_max = s.follower.as_ref().map(|f| f.follow().queue_max);
-    let inserted = tokio::task::spawn_blocking(move || match queue_max {
-        Some(max) => store.insert_queued(&label, max),
-        None => store.insert(&label),
+    let inserted = tokio::task::spawn_blocking(move || match (run_id, queue_max) {
+        (Some(run), queue_max) => store.insert_in_run(&run, &label, queue_max),
+        (None, Some(max)) => store.insert_queued(&label, max),
+        (None, None) => store.insert(&label),
     })
     .await
     .map_err(join_error)?
@@ -353,7 +357,8 @@ async fn create_forwarded(s: AppState, req: LabelRequest) -> Result<Response, Ap
 }
 
 /// The label for frame `n` of incident `id`: the embedding, score and working frame it
-/// had when it was scored (kept with the incident), so no model runs.
+/// had when it was scored (kept with the incident), so no model runs; and the run it
+/// was scored in ([`crate::incidents::ScoredInfo::label_run_id`]).
 fn incident_label(
     incidents: &crate::incidents::IncidentStore,
     id: &str,
@@ -361,7 +366,7 @@ fn incident_label(
     rating: crate::labels::Rating,
     labeller: String,
     normaliser: &crate::score::preprocess::Normaliser,
-) -> Result<NewLabel, ApiError> {
+) -> Result<(NewLabel, String), ApiError> {
     let incident = incidents
         .get(id)
         .ok_or_else(|| ApiError::not_found(format!("no incident {id:?}"), "incident"))?;
@@ -386,7 +391,8 @@ fn incident_label(
         .to_rgb8();
     let (w, h) = (img.width() as usize, img.height() as usize);
     let img = crate::frame::RgbImage::from_packed(w, h, img.into_raw());
-    Ok(NewLabel {
+    let run_id = scored.label_run_id(id);
+    let label = NewLabel {
         stream: incident.stream,
         frame_id: scored.frame_id,
         captured: incident.at,
@@ -399,7 +405,8 @@ fn incident_label(
         model_score: scored.score,
         thumbnail: super::thumbnail::encode_image_jpeg(&img, normaliser),
         frame: Some(png),
-    })
+    };
+    Ok((label, run_id))
 }
 
 /// `GET /api/v1/labels` query.

@@ -410,13 +410,26 @@ impl LabelStore {
     /// forwarding to the cluster's primary), under that daemon's `run_id`: its frame ids
     /// count in that run, and a label sent twice replaces itself instead of doubling.
     pub fn insert_from(&self, run_id: &str, l: &NewLabel) -> Result<Inserted, LabelError> {
+        self.insert_in_run(run_id, l, None)
+    }
+
+    /// [`insert`](Self::insert), or with `queue_max` [`insert_queued`](Self::insert_queued),
+    /// under `run_id` instead of this run's: for a frame scored by an earlier run (an
+    /// incident's frame labelled after a restart), whose frame id counts in that run and
+    /// must not replace the label of this run's frame with the same id.
+    pub fn insert_in_run(
+        &self,
+        run_id: &str,
+        l: &NewLabel,
+        queue_max: Option<u64>,
+    ) -> Result<Inserted, LabelError> {
         if !valid_run_id(run_id) {
             return Err(self.invalid(
                 0,
                 format!("run_id {run_id:?}: expected 1-64 letters, digits or '-'"),
             ));
         }
-        self.insert_row(run_id, l, None)
+        self.insert_row(run_id, l, queue_max)
     }
 
     /// [`insert`](Self::insert), and in the same transaction queues the label for the
