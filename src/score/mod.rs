@@ -14,6 +14,7 @@ pub mod model;
 pub mod preprocess;
 pub mod prompt_store;
 pub mod prompts;
+pub mod squares;
 #[cfg(feature = "torch")]
 pub mod torch;
 
