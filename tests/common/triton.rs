@@ -16,9 +16,28 @@ pub struct Triton {
 
 impl Triton {
     /// Serves `bundle` on `grpc_port` (HTTP and metrics on free ports) with extra
-    /// `scripts/triton_serve.py` options; waits (90 s) for it to answer.
+    /// `scripts/triton_serve.py` options; waits (90 s) for it to answer. A server that
+    /// neither answers nor exits by then is killed and started once more on fresh HTTP
+    /// and metrics ports (the gRPC port is the one the daemon under test was given): its
+    /// start is not what the tests test. Both logs are shown if that fails too.
     pub fn start(bundle: &std::path::Path, grpc_port: u16, extra: &[&str]) -> Self {
+        let mut failures = Vec::new();
+        for _ in 0..2 {
+            match Self::try_start(bundle, grpc_port, extra) {
+                Ok(server) => return server,
+                Err(why) => {
+                    eprintln!("Triton did not start: {why}");
+                    failures.push(why);
+                }
+            }
+        }
+        panic!("Triton did not start, twice:\n{}", failures.join("\n---\n"));
+    }
+
+    fn try_start(bundle: &std::path::Path, grpc_port: u16, extra: &[&str]) -> Result<Self, String> {
         let workspace = tempfile::tempdir().unwrap();
+        let log_path = workspace.path().join("triton.log");
+        let log = std::fs::File::create(&log_path).unwrap();
         let mut c = Command::new("setsid");
         c.arg(super::triton_python())
             .arg(super::repo().join("scripts/triton_serve.py"))
@@ -31,7 +50,7 @@ impl Triton {
             .arg(workspace.path().join("pytriton"))
             .args(extra)
             .stdout(Stdio::piped())
-            .stderr(Stdio::null());
+            .stderr(log);
         let mut child = c.spawn().unwrap_or_else(|e| panic!("{c:?}: {e}"));
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
@@ -45,14 +64,20 @@ impl Triton {
                 }
             }
         });
-        let server = Self {
+        let mut server = Self {
             child,
             _workspace: workspace,
             grpc_port,
         };
         match rx.recv_timeout(Duration::from_secs(90)) {
-            Ok(line) if line.starts_with("STREAMIQ-TRITON READY") => server,
-            other => panic!("Triton did not start: {other:?}"),
+            Ok(line) if line.starts_with("STREAMIQ-TRITON READY") => Ok(server),
+            other => {
+                server.kill_group();
+                let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(40).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                Err(format!("{other:?}; its log ends:\n{}", tail.join("\n")))
+            }
         }
     }
 
