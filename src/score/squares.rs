@@ -32,6 +32,7 @@ pub fn rewrite(model: &[u8]) -> (Cow<'_, [u8]>, usize) {
 const MODEL_GRAPH: u32 = 7;
 const GRAPH_NODE: u32 = 1;
 const GRAPH_INITIALIZER: u32 = 5;
+const GRAPH_INPUT: u32 = 11;
 const GRAPH_OUTPUT: u32 = 12;
 const NODE_INPUT: u32 = 1;
 const NODE_OUTPUT: u32 = 2;
@@ -256,6 +257,9 @@ fn try_rewrite(model: &[u8]) -> Option<(Vec<u8>, usize)> {
     let mut scalars: HashMap<&str, f32> = HashMap::new();
     let mut names: HashSet<&str> = HashSet::new();
     let mut graph_outputs: HashSet<&str> = HashSet::new();
+    // An initializer that is also a graph input is only a default: a caller may feed
+    // another exponent.
+    let mut graph_inputs: HashSet<&str> = HashSet::new();
     for f in &gfields {
         match f.number {
             GRAPH_NODE => {
@@ -275,14 +279,18 @@ fn try_rewrite(model: &[u8]) -> Option<(Vec<u8>, usize)> {
                     scalars.insert(name, v);
                 }
             }
-            GRAPH_OUTPUT => {
+            GRAPH_OUTPUT | GRAPH_INPUT => {
                 let vi = fields(bytes_of(f)?)?;
                 if let Some(name) = vi
                     .iter()
                     .find(|f| f.number == VALUE_INFO_NAME)
                     .and_then(string_of)
                 {
-                    graph_outputs.insert(name);
+                    if f.number == GRAPH_OUTPUT {
+                        graph_outputs.insert(name);
+                    } else {
+                        graph_inputs.insert(name);
+                    }
                 }
             }
             _ => {}
@@ -292,11 +300,13 @@ fn try_rewrite(model: &[u8]) -> Option<(Vec<u8>, usize)> {
     let exponent = |n: &Node| -> Option<u32> {
         let plain = n.domain.is_empty() || n.domain == "ai.onnx";
         match (plain, n.op_type, n.inputs.as_slice(), n.outputs.as_slice()) {
-            (true, "Pow", [_, e], [_]) => match scalars.get(e).copied() {
-                Some(2.0) => Some(2),
-                Some(4.0) => Some(4),
-                _ => None,
-            },
+            (true, "Pow", [_, e], [_]) if !graph_inputs.contains(e) => {
+                match scalars.get(e).copied() {
+                    Some(2.0) => Some(2),
+                    Some(4.0) => Some(4),
+                    _ => None,
+                }
+            }
             _ => None,
         }
     };
@@ -481,6 +491,22 @@ mod tests {
             ],
             &[],
         );
+        assert_eq!(rewrite(&m).1, 0);
+        // An exponent that is a graph input with a default (an initializer of its name).
+        let mut m = model(
+            &[node_bytes("Pow", &["x", "e"], "y", None)],
+            &[tensor("e", 2.0, true)],
+        );
+        let mut vi = Vec::new();
+        put_bytes(&mut vi, VALUE_INFO_NAME, b"e");
+        let top = fields(&m).unwrap();
+        let mut g = bytes_of(top.iter().find(|f| f.number == MODEL_GRAPH).unwrap())
+            .unwrap()
+            .to_vec();
+        assert_eq!(rewrite(&m).1, 1);
+        put_bytes(&mut g, GRAPH_INPUT, &vi);
+        m.clear();
+        put_bytes(&mut m, MODEL_GRAPH, &g);
         assert_eq!(rewrite(&m).1, 0);
         // A subgraph anywhere.
         let mut a = Vec::new();
