@@ -164,8 +164,7 @@ impl ScoredInfo {
             Some(run) => run.clone(),
             None => {
                 let digest = Sha256::digest(incident_id.as_bytes());
-                let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
-                format!("incident-{hex}")
+                format!("incident-{}", hex::encode(&digest[..8]))
             }
         }
     }

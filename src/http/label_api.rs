@@ -217,10 +217,9 @@ pub(super) async fn create(
     };
     let store = s.labels.clone();
     let queue_max = s.follower.as_ref().map(|f| f.follow().queue_max);
-    let inserted = tokio::task::spawn_blocking(move || match (run_id, queue_max) {
-        (Some(run), queue_max) => store.insert_in_run(&run, &label, queue_max),
-        (None, Some(max)) => store.insert_queued(&label, max),
-        (None, None) => store.insert(&label),
+    let inserted = tokio::task::spawn_blocking(move || {
+        let run = run_id.as_deref().unwrap_or(store.run_id());
+        store.insert_in_run(run, &label, queue_max)
     })
     .await
     .map_err(join_error)?

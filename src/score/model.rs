@@ -126,8 +126,8 @@ fn environment(lib: Option<&Path>) -> Result<&'static ort::environment::Environm
                     .to_string()
             })?;
             let builder = ort::init_from(&path).map_err(|e| e.to_string())?;
-            // ONNX Runtime 1.31 sends usage events to Microsoft unless told not to (a DNS
-            // lookup and an HTTPS connection from the scoring process): never from here.
+            // ONNX Runtime's own switch for its usage events to Microsoft. Alone it does not
+            // stop the upload: ORT_DISABLE_TELEMETRY=1 does (the binary sets it, main.rs).
             builder
                 .with_name("streamiq")
                 .with_telemetry(false)

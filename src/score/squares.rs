@@ -7,7 +7,8 @@
 //! units in the last place (1e-6 on unit-norm vectors).
 //!
 //! The file on disk is not changed (its sha256 stays the model's identity for labels and
-//! prompt sets). The rewrite reads the protobuf wire format directly (no ONNX library):
+//! prompt sets). The rewrite reads the protobuf wire format directly (prost's encoding
+//! functions, no ONNX library):
 //! it touches only top-level `Pow` nodes of the default domain whose exponent is a scalar
 //! float constant (a `Constant` node or an initializer) equal to 2 or 4, removes the
 //! `Constant` nodes nothing uses any more, and copies every other byte as it was. A graph
@@ -15,6 +16,8 @@
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
+
+use prost::encoding::{WireType, decode_key, decode_varint, encode_key, encode_varint};
 
 /// The model's bytes with its squares and fourth powers computed as products, and how
 /// many `Pow` nodes were rewritten; the bytes as given (and 0) where there is nothing to
@@ -67,60 +70,36 @@ enum Value<'a> {
     Fixed32(u32),
 }
 
-fn varint(buf: &[u8], pos: &mut usize) -> Option<u64> {
-    let mut v = 0u64;
-    for shift in (0..64).step_by(7) {
-        let b = *buf.get(*pos)?;
-        *pos += 1;
-        v |= u64::from(b & 0x7f) << shift;
-        if b & 0x80 == 0 {
-            return Some(v);
-        }
-    }
-    None
-}
-
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
 /// The fields of a message, or `None` if the bytes are not one (groups included).
 fn fields(buf: &[u8]) -> Option<Vec<Field<'_>>> {
     let mut out = Vec::new();
-    let mut pos = 0;
-    while pos < buf.len() {
-        let start = pos;
-        let key = varint(buf, &mut pos)?;
-        let number = u32::try_from(key >> 3).ok().filter(|&n| n > 0)?;
-        let value = match key & 7 {
-            0 => Value::Varint(varint(buf, &mut pos)?),
-            1 => {
-                buf.get(pos..pos + 8)?;
-                pos += 8;
+    let mut rest = buf;
+    while !rest.is_empty() {
+        let start = buf.len() - rest.len();
+        let (number, wire) = decode_key(&mut rest).ok()?;
+        let value = match wire {
+            WireType::Varint => Value::Varint(decode_varint(&mut rest).ok()?),
+            WireType::SixtyFourBit => {
+                rest = rest.get(8..)?;
                 Value::Fixed64
             }
-            2 => {
-                let len = usize::try_from(varint(buf, &mut pos)?).ok()?;
-                let end = pos.checked_add(len)?;
-                let bytes = buf.get(pos..end)?;
-                pos = end;
+            WireType::LengthDelimited => {
+                let len = usize::try_from(decode_varint(&mut rest).ok()?).ok()?;
+                let bytes = rest.get(..len)?;
+                rest = &rest[len..];
                 Value::Bytes(bytes)
             }
-            5 => {
-                let b = buf.get(pos..pos + 4)?;
-                pos += 4;
+            WireType::ThirtyTwoBit => {
+                let b = rest.get(..4)?;
+                rest = &rest[4..];
                 Value::Fixed32(u32::from_le_bytes(b.try_into().ok()?))
             }
-            _ => return None,
+            WireType::StartGroup | WireType::EndGroup => return None,
         };
         out.push(Field {
             number,
             value,
-            raw: &buf[start..pos],
+            raw: &buf[start..buf.len() - rest.len()],
         });
     }
     Some(out)
@@ -138,8 +117,8 @@ fn string_of<'a>(f: &Field<'a>) -> Option<&'a str> {
 }
 
 fn put_bytes(out: &mut Vec<u8>, number: u32, bytes: &[u8]) {
-    put_varint(out, (u64::from(number) << 3) | 2);
-    put_varint(out, bytes.len() as u64);
+    encode_key(number, WireType::LengthDelimited, out);
+    encode_varint(bytes.len() as u64, out);
     out.extend_from_slice(bytes);
 }
 
@@ -215,9 +194,9 @@ fn scalar_tensor(buf: &[u8]) -> Option<(&str, f32)> {
         match (f.number, &f.value) {
             (TENSOR_DIMS, Value::Varint(d)) => elements = elements.checked_mul(*d)?,
             (TENSOR_DIMS, Value::Bytes(packed)) => {
-                let mut pos = 0;
-                while pos < packed.len() {
-                    elements = elements.checked_mul(varint(packed, &mut pos)?)?;
+                let mut rest: &[u8] = packed;
+                while !rest.is_empty() {
+                    elements = elements.checked_mul(decode_varint(&mut rest).ok()?)?;
                 }
             }
             (TENSOR_DATA_TYPE, Value::Varint(t)) => data_type = *t,
@@ -379,8 +358,8 @@ mod tests {
 
     fn tensor(name: &str, value: f32, raw: bool) -> Vec<u8> {
         let mut t = Vec::new();
-        put_varint(&mut t, u64::from(TENSOR_DATA_TYPE) << 3);
-        put_varint(&mut t, FLOAT);
+        encode_key(TENSOR_DATA_TYPE, WireType::Varint, &mut t);
+        encode_varint(FLOAT, &mut t);
         put_bytes(&mut t, TENSOR_NAME, name.as_bytes());
         if raw {
             put_bytes(&mut t, TENSOR_RAW_DATA, &value.to_le_bytes());
@@ -422,8 +401,8 @@ mod tests {
         put_bytes(&mut out_vi, VALUE_INFO_NAME, b"y");
         put_bytes(&mut g, GRAPH_OUTPUT, &out_vi);
         let mut m = Vec::new();
-        put_varint(&mut m, 1 << 3); // ir_version
-        put_varint(&mut m, 8);
+        encode_key(1, WireType::Varint, &mut m); // ir_version
+        encode_varint(8, &mut m);
         put_bytes(&mut m, MODEL_GRAPH, &g);
         m
     }

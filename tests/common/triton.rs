@@ -74,8 +74,8 @@ impl Triton {
             other => {
                 server.kill_group();
                 let text = std::fs::read_to_string(&log_path).unwrap_or_default();
-                let tail: Vec<&str> = text.lines().rev().take(40).collect();
-                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                let lines: Vec<&str> = text.lines().collect();
+                let tail = &lines[lines.len().saturating_sub(40)..];
                 Err(format!("{other:?}; its log ends:\n{}", tail.join("\n")))
             }
         }
