@@ -7,7 +7,9 @@
 #
 # Both sides do the same work per frame: the same visual.onnx, the same views (default
 # the daemon's, crops:4) and the same frames per model call (default 8, the daemon's
-# scorer.max_batch).
+# scorer.max_batch). A third contestant, "streamiq-file", is streamiq with
+# `model.graph_rewrites = false` (visual.onnx run exactly as the baseline runs it): what
+# the rewrites of src/score/rewrite.rs are worth, in the same run.
 #
 # Needs `make build` (target/release/streamiq) and the venv (scripts/setup.sh). The
 # baseline is scripts/bench_baseline.py, the clip comes from scripts/make_bench_clip.sh.
@@ -35,13 +37,16 @@ done
 
 clip="$OUT/clip-${SIZE}-${SECONDS_}s.mp4"
 [ -f "$clip" ] || { echo "bench: making $clip" >&2; sh scripts/make_bench_clip.sh "$clip" "$SECONDS_" "$SIZE" 30; }
-cat >"$OUT/bench.toml" <<EOF
+for rewrites in true false; do
+  cat >"$OUT/bench-rewrites-$rewrites.toml" <<EOF
 [model]
 bundle = "$BUNDLE"
+graph_rewrites = $rewrites
 [scorer]
 views = "$VIEWS"
 max_batch = $BATCH
 EOF
+done
 
 # Runs a command and prints "wall_s cpu_s peak_rss_mib".
 measure() {
@@ -65,7 +70,9 @@ for i in $(seq "$RUNS"); do
   echo "run $i/$RUNS: python baseline" >&2
   echo "python $(measure "$VENV/bin/python" scripts/bench_baseline.py --bundle "$BUNDLE" --video "$clip" --views "$VIEWS" --batch "$BATCH" 2>/dev/null)" >>"$OUT/runs.txt"
   echo "run $i/$RUNS: streamiq scan" >&2
-  echo "streamiq $(measure target/release/streamiq scan --config "$OUT/bench.toml" "$clip" 2>/dev/null)" >>"$OUT/runs.txt"
+  echo "streamiq $(measure target/release/streamiq scan --config "$OUT/bench-rewrites-true.toml" "$clip" 2>/dev/null)" >>"$OUT/runs.txt"
+  echo "run $i/$RUNS: streamiq scan, graph_rewrites = false" >&2
+  echo "streamiq-file $(measure target/release/streamiq scan --config "$OUT/bench-rewrites-false.toml" "$clip" 2>/dev/null)" >>"$OUT/runs.txt"
 done
 
 python3 - "$frames" "$OUT/runs.txt" <<'PY'
@@ -78,10 +85,11 @@ for line in open(sys.argv[2]):
 print(f"{'':10} {'frames/s':>10} {'CPU-ms/frame':>13} {'wall s':>8} {'CPU s':>8} {'peak MiB':>9}"
       f"   (median of {len(runs['python'])})")
 res = {}
-for name in ["python", "streamiq"]:
+for name in ["python", "streamiq", "streamiq-file"]:
     wall, cpu, rss = (statistics.median(r[i] for r in runs[name]) for i in range(3))
     res[name] = (frames / wall, 1000 * cpu / frames)
     print(f"{name:10} {frames / wall:10.1f} {1000 * cpu / frames:13.2f} {wall:8.2f} {cpu:8.2f} {rss:9.0f}")
-print(f"speed-up: {res['streamiq'][0] / res['python'][0]:.2f}x frames/s, "
-      f"{res['python'][1] / res['streamiq'][1]:.2f}x less CPU per frame")
+for name in ["streamiq", "streamiq-file"]:
+    print(f"{name} against python: {res[name][0] / res['python'][0]:.2f}x frames/s, "
+          f"{res['python'][1] / res[name][1]:.2f}x less CPU per frame")
 PY

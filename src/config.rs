@@ -195,6 +195,9 @@ pub struct ModelConfig {
     pub intra_threads: usize,
     /// Path of `libonnxruntime.so`; empty = the one recorded at build time or `ORT_DYLIB_PATH`.
     pub onnxruntime_lib: PathBuf,
+    /// ONNX Runtime: run the tower's graph with cheaper equivalents of its pooling
+    /// (`score::rewrite`); false runs the file exactly as it is.
+    pub graph_rewrites: bool,
 }
 
 impl Default for ModelConfig {
@@ -205,6 +208,7 @@ impl Default for ModelConfig {
             execution: vec!["cpu".into()],
             intra_threads: 0,
             onnxruntime_lib: PathBuf::new(),
+            graph_rewrites: true,
         }
     }
 }
@@ -536,6 +540,8 @@ pub struct ModelSettings {
     pub intra_threads: usize,
     /// Explicit ONNX Runtime library, if configured.
     pub onnxruntime_lib: Option<PathBuf>,
+    /// Whether the tower's graph is rewritten to cheaper equivalents as it loads.
+    pub graph_rewrites: bool,
 }
 
 /// An ONNX Runtime execution provider streamiq knows how to ask for.
@@ -906,6 +912,7 @@ impl Config {
             intra_threads: m.intra_threads,
             onnxruntime_lib: (!m.onnxruntime_lib.as_os_str().is_empty())
                 .then(|| m.onnxruntime_lib.clone()),
+            graph_rewrites: m.graph_rewrites,
         })
     }
 
@@ -1216,6 +1223,12 @@ mod tests {
         assert_eq!(s.qc.window, Duration::from_secs(10));
         assert_eq!(s.streams[0].sample_fps, Some(2.0));
         assert_eq!(s.server.listen.port(), 9790);
+        assert!(s.model.graph_rewrites);
+        let off = Config::from_toml(&format!("[model]\ngraph_rewrites = false\n{}", base()))
+            .unwrap()
+            .validate()
+            .unwrap();
+        assert!(!off.model.graph_rewrites);
     }
 
     #[test]
@@ -1352,6 +1365,7 @@ mod props {
         "prompts_dir",
         "execution",
         "intra_threads",
+        "graph_rewrites",
         "max_batch",
         "max_wait",
         "queue_capacity",

@@ -243,11 +243,13 @@ pub fn mean_abs_diff(a: &RgbImage, b: &RgbImage) -> Option<f32> {
     let mut sum = 0u64;
     for y in 0..a.height {
         let (ra, rb) = (a.row(y), b.row(y));
-        sum += ra
-            .iter()
-            .zip(rb)
-            .map(|(x, y)| x.abs_diff(*y) as u64)
-            .sum::<u64>();
+        // A row's sum fits in 32 bits (255 per byte): vector lanes of 32 bits.
+        sum += u64::from(
+            ra.iter()
+                .zip(rb)
+                .map(|(x, y)| u32::from(x.abs_diff(*y)))
+                .sum::<u32>(),
+        );
     }
     Some(sum as f32 / (a.width * a.height * 3).max(1) as f32 / 255.0)
 }

@@ -14,7 +14,7 @@ pub mod model;
 pub mod preprocess;
 pub mod prompt_store;
 pub mod prompts;
-pub mod squares;
+pub mod rewrite;
 #[cfg(feature = "torch")]
 pub mod torch;
 
@@ -118,6 +118,7 @@ fn load_encoder(
                 execution: settings.execution.clone(),
                 intra_threads: settings.intra_threads,
                 onnxruntime_lib: settings.onnxruntime_lib.clone(),
+                graph_rewrites: settings.graph_rewrites,
             };
             let bytes = bundle.visual_bytes()?;
             let dim = bundle.manifest.embed_dim;
