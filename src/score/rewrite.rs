@@ -422,7 +422,10 @@ impl<'a> Builder<'a> {
     }
 
     fn keep(&mut self, n: &Node<'a>) {
-        self.note(n.op_type, &n.inputs, n.outputs.first().copied());
+        // An operator of another domain may share a name, not the meaning.
+        if n.plain {
+            self.note(n.op_type, &n.inputs, n.outputs.first().copied());
+        }
         self.out.push(Emitted {
             bytes: Cow::Borrowed(n.raw),
             inputs: n.inputs.iter().map(|s| Cow::Borrowed(*s)).collect(),
@@ -1123,6 +1126,23 @@ mod tests {
             .unwrap();
         m.splice(at..at + from.len(), to);
         assert_eq!(rewrite(&m).1.variances, 0);
+        // A Relu of another domain does not carry the 4-D shape on.
+        let mut relu = node_bytes("Relu", &["c"], "x", None);
+        put_bytes(&mut relu, NODE_DOMAIN, b"com.example");
+        let m = model(
+            &[
+                encode_node(
+                    "Conv",
+                    &["pixels", "w"],
+                    "c",
+                    &[ints("kernel_shape", &[3, 3])],
+                ),
+                relu,
+                mean("x", &[2, 3], 0, "y"),
+            ],
+            &[],
+        );
+        assert!(!rewrite(&m).1.any());
         // Tensors not known to be 4-D: the variance is rewritten, no global pool.
         let m = model(
             &[
