@@ -1,8 +1,11 @@
 //! A real Triton server (PyTriton's `tritonserver` with its Python backend running the
 //! bundle's `visual.onnx` in onnxruntime, `scripts/triton_serve.py`), in a process group
-//! of its own so that killing it leaves no backend stub behind.
+//! of its own so that killing it leaves no backend stub behind, nor its shared memory.
 
+use std::collections::HashSet;
+use std::ffi::OsString;
 use std::io::BufRead;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -10,6 +13,8 @@ use std::time::Duration;
 pub struct Triton {
     child: Child,
     _workspace: tempfile::TempDir,
+    /// Triton's shared-memory segments that existed before this server started.
+    shm_before: HashSet<OsString>,
     /// Its gRPC port.
     pub grpc_port: u16,
 }
@@ -36,6 +41,7 @@ impl Triton {
 
     fn try_start(bundle: &std::path::Path, grpc_port: u16, extra: &[&str]) -> Result<Self, String> {
         let workspace = tempfile::tempdir().unwrap();
+        let shm_before = shm_segments();
         let log_path = workspace.path().join("triton.log");
         let log = std::fs::File::create(&log_path).unwrap();
         let mut c = Command::new("setsid");
@@ -67,6 +73,7 @@ impl Triton {
         let mut server = Self {
             child,
             _workspace: workspace,
+            shm_before,
             grpc_port,
         };
         match rx.recv_timeout(Duration::from_secs(90)) {
@@ -92,6 +99,55 @@ impl Triton {
             .args(["-KILL", "--", &format!("-{}", self.child.id())])
             .status();
         let _ = self.child.wait();
+        remove_orphaned_segments(&self.shm_before);
+    }
+}
+
+/// The shared-memory segments Triton's Python backend (`psm_*`) and PyTriton
+/// (`pytrtion*`) make in /dev/shm. A server killed with SIGKILL leaves them behind
+/// (several MB each), which would fill a small /dev/shm over many test runs.
+fn shm_segments() -> HashSet<OsString> {
+    std::fs::read_dir("/dev/shm")
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| e.file_name())
+                .filter(|n| {
+                    let n = n.to_string_lossy();
+                    n.starts_with("psm_") || n.starts_with("pytrtion")
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Removes the segments made since `before` that no live process has open or mapped
+/// (another test's server may be running beside this one).
+fn remove_orphaned_segments(before: &HashSet<OsString>) {
+    let new: Vec<OsString> = shm_segments().difference(before).cloned().collect();
+    if new.is_empty() {
+        return;
+    }
+    let mut in_use: HashSet<PathBuf> = HashSet::new();
+    for proc in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let dir = proc.path();
+        if let Ok(fds) = std::fs::read_dir(dir.join("fd")) {
+            in_use.extend(
+                fds.flatten()
+                    .filter_map(|fd| std::fs::read_link(fd.path()).ok()),
+            );
+        }
+        if let Ok(maps) = std::fs::read_to_string(dir.join("maps")) {
+            in_use.extend(maps.lines().filter_map(|l| {
+                let at = l.find("/dev/shm/")?;
+                Some(PathBuf::from(l[at..].trim_end_matches(" (deleted)")))
+            }));
+        }
+    }
+    for name in new {
+        let path = PathBuf::from("/dev/shm").join(&name);
+        if !in_use.contains(&path) {
+            let _ = std::fs::remove_file(&path);
+        }
     }
 }
 
