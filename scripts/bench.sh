@@ -82,13 +82,13 @@ runs = {}
 for line in open(sys.argv[2]):
     name, wall, cpu, rss = line.split()
     runs.setdefault(name, []).append((float(wall), float(cpu), float(rss)))
-print(f"{'':10} {'frames/s':>10} {'CPU-ms/frame':>13} {'wall s':>8} {'CPU s':>8} {'peak MiB':>9}"
+print(f"{'':13} {'frames/s':>10} {'CPU-ms/frame':>13} {'wall s':>8} {'CPU s':>8} {'peak MiB':>9}"
       f"   (median of {len(runs['python'])})")
 res = {}
 for name in ["python", "streamiq", "streamiq-file"]:
     wall, cpu, rss = (statistics.median(r[i] for r in runs[name]) for i in range(3))
     res[name] = (frames / wall, 1000 * cpu / frames)
-    print(f"{name:10} {frames / wall:10.1f} {1000 * cpu / frames:13.2f} {wall:8.2f} {cpu:8.2f} {rss:9.0f}")
+    print(f"{name:13} {frames / wall:10.1f} {1000 * cpu / frames:13.2f} {wall:8.2f} {cpu:8.2f} {rss:9.0f}")
 for name in ["streamiq", "streamiq-file"]:
     print(f"{name} against python: {res[name][0] / res['python'][0]:.2f}x frames/s, "
           f"{res['python'][1] / res[name][1]:.2f}x less CPU per frame")

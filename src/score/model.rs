@@ -308,7 +308,7 @@ impl VisualModel {
 /// over all of them does the same work, but a stage's activations then outgrow the
 /// caches between the convolution that writes them and the pooling that reads them:
 /// `streamiq-tiny` at 4 images per call took 6-7 % less CPU per image than at 32, and
-/// `streamiq scan` peaked at 170 instead of 430 MiB (README, Performance).
+/// `streamiq scan` peaked at about 270 instead of 435 MiB (README, Performance).
 const CPU_CHUNK: usize = 4;
 
 fn build_session(
