@@ -248,6 +248,7 @@ fn varints(mut packed: &[u8]) -> Option<Vec<i64>> {
 
 /// What the rewrite reads of a TensorProto: its name, rank, and its values where it is a
 /// small float or int64 tensor.
+#[derive(Default)]
 struct Tensor<'a> {
     name: &'a str,
     rank: usize,
@@ -258,10 +259,8 @@ struct Tensor<'a> {
 impl Tensor<'_> {
     fn scalar(v: f32) -> Self {
         Tensor {
-            name: "",
-            rank: 0,
             floats: vec![v],
-            int64s: Vec::new(),
+            ..Tensor::default()
         }
     }
 
@@ -280,12 +279,7 @@ impl Tensor<'_> {
 }
 
 fn tensor(buf: &[u8]) -> Option<Tensor<'_>> {
-    let mut t = Tensor {
-        name: "",
-        rank: 0,
-        floats: Vec::new(),
-        int64s: Vec::new(),
-    };
+    let mut t = Tensor::default();
     let (mut data_type, mut elements) = (0, 1u64);
     let mut data = Vec::new();
     for f in fields(buf)? {
@@ -337,15 +331,20 @@ fn tensor(buf: &[u8]) -> Option<Tensor<'_>> {
     Some(t)
 }
 
-/// A NodeProto of the default domain.
-fn encode_node(op: &str, inputs: &[&str], output: &str, attributes: &[Vec<u8>]) -> Vec<u8> {
+/// A NodeProto's inputs, one output, and its name: the output's, which is unique.
+fn node_head(inputs: &[&str], output: &str) -> Vec<u8> {
     let mut n = Vec::new();
     for i in inputs {
         put_bytes(&mut n, NODE_INPUT, i.as_bytes());
     }
     put_bytes(&mut n, NODE_OUTPUT, output.as_bytes());
-    // Named after its output, which is unique.
     put_bytes(&mut n, NODE_NAME, output.as_bytes());
+    n
+}
+
+/// A NodeProto of the default domain.
+fn encode_node(op: &str, inputs: &[&str], output: &str, attributes: &[Vec<u8>]) -> Vec<u8> {
+    let mut n = node_head(inputs, output);
     put_bytes(&mut n, NODE_OP_TYPE, op.as_bytes());
     for a in attributes {
         put_bytes(&mut n, NODE_ATTRIBUTE, a);
@@ -367,12 +366,7 @@ fn int_attribute(name: &str, value: i64) -> Vec<u8> {
 /// A copy of a node with other inputs and output (its name follows the output); its
 /// operator, domain and attributes are kept.
 fn reencode(raw: &[u8], inputs: &[&str], output: &str) -> Option<Vec<u8>> {
-    let mut n = Vec::new();
-    for i in inputs {
-        put_bytes(&mut n, NODE_INPUT, i.as_bytes());
-    }
-    put_bytes(&mut n, NODE_OUTPUT, output.as_bytes());
-    put_bytes(&mut n, NODE_NAME, output.as_bytes());
+    let mut n = node_head(inputs, output);
     for f in fields(raw)? {
         if !matches!(f.number, NODE_INPUT | NODE_OUTPUT | NODE_NAME) {
             n.extend_from_slice(f.raw);
@@ -552,15 +546,23 @@ impl<'a> Graph<'a> {
         }
     }
 
-    /// `(x, mean)` where `n` is `ReduceMean((x - mean)²)`, `mean` a `ReduceMean(x)` over
-    /// the same axes with the same `keepdims` (with the reduced axes put back by
-    /// `Unsqueeze` where they were dropped). Axes must be non-negative.
-    fn variance(&self, n: &Node) -> Option<(&'a str, &'a str)> {
+    /// [`axes`](Self::axes), sorted.
+    fn sorted_axes(&self, n: &Node) -> Option<Vec<i64>> {
+        let mut a = self.axes(n)?;
+        a.sort_unstable();
+        Some(a)
+    }
+
+    /// `(x, mean, axes)` where `n` is `ReduceMean((x - mean)²)` over `axes` (sorted),
+    /// `mean` a `ReduceMean(x)` over the same axes with the same `keepdims` (with the
+    /// reduced axes put back by `Unsqueeze` where they were dropped). Axes must be
+    /// non-negative.
+    fn variance(&self, n: &Node) -> Option<(&'a str, &'a str, Vec<i64>)> {
         if !(n.plain && n.op_type == "ReduceMean" && n.outputs.len() == 1) {
             return None;
         }
-        let axes = self.axes(n)?;
-        if axes.is_empty() || axes.iter().any(|&a| a < 0) {
+        let axes = self.sorted_axes(n)?;
+        if axes.first().is_none_or(|&a| a < 0) {
             return None;
         }
         let keepdims = n.keepdims.unwrap_or(1);
@@ -582,7 +584,7 @@ impl<'a> Graph<'a> {
             .made_by(b)
             .filter(|u| u.plain && u.op_type == "Unsqueeze")
         {
-            layers.push(self.axes(u)?);
+            layers.push(self.sorted_axes(u)?);
             b = u.inputs.first()?;
         }
         let mean = self.made_by(b)?;
@@ -590,23 +592,15 @@ impl<'a> Graph<'a> {
             && mean.op_type == "ReduceMean"
             && mean.inputs.first() == Some(&x)
             && mean.keepdims.unwrap_or(1) == keepdims
-            && {
-                let mut a = self.axes(mean)?;
-                let mut v = axes.clone();
-                a.sort_unstable();
-                v.sort_unstable();
-                a == v
-            };
+            && self.sorted_axes(mean)? == axes;
         if !same {
             return None;
         }
         let mut put_back: Vec<i64> = Vec::new();
-        for layer in layers.iter().rev() {
-            let mut layer = layer.clone();
-            if layer.iter().any(|&a| a < 0) {
+        for layer in layers.into_iter().rev() {
+            if layer.first().is_some_and(|&a| a < 0) {
                 return None;
             }
-            layer.sort_unstable();
             for p in layer {
                 for m in put_back.iter_mut().filter(|m| **m >= p) {
                     *m += 1;
@@ -615,14 +609,12 @@ impl<'a> Graph<'a> {
             }
         }
         put_back.sort_unstable();
-        let mut reduced = axes;
-        reduced.sort_unstable();
         let restored = if keepdims == 0 {
-            put_back == reduced
+            put_back == axes
         } else {
             put_back.is_empty()
         };
-        restored.then_some((x, b))
+        restored.then_some((x, b, axes))
     }
 }
 
@@ -710,12 +702,11 @@ fn try_rewrite(model: &[u8]) -> Option<(Vec<u8>, Rewrites)> {
             }
             continue;
         }
-        if let Some((x, mean)) = g.variance(n) {
+        if let Some((x, mean, axes)) = g.variance(n) {
             let y = n.outputs[0];
             let keepdims = n.keepdims.unwrap_or(1) != 0;
             let s = b.square(x, Kind::Helper);
             let mean_of_square = b.fresh(y, "mean_of_square");
-            let axes = g.axes(n)?;
             if !b.global_pool(&s, &axes, keepdims, &mean_of_square) {
                 let mut inputs = vec![s.as_str()];
                 inputs.extend(n.inputs.iter().skip(1));
