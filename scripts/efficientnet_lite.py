@@ -101,17 +101,17 @@ class ContentStream(nn.Module):
     [N, FEATURE_DIM] (frozen). The affine map from CLIP's normalisation to EfficientNet's
     is the first operation of the graph."""
 
-    def __init__(self, image_size=224, blur=0.0, core=0.0):
+    def __init__(self, image_size=224, blur=0.0, core=0.0, core_sigma=1.0):
         super().__init__()
         self.net = load_effnet(image_size)
         # An optional fixed Gaussian low-pass on the input (sigma in pixels): ImageNet
         # features read faint grain as fine texture, i.e. as sharpness; with the low-pass
         # the content stream sees content, and the distortion stream the fine detail.
         self.blur = GaussianBlur(blur) if blur > 0 else None
-        # Optional coring (`core`, in 0..1 pixel units): the detail below a 1-px Gaussian
-        # low-pass is soft-thresholded by `core`, so faint grain goes and strong edges
-        # stay (blur lowers them, so blur still shows).
-        self.core_blur = GaussianBlur(1.0) if core > 0 else None
+        # Optional coring (`core`, in 0..1 pixel units): the detail below a Gaussian
+        # low-pass of `core_sigma` px is soft-thresholded by `core`, so faint grain goes
+        # and strong edges stay (blur lowers them, so blur still shows).
+        self.core_blur = GaussianBlur(core_sigma) if core > 0 else None
         # pixels * clip_std + clip_mean = x / 255, so (x - 127) / 128 = pixels * scale + shift.
         mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
         std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)

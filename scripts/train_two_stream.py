@@ -70,13 +70,17 @@ TRUNK_DIM = 3 * (32 + 48 + 96 + 128 + 192)  # TinyVisual's pooled statistics
 HIDDEN = 512
 CONTENT_DROPOUT = 0.1
 FEATURE_BATCH = 64
+# `--grain-pairs`: the twins' grain, sigma in 1/255 at the model's input scale (the grain
+# check of adapt/tests/tiny_model.rs adds 1.5/255 to 384-px pictures; the noise kind's
+# first levels are stronger).
+PAIR_GRAIN_SIGMA = (0.5, 2.0)
 
 
 # ---------------------------------------------------------------------------------------
 # Data and cached content features.
 # ---------------------------------------------------------------------------------------
 
-def feature_fingerprint(data_name, blur=0.0, core=0.0):
+def feature_fingerprint(data_name, blur=0.0, core=0.0, core_sigma=1.0):
     """Hash of what the cached features depend on: the data file, the weights, the taps,
     the content stream's low-pass (when there is one) and the code that computes them."""
     h = hashlib.sha256()
@@ -86,6 +90,8 @@ def feature_fingerprint(data_name, blur=0.0, core=0.0):
     if core:
         h.update(repr(["core", core]).encode())
         h.update(inspect.getsource(el.ContentStream.forward).encode())
+        if core_sigma != 1.0:
+            h.update(repr(["core_sigma", core_sigma]).encode())
     h.update(repr([data_name, el.WEIGHTS_SHA256, el.TAPS, el.EFFNET_MEAN, el.EFFNET_STD,
                    el.CLIP_MEAN, el.CLIP_STD]).encode())
     for f in (el.std_pool, el.ContentStream.features, el.ContentStream.effnet_input, clip_pixels):
@@ -99,7 +105,7 @@ def clip_pixels(images):
     return (x - tt.MEAN) / tt.STD
 
 
-def feature_session(size, threads, blur=0.0, core=0.0):
+def feature_session(size, threads, blur=0.0, core=0.0, core_sigma=1.0):
     """The content stream (TensorFlow 'SAME' padding, traced for `size` px) under ONNX
     Runtime, which runs EfficientNet's depthwise convolutions about 2.5x faster than torch
     on the CPU."""
@@ -107,7 +113,7 @@ def feature_session(size, threads, blur=0.0, core=0.0):
     import warnings
 
     import onnxruntime as ort
-    stream = el.ContentStream(image_size=None, blur=blur, core=core).eval()
+    stream = el.ContentStream(image_size=None, blur=blur, core=core, core_sigma=core_sigma).eval()
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         path = Path(tmp) / "content.onnx"
@@ -118,16 +124,17 @@ def feature_session(size, threads, blur=0.0, core=0.0):
         return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def content_features(images, cache_dir, data_name, blur=0.0, core=0.0):
+def content_features(images, cache_dir, data_name, blur=0.0, core=0.0, core_sigma=1.0):
     """[N, el.FEATURE_DIM] float16 pooled EfficientNet-Lite0 features of every stored image
     (whole 176-px centre, no crop), computed once and cached."""
-    path = Path(cache_dir) / f"effnet-{feature_fingerprint(data_name, blur, core)}.npy" if cache_dir else None
+    path = (Path(cache_dir) / f"effnet-{feature_fingerprint(data_name, blur, core, core_sigma)}.npy"
+            if cache_dir else None)
     if path and path.is_file():
         feats = np.load(path)
         log(f"features: loaded {path} {feats.shape}")
         return feats, 0.0
     t0 = time.time()
-    sess = feature_session(images.shape[1], torch.get_num_threads(), blur, core)
+    sess = feature_session(images.shape[1], torch.get_num_threads(), blur, core, core_sigma)
     n = len(images)
     feats = np.empty((n, el.FEATURE_DIM), np.float16)
     for i in range(0, n, FEATURE_BATCH):
@@ -144,6 +151,23 @@ def content_features(images, cache_dir, data_name, blur=0.0, core=0.0):
         np.save(tmp, feats)
         tmp.rename(path)
     return feats, elapsed
+
+
+def grain_twins(images, share, seed):
+    """`--grain-pairs`: a seeded `share` of the stored images, each again with faint
+    Gaussian grain (sigma from PAIR_GRAIN_SIGMA). Returns (rows, twins uint8, a name for
+    the features cache)."""
+    rng = np.random.default_rng([seed, 7])
+    rows = np.flatnonzero(rng.random(len(images)) < share)
+    twins = np.empty((len(rows),) + images.shape[1:], np.uint8)
+    for j, r in enumerate(rows):
+        sigma = rng.uniform(*PAIR_GRAIN_SIGMA)
+        twins[j] = np.clip(images[r] + sigma * rng.standard_normal(images.shape[1:], np.float32), 0, 255).round()
+    h = hashlib.sha256(repr([share, seed, PAIR_GRAIN_SIGMA]).encode())
+    h.update(inspect.getsource(grain_twins).encode())
+    log(f"grain pairs: {len(rows)} of {len(images)} images get a twin with grain of sigma "
+        f"{PAIR_GRAIN_SIGMA[0]:g}-{PAIR_GRAIN_SIGMA[1]:g} of 255")
+    return rows, twins, f"twins-{h.hexdigest()[:12]}"
 
 
 # ---------------------------------------------------------------------------------------
@@ -243,6 +267,14 @@ class TwoStreamVisual(nn.Module):
             parts.append((distortion_feats - self.dist_mean) / self.dist_std)
         return self.fuse(torch.cat(parts, dim=1))
 
+    def fused_rows(self, feats, distortion_feats, keep=None):
+        """`fused` on cached features of both streams, with the content features' dropout
+        mask given (`keep`, already scaled; None: no dropout)."""
+        c = (feats - self.feat_mean) / self.feat_std
+        if keep is not None:
+            c = c * keep
+        return self.fuse(torch.cat([c, (distortion_feats - self.dist_mean) / self.dist_std], dim=1))
+
     def forward(self, pixels):
         return self.fused(pixels, self.content(pixels))
 
@@ -257,12 +289,27 @@ class TwoStreamVisual(nn.Module):
         return self
 
 
-def train(visual, feats, images, meta, caps, tok, tokens, steps, batch_groups, seed, lr=2e-3, dist_feats=None):
+def train(visual, feats, images, meta, caps, tok, tokens, steps, batch_groups, seed, lr=2e-3, dist_feats=None,
+          pairs=None, pair_weight=0.0):
     """train_tiny's objectives and schedule (`fit`), with the image embedding from
-    `visual.fused(crops, cached content features)`."""
+    `visual.fused(crops, cached content features)`. `pairs` (`--grain-pairs`, with cached
+    features of both streams): (rows, their twins' content features, their twins'
+    distortion features); a batch's images that have a twin bring it along as one more
+    row of the objective (same caption, level and group), and `pair_weight` x the mean
+    squared distance between an image's normalised embedding and its twin's, over the mean
+    squared distance between the clean image of a group and the group's distorted ones, is
+    added to the loss, so that grain which does not change quality does not move the
+    embedding."""
     g = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed + 1)
     feats_t = torch.from_numpy(feats)
+    twin_of = None
+    per = len(meta) // (int(meta[:, 2].max()) + 1)  # images per group
+    if pairs is not None:
+        rows, twin_feats, twin_dist = pairs
+        twin_of = np.full(len(feats), -1)
+        twin_of[rows] = np.arange(len(rows))
+        twin_feats = torch.from_numpy(twin_feats)
 
     def embed(idx):
         x, d = None, None
@@ -270,7 +317,32 @@ def train(visual, feats, images, meta, caps, tok, tokens, steps, batch_groups, s
             d = dist_feats[idx]
         elif visual.distortion is not None:
             x = tt.batch_pixels(images, idx.numpy(), rng, tt.TRAIN_CROP).contiguous(memory_format=torch.channels_last)
-        return visual.fused(x, feats_t[idx].float(), d)
+        if twin_of is None:
+            return visual.fused(x, feats_t[idx].float(), d)
+        t = twin_of[idx.numpy()]
+        m = np.flatnonzero(t >= 0)
+        tr = torch.from_numpy(t[m])
+        n = len(idx)
+        # An image and its twin share one dropout mask, so their distance is grain's alone.
+        keep = None
+        if visual.training:
+            keep = (torch.rand(n, feats.shape[1]) >= CONTENT_DROPOUT).float() / (1 - CONTENT_DROPOUT)
+            keep = torch.cat([keep, keep[m]])
+        out = visual.fused_rows(torch.cat([feats_t[idx], twin_feats[tr]]).float(),
+                                torch.cat([d, twin_dist[tr]]), keep)
+        mi = torch.from_numpy(m)
+
+        def pair_loss(img):
+            # Relative to the distances inside the batch's groups (an image to the other
+            # three of its group, held constant), so that shrinking the whole embedding
+            # space (and raising the logit scale) cannot satisfy it.
+            if not len(m):
+                return img.sum() * 0
+            g = img[:n].view(-1, per, img.shape[1])
+            spread = (g[:, :1] - g[:, 1:]).pow(2).sum(2).mean().detach()
+            return pair_weight * (img[mi] - img[n:]).pow(2).sum(1).mean() / (spread + 1e-6)
+
+        return out, torch.cat([idx, idx[mi]]), pair_loss
 
     return tt.fit(visual, visual.trainable(), embed, tt.Objective(meta, caps, tok, tokens), tok,
                   steps, batch_groups, g, lr)
@@ -288,10 +360,10 @@ def train_photo_names():
                     + [f"{n}.jpg" for n, _ in tt.PALAPELI_PHOTOS] + tt.manifest_names(tt.GCOMPRIS_PHOTOS))
 
 
-def export(out, visual, text, tok, tokens, scale, info, architecture, blur=0.0, core=0.0):
+def export(out, visual, text, tok, tokens, scale, info, architecture, blur=0.0, core=0.0, core_sigma=1.0):
     """train_tiny's bundle writer, then the manifest again with this tower's architecture,
     then a check of visual.onnx under ONNX Runtime against the torch tower."""
-    visual.content = el.ContentStream(image_size=tt.SIZE, blur=blur, core=core).eval()
+    visual.content = el.ContentStream(image_size=tt.SIZE, blur=blur, core=core, core_sigma=core_sigma).eval()
     visual.eval()
     tt.export(out, visual, text, tok, tokens, scale, info)
     out = Path(out)
@@ -333,6 +405,8 @@ def main():
     ap.add_argument("--content-core", type=float, default=0.0, metavar="T",
                     help="variant: the content stream sees its input cored (detail under a 1-px low-pass "
                          "soft-thresholded by T, in 0..1 pixel units), in training and in the exported tower")
+    ap.add_argument("--content-core-sigma", type=float, default=1.0, metavar="SIGMA",
+                    help="the low-pass of --content-core, sigma in pixels")
     ap.add_argument("--content-blur", type=float, default=0.0, metavar="SIGMA",
                     help="a fixed Gaussian low-pass (sigma in pixels) on the content stream's input, "
                          "in training and in the exported tower (faint grain is then no proof of sharpness)")
@@ -348,11 +422,22 @@ def main():
     ap.add_argument("--grain", type=float, default=0.0, metavar="SHARE",
                     help="data variant (as train_tiny's): this share of the images gets faint grain, "
                          "targets unchanged, so the head learns that grain is not sharpness")
+    ap.add_argument("--grain-pairs", type=float, default=0.0, metavar="SHARE",
+                    help="variant (with --distortion-from): this share of the images gets a twin with faint "
+                         "grain, both streams' features cached; the twin is one more row of the objective "
+                         "and --pair-weight x its embedding's squared distance to the image's is added to "
+                         "the loss")
+    ap.add_argument("--pair-weight", type=float, default=10.0, metavar="W",
+                    help="weight of the grain pairs' distance (--grain-pairs)")
     ap.add_argument("--state", default="", help="also save the torch weights (tower head, distortion "
                                                  "stream, text tower) to this file")
     a = ap.parse_args()
     if a.distortion_from and a.mode != "two-stream":
         ap.error("--distortion-from needs --mode two-stream")
+    if a.grain_pairs and not a.distortion_from:
+        ap.error("--grain-pairs needs --distortion-from (both streams' features cached)")
+    if not 0 <= a.grain_pairs <= 1:
+        ap.error(f"--grain-pairs {a.grain_pairs}: the share must be between 0 and 1")
     for opt in ("video", "grain"):
         if not 0 <= getattr(a, opt) <= 1:
             ap.error(f"--{opt} {getattr(a, opt)}: the share must be between 0 and 1")
@@ -363,7 +448,8 @@ def main():
     el.weights_path()  # fail early when the packages are missing
     images, meta, caps, data_name = tt.load_dataset(a.groups, a.workers, a.seed, a.cache, a.video, a.grain)
     t_data = time.time() - t0
-    feats, t_feat = content_features(images, a.cache, data_name, a.content_blur, a.content_core)
+    feats, t_feat = content_features(images, a.cache, data_name, a.content_blur, a.content_core,
+                                     a.content_core_sigma)
     f32 = feats.astype(np.float32)
     feat_mean, feat_std = f32.mean(0), f32.std(0) + 1e-3
     del f32
@@ -382,10 +468,18 @@ def main():
     if dist_feats is not None:
         visual.dist_mean.copy_(dist_feats.mean(0))
         visual.dist_std.copy_(dist_feats.std(0) + 1e-3)
+    pairs = None
+    if a.grain_pairs:
+        rows, twins, twin_name = grain_twins(images, a.grain_pairs, a.seed)
+        twin_feats, t_twin = content_features(twins, a.cache, f"{data_name}-{twin_name}", a.content_blur,
+                                              a.content_core, a.content_core_sigma)
+        t_feat += t_twin
+        pairs = (rows, twin_feats, torch.from_numpy(distortion_features(frozen, twins)))
+        del twins
     n_train = sum(p.numel() for p in visual.trainable())
     log(f"model: {a.mode}, {n_train / 1e6:.2f} M trained image-tower parameters")
     text, scale, t_train = train(visual, feats, images, meta, caps, tok, tokens, a.steps, a.batch_groups,
-                                 a.seed, a.lr, dist_feats)
+                                 a.seed, a.lr, dist_feats, pairs, a.pair_weight)
     if a.state:
         torch.save({"visual": {k: v for k, v in visual.state_dict().items() if not k.startswith("content.")},
                     "text": text.state_dict(), "logit_scale": scale, "mode": a.mode}, a.state)
@@ -395,7 +489,9 @@ def main():
                   + (f" --distortion-from {a.distortion_from}" if a.distortion_from else "")
                   + (f" --content-blur {a.content_blur:g}" if a.content_blur else "")
                   + (f" --content-core {a.content_core:g}" if a.content_core else "")
-                  + (f" --video {a.video:g}" if a.video else "") + (f" --grain {a.grain:g}" if a.grain else ""),
+                  + (f" --content-core-sigma {a.content_core_sigma:g}" if a.content_core_sigma != 1.0 else "")
+                  + (f" --video {a.video:g}" if a.video else "") + (f" --grain {a.grain:g}" if a.grain else "")
+                  + (f" --grain-pairs {a.grain_pairs:g} --pair-weight {a.pair_weight:g}" if a.grain_pairs else ""),
         purpose="streamiq's own quality model: a frozen ImageNet EfficientNet-Lite0 (content) "
                 + ("beside a small convolutional tower trained from scratch (distortion), "
                    if a.mode == "two-stream" else "")
@@ -408,7 +504,8 @@ def main():
     )
     t1 = time.time()
     arch = "streamiq-two-stream-effnet-lite0" if a.mode == "two-stream" else "streamiq-effnet-lite0-head"
-    export(a.out, visual, text, tok, tokens, scale, info, arch, a.content_blur, a.content_core)
+    export(a.out, visual, text, tok, tokens, scale, info, arch, a.content_blur, a.content_core,
+           a.content_core_sigma)
     log(f"wrote {a.out} (logit_scale {scale:.2f}) in {(time.time() - t0) / 60:.1f} min: data {t_data / 60:.1f}, "
         f"features {t_feat / 60:.1f}, training {t_train / 60:.1f}, export {(time.time() - t1) / 60:.1f}")
 

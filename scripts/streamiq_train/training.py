@@ -133,8 +133,9 @@ class Objective:
 def fit(visual, params, embed, objective, tok, steps, batch_groups, g, lr=2e-3):
     """Trains `params` (the image tower's trainable ones) with a new text tower and the
     logit scale against `objective`: AdamW, one-cycle lr, gradient clipping, progress lines.
-    `embed(idx)` gives the image tower's output for the images of batch `idx`; `g` draws
-    the batches. Returns (text tower, logit scale, seconds)."""
+    `embed(idx)` gives the image tower's output for the images of batch `idx`, or a tuple
+    (output, the data rows of its rows, a function of the normalised output that is added
+    to the loss); `g` draws the batches. Returns (text tower, logit scale, seconds)."""
     text = cc.TextTower(text_config(len(tok.clip_ids)))
     init_text(text)
     logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
@@ -149,22 +150,30 @@ def fit(visual, params, embed, objective, tok, steps, batch_groups, g, lr=2e-3):
     for step in range(steps):
         gsel = torch.randint(0, n_groups, (batch_groups,), generator=g)
         idx = (gsel[:, None] * per + torch.arange(per)).flatten()
-        img = F.normalize(embed(idx), dim=-1)
+        out, extra = embed(idx), None
+        if isinstance(out, tuple):
+            # (embeddings, the data rows they stand for, a term of the loss over the
+            # normalised embeddings): a recipe that adds rows, e.g. paired grain twins.
+            out, idx, extra = out
+        img = F.normalize(out, dim=-1)
         s = logit_scale.clamp(max=math.log(100)).exp()
 
         loss, l_con, l_q, l_rank = objective.loss(img, idx, s, text)
+        l_x = extra(img) if extra is not None else torch.zeros(())
+        loss = loss + l_x
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 5.0)
         opt.step()
         sched.step()
-        hist.append([loss.item(), l_con.item(), l_q.item(), l_rank.item()])
+        hist.append([loss.item(), l_con.item(), l_q.item(), l_rank.item(), l_x.item()])
         if (step + 1) % 50 == 0 or step == 0 or step + 1 == steps:
             h = np.mean(hist[-50:], axis=0)
             el_s = time.time() - t0
             rate = (step + 1) * len(idx) / el_s
             log(f"step {step + 1}/{steps}: loss {h[0]:.3f} (contrastive {h[1]:.3f}, quality {h[2]:.3f}, "
-                f"rank {h[3]:.3f}), scale {s.item():.1f}, {rate:.0f} img/s, "
+                f"rank {h[3]:.3f}" + (f", pairs {h[4]:.4f}" if extra is not None else "")
+                + f"), scale {s.item():.1f}, {rate:.0f} img/s, "
                 f"{(steps - step - 1) * el_s / (step + 1) / 60:.1f} min left")
     visual.eval(), text.eval()
     log(f"training: {steps} steps of {batch_groups * per} images in {(time.time() - t0) / 60:.1f} min")

@@ -21,9 +21,12 @@ venv; nothing is downloaded. The checks:
                    for 224 px) agree at 224 px;
   onnx             the content stream exported as train_two_stream exports a tower
                    (convert_clip.export_visual) gives the same features under ONNX Runtime;
+  two-stream recipe scripts/train_two_stream.py in a tiny configuration with grain pairs
+                   and a cored content stream: its bundle passes the bundle check;
   bundle (--bundle) inside a two-stream bundle's visual.onnx, the content features (the
                    tensor the graph standardises with `feat_mean`) of CLIP-normalised chelsea
-                   equal the network's features of (x - 127) / 128.
+                   equal the network's features of (x - 127) / 128 (through the content
+                   stream's input filters when the bundle was made with them).
 
 Exits non-zero on failure; the last line reads `N passed, M failed`.
 """
@@ -166,20 +169,26 @@ def test_content_blur():
     return f"grain std x{ratio:.2f}; " + assert_close(got, want)
 
 
-def content_blur_of(bundle):
-    """The --content-blur sigma a train_two_stream bundle was made with (0 without)."""
+def content_filters_of(bundle):
+    """The content stream's input filters a train_two_stream bundle was made with, as
+    ContentStream's keyword arguments (--content-blur, --content-core and
+    --content-core-sigma; {} without)."""
     import re
     import tomllib
     generator = tomllib.loads((Path(bundle) / "manifest.toml").read_text())["info"]["generator"]
-    m = re.search(r"--content-blur (\S+)", generator)
-    return float(m.group(1)) if m else 0.0
+    found = {}
+    for opt, key in [("--content-blur", "blur"), ("--content-core", "core"), ("--content-core-sigma", "core_sigma")]:
+        m = re.search(rf"{opt} (\S+)", generator)
+        if m:
+            found[key] = float(m.group(1))
+    return found
 
 
 def check_bundle(bundle):
     """The content features inside a two-stream bundle's visual.onnx."""
     import onnx
     import onnxruntime as ort
-    sigma = content_blur_of(bundle)
+    filters = content_filters_of(bundle)
     model = onnx.load(str(Path(bundle) / "visual.onnx"))
     # Weights stored as float16 (scripts/onnx_fp16.py) round the features by about 1e-3.
     half = any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer)
@@ -193,11 +202,35 @@ def check_bundle(bundle):
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     img = clip_input(chelsea_224())
     got = sess.run([feats], {"pixels": img.numpy()})[0]
-    if not sigma:
+    if not filters:
         return assert_close(got, reference_features(), rel)
     with torch.inference_mode():
-        want = el.ContentStream(image_size=224, blur=sigma).eval()(img).numpy()
-    return f"content low-pass sigma {sigma:g}; " + assert_close(got, want, rel)
+        want = el.ContentStream(image_size=224, **filters).eval()(img).numpy()
+    return f"content input filters {filters}; " + assert_close(got, want, rel)
+
+
+def test_two_stream_recipe():
+    """scripts/train_two_stream.py end to end in a tiny configuration, with the variants of
+    models/EXPERIMENTS.md's grain runs (grain pairs, a content stream cored below a 2-px
+    low-pass): the pairs' term is trained, the manifest records the options, and the
+    bundle's content features are those of the cored network (check_bundle)."""
+    import subprocess
+    opts = ["--grain-pairs", "0.5", "--pair-weight", "10", "--content-core", "0.02", "--content-core-sigma", "2"]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "bundle"
+        run = subprocess.run(
+            [sys.executable, str(ROOT / "scripts/train_two_stream.py"), "--out", str(out), "--groups", "8",
+             "--steps", "2", "--batch-groups", "2", "--workers", "1", "--threads", "2",
+             "--distortion-from", str(ROOT / "models/streamiq-tiny/visual.onnx"), *opts],
+            capture_output=True, text=True)
+        log = run.stdout + run.stderr
+        assert run.returncode == 0, log
+        assert "step 2/2" in log and "pairs " in log, log
+        manifest = (out / "manifest.toml").read_text()
+        for o in ["--grain-pairs 0.5", "--pair-weight 10", "--content-core 0.02", "--content-core-sigma 2"]:
+            assert o in manifest, f"{o} not recorded: {manifest}"
+        assert content_filters_of(out) == {"core": 0.02, "core_sigma": 2.0}
+        return check_bundle(out)
 
 
 def test_bundle():
@@ -218,7 +251,7 @@ def main():
     torch.set_num_threads(min(2, torch.get_num_threads()))
     checks = [("weights file", test_weights_file), ("classifies cat", test_classifies_cat),
               ("preprocessing", test_preprocessing), ("padding", test_padding), ("onnx", test_onnx),
-              ("content blur", test_content_blur)]
+              ("content blur", test_content_blur), ("two-stream recipe", test_two_stream_recipe)]
     if a.bundle:
         checks.append((f"bundle {a.bundle}", lambda: check_bundle(a.bundle)))
     passed = failed = 0
