@@ -259,21 +259,18 @@ class TwoStreamVisual(nn.Module):
         width = el.FEATURE_DIM + (TRUNK_DIM if distortion else 0)
         self.fuse = nn.Sequential(nn.Linear(width, HIDDEN), nn.ReLU(inplace=True), nn.Linear(HIDDEN, dim))
 
-    def fused(self, pixels, feats, distortion_feats=None):
-        parts = [self.drop((feats - self.feat_mean) / self.feat_std)]
+    def fused(self, pixels, feats, distortion_feats=None, keep=None):
+        """The fusion head on content features `feats` and the distortion stream's
+        statistics (given, or computed from `pixels`). `keep`: the content features'
+        dropout mask, already scaled (grain pairs share one per image and twin); without
+        it the module's own dropout applies."""
+        c = (feats - self.feat_mean) / self.feat_std
+        parts = [self.drop(c) if keep is None else c * keep]
         if distortion_feats is None and self.distortion is not None:
             distortion_feats = self.distortion(pixels)
         if distortion_feats is not None:
             parts.append((distortion_feats - self.dist_mean) / self.dist_std)
         return self.fuse(torch.cat(parts, dim=1))
-
-    def fused_rows(self, feats, distortion_feats, keep=None):
-        """`fused` on cached features of both streams, with the content features' dropout
-        mask given (`keep`, already scaled; None: no dropout)."""
-        c = (feats - self.feat_mean) / self.feat_std
-        if keep is not None:
-            c = c * keep
-        return self.fuse(torch.cat([c, (distortion_feats - self.dist_mean) / self.dist_std], dim=1))
 
     def forward(self, pixels):
         return self.fused(pixels, self.content(pixels))
@@ -328,8 +325,8 @@ def train(visual, feats, images, meta, caps, tok, tokens, steps, batch_groups, s
         if visual.training:
             keep = (torch.rand(n, feats.shape[1]) >= CONTENT_DROPOUT).float() / (1 - CONTENT_DROPOUT)
             keep = torch.cat([keep, keep[m]])
-        out = visual.fused_rows(torch.cat([feats_t[idx], twin_feats[tr]]).float(),
-                                torch.cat([d, twin_dist[tr]]), keep)
+        out = visual.fused(None, torch.cat([feats_t[idx], twin_feats[tr]]).float(),
+                           torch.cat([d, twin_dist[tr]]), keep)
         mi = torch.from_numpy(m)
 
         def pair_loss(img):
@@ -403,8 +400,9 @@ def main():
                     help="processes for the data generation")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     ap.add_argument("--content-core", type=float, default=0.0, metavar="T",
-                    help="variant: the content stream sees its input cored (detail under a 1-px low-pass "
-                         "soft-thresholded by T, in 0..1 pixel units), in training and in the exported tower")
+                    help="variant: the content stream sees its input cored (detail under a low-pass of "
+                         "--content-core-sigma px soft-thresholded by T, in 0..1 pixel units), in training "
+                         "and in the exported tower")
     ap.add_argument("--content-core-sigma", type=float, default=1.0, metavar="SIGMA",
                     help="the low-pass of --content-core, sigma in pixels")
     ap.add_argument("--content-blur", type=float, default=0.0, metavar="SIGMA",
