@@ -148,3 +148,47 @@ class ContentStream(nn.Module):
         super().train(mode)
         self.net.eval()  # frozen: BatchNorm statistics stay ImageNet's
         return self
+
+
+def raw_columns(raw_taps):
+    """Number of leading feature columns that the first `raw_taps` taps' statistics fill."""
+    return 2 * sum(TAP_CHANNELS[:raw_taps])
+
+
+class SplitContentStream(ContentStream):
+    """A ContentStream with an input filter (`blur` or `core`) whose first `raw_taps` taps'
+    statistics come from the unfiltered input instead: the early stages' statistics follow
+    blur, pixelation and noise and barely move with faint grain, while the later stages
+    read grain as texture (models/EXPERIMENTS.md), so only they see the filtered input.
+    The early stages run twice (about a fifth of the network's cost for two taps)."""
+
+    def __init__(self, raw_taps, **kw):
+        super().__init__(**kw)
+        if not 0 < raw_taps <= len(TAPS):
+            raise ValueError(f"raw_taps {raw_taps}: between 1 and {len(TAPS)}")
+        self.raw_taps = raw_taps
+
+    def forward(self, pixels):
+        feats = super().forward(pixels)
+        raw = self.early_features(self.effnet_input(pixels))
+        return torch.cat([raw, feats[:, raw.shape[1]:]], dim=1)
+
+    def early_features(self, x):
+        """EfficientNet-normalised input -> the first `raw_taps` taps' pooled statistics,
+        the network run only as far as it needs."""
+        net = self.net
+        x = net._swish(net._bn0(net._conv_stem(x)))
+        out = []
+        for i, block in enumerate(net._blocks[:TAPS[self.raw_taps - 1] + 1]):
+            x = block(x)
+            if i in TAPS:
+                out.append(std_pool(x))
+        return torch.cat(out, dim=1)
+
+
+def content_stream(image_size=224, raw_taps=0, **filters):
+    """The content stream for a bundle's recorded options: ContentStream with its input
+    `filters` (blur, core, core_sigma), or SplitContentStream when `raw_taps` > 0."""
+    if raw_taps:
+        return SplitContentStream(raw_taps, image_size=image_size, **filters)
+    return ContentStream(image_size=image_size, **filters)

@@ -13,8 +13,8 @@
 #      pre-training, then the bundle is installed at OUT and evaluated on the four
 #      held-out sets with global, crops:4 and mixed:1 views (reports in WORK/).
 # Usage: scripts/make_model.sh [OUT]   (env: WORK=target/effnet SEED=0 STEPS=1800
-#        TRAIN_GROUPS=6000 CONTENT_BLUR=0 CONTENT_CORE=0 CONTENT_CORE_SIGMA=1 GRAIN=0 VIDEO=0
-#        GRAIN_PAIRS=0 PAIR_WEIGHT=10 DISTORTION=models/streamiq-tiny/visual.onnx)
+#        TRAIN_GROUPS=6000 CONTENT_BLUR=0 CONTENT_CORE=0 CONTENT_CORE_SIGMA=1 CONTENT_RAW_TAPS=0
+#        GRAIN=0 VIDEO=0 GRAIN_PAIRS=0 PAIR_WEIGHT=10 DISTORTION=models/streamiq-tiny/visual.onnx)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${STREAMIQ_VENV:-/opt/streamiq/venv}/bin/python
@@ -28,6 +28,7 @@ CONTENT_BLUR=${CONTENT_BLUR:-0}
 GRAIN=${GRAIN:-0}
 CONTENT_CORE=${CONTENT_CORE:-0}
 CONTENT_CORE_SIGMA=${CONTENT_CORE_SIGMA:-1}
+CONTENT_RAW_TAPS=${CONTENT_RAW_TAPS:-0}
 VIDEO=${VIDEO:-0}
 GRAIN_PAIRS=${GRAIN_PAIRS:-0}
 PAIR_WEIGHT=${PAIR_WEIGHT:-10}
@@ -38,7 +39,8 @@ rm -rf "$WORK/base"
 "$PY" scripts/train_two_stream.py --mode two-stream --out "$WORK/base" --seed "$SEED" \
     --groups "$TRAIN_GROUPS" --steps "$STEPS" --cache "$WORK/cache" --distortion-from "$DISTORTION" \
     --content-blur "$CONTENT_BLUR" --content-core "$CONTENT_CORE" \
-    --content-core-sigma "$CONTENT_CORE_SIGMA" --grain "$GRAIN" --video "$VIDEO" \
+    --content-core-sigma "$CONTENT_CORE_SIGMA" --content-raw-taps "$CONTENT_RAW_TAPS" \
+    --grain "$GRAIN" --video "$VIDEO" \
     --grain-pairs "$GRAIN_PAIRS" --pair-weight "$PAIR_WEIGHT"
 "$PY" scripts/onnx_fp16.py --bundle "$WORK/base"
 WORK=$WORK SEED=$SEED REUSE_BASE=1 scripts/make_tiny.sh "$OUT"

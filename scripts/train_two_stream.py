@@ -153,6 +153,20 @@ def content_features(images, cache_dir, data_name, blur=0.0, core=0.0, core_sigm
     return feats, elapsed
 
 
+def raw_early_taps(feats, raw_taps, images, cache_dir, data_name):
+    """`--content-raw-taps`: the filtered input's features `feats` with their first
+    `raw_taps` taps' statistics replaced by the unfiltered input's (their own cache), as
+    el.SplitContentStream computes them. Returns (features, seconds spent computing)."""
+    if not raw_taps:
+        return feats, 0.0
+    raw, elapsed = content_features(images, cache_dir, data_name)
+    k = el.raw_columns(raw_taps)
+    feats = feats.copy()
+    feats[:, :k] = raw[:, :k]
+    log(f"features: the first {raw_taps} taps' statistics ({k} columns) from the unfiltered input")
+    return feats, elapsed
+
+
 def grain_twins(images, share, seed):
     """`--grain-pairs`: a seeded `share` of the stored images, each again with faint
     Gaussian grain (sigma from PAIR_GRAIN_SIGMA). Returns (rows, twins uint8, a name for
@@ -357,10 +371,11 @@ def train_photo_names():
                     + [f"{n}.jpg" for n, _ in tt.PALAPELI_PHOTOS] + tt.manifest_names(tt.GCOMPRIS_PHOTOS))
 
 
-def export(out, visual, text, tok, tokens, scale, info, architecture, blur=0.0, core=0.0, core_sigma=1.0):
+def export(out, visual, text, tok, tokens, scale, info, architecture, blur=0.0, core=0.0, core_sigma=1.0,
+           raw_taps=0):
     """train_tiny's bundle writer, then the manifest again with this tower's architecture,
     then a check of visual.onnx under ONNX Runtime against the torch tower."""
-    visual.content = el.ContentStream(image_size=tt.SIZE, blur=blur, core=core, core_sigma=core_sigma).eval()
+    visual.content = el.content_stream(tt.SIZE, raw_taps, blur=blur, core=core, core_sigma=core_sigma).eval()
     visual.eval()
     tt.export(out, visual, text, tok, tokens, scale, info)
     out = Path(out)
@@ -405,6 +420,10 @@ def main():
                          "and in the exported tower")
     ap.add_argument("--content-core-sigma", type=float, default=1.0, metavar="SIGMA",
                     help="the low-pass of --content-core, sigma in pixels")
+    ap.add_argument("--content-raw-taps", type=int, default=0, metavar="N",
+                    help="with --content-core or --content-blur: the statistics of the content stream's "
+                         "first N taps (of 7) come from the unfiltered input, the later ones from the "
+                         "filtered input (both cached; the early stages run twice in the exported tower)")
     ap.add_argument("--content-blur", type=float, default=0.0, metavar="SIGMA",
                     help="a fixed Gaussian low-pass (sigma in pixels) on the content stream's input, "
                          "in training and in the exported tower (faint grain is then no proof of sharpness)")
@@ -436,6 +455,10 @@ def main():
         ap.error("--grain-pairs needs --distortion-from (both streams' features cached)")
     if not 0 <= a.grain_pairs <= 1:
         ap.error(f"--grain-pairs {a.grain_pairs}: the share must be between 0 and 1")
+    if a.content_raw_taps and not (a.content_core or a.content_blur):
+        ap.error("--content-raw-taps needs --content-core or --content-blur (a filtered input to split from)")
+    if not 0 <= a.content_raw_taps <= len(el.TAPS):
+        ap.error(f"--content-raw-taps {a.content_raw_taps}: between 0 and {len(el.TAPS)}")
     for opt in ("video", "grain"):
         if not 0 <= getattr(a, opt) <= 1:
             ap.error(f"--{opt} {getattr(a, opt)}: the share must be between 0 and 1")
@@ -448,6 +471,8 @@ def main():
     t_data = time.time() - t0
     feats, t_feat = content_features(images, a.cache, data_name, a.content_blur, a.content_core,
                                      a.content_core_sigma)
+    feats, t_raw = raw_early_taps(feats, a.content_raw_taps, images, a.cache, data_name)
+    t_feat += t_raw
     f32 = feats.astype(np.float32)
     feat_mean, feat_std = f32.mean(0), f32.std(0) + 1e-3
     del f32
@@ -471,7 +496,9 @@ def main():
         rows, twins, twin_name = grain_twins(images, a.grain_pairs, a.seed)
         twin_feats, t_twin = content_features(twins, a.cache, f"{data_name}-{twin_name}", a.content_blur,
                                               a.content_core, a.content_core_sigma)
-        t_feat += t_twin
+        twin_feats, t_raw = raw_early_taps(twin_feats, a.content_raw_taps, twins, a.cache,
+                                           f"{data_name}-{twin_name}")
+        t_feat += t_twin + t_raw
         pairs = (rows, twin_feats, torch.from_numpy(distortion_features(frozen, twins)))
         del twins
     n_train = sum(p.numel() for p in visual.trainable())
@@ -488,6 +515,7 @@ def main():
                   + (f" --content-blur {a.content_blur:g}" if a.content_blur else "")
                   + (f" --content-core {a.content_core:g}" if a.content_core else "")
                   + (f" --content-core-sigma {a.content_core_sigma:g}" if a.content_core_sigma != 1.0 else "")
+                  + (f" --content-raw-taps {a.content_raw_taps}" if a.content_raw_taps else "")
                   + (f" --video {a.video:g}" if a.video else "") + (f" --grain {a.grain:g}" if a.grain else "")
                   + (f" --grain-pairs {a.grain_pairs:g} --pair-weight {a.pair_weight:g}" if a.grain_pairs else ""),
         purpose="streamiq's own quality model: a frozen ImageNet EfficientNet-Lite0 (content) "
@@ -503,7 +531,7 @@ def main():
     t1 = time.time()
     arch = "streamiq-two-stream-effnet-lite0" if a.mode == "two-stream" else "streamiq-effnet-lite0-head"
     export(a.out, visual, text, tok, tokens, scale, info, arch, a.content_blur, a.content_core,
-           a.content_core_sigma)
+           a.content_core_sigma, a.content_raw_taps)
     log(f"wrote {a.out} (logit_scale {scale:.2f}) in {(time.time() - t0) / 60:.1f} min: data {t_data / 60:.1f}, "
         f"features {t_feat / 60:.1f}, training {t_train / 60:.1f}, export {(time.time() - t1) / 60:.1f}")
 

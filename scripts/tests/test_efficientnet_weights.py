@@ -171,16 +171,17 @@ def test_content_blur():
 
 def content_filters_of(bundle):
     """The content stream's input filters a train_two_stream bundle was made with, as
-    ContentStream's keyword arguments (--content-blur, --content-core and
-    --content-core-sigma; {} without)."""
+    el.content_stream's keyword arguments (--content-blur, --content-core,
+    --content-core-sigma and --content-raw-taps; {} without)."""
     import re
     import tomllib
     generator = tomllib.loads((Path(bundle) / "manifest.toml").read_text())["info"]["generator"]
     found = {}
-    for opt, key in [("--content-blur", "blur"), ("--content-core", "core"), ("--content-core-sigma", "core_sigma")]:
+    for opt, key, kind in [("--content-blur", "blur", float), ("--content-core", "core", float),
+                           ("--content-core-sigma", "core_sigma", float), ("--content-raw-taps", "raw_taps", int)]:
         m = re.search(rf"{opt} (\S+)", generator)
         if m:
-            found[key] = float(m.group(1))
+            found[key] = kind(m.group(1))
     return found
 
 
@@ -205,17 +206,28 @@ def check_bundle(bundle):
     if not filters:
         return assert_close(got, reference_features(), rel)
     with torch.inference_mode():
-        want = el.ContentStream(image_size=224, **filters).eval()(img).numpy()
-    return f"content input filters {filters}; " + assert_close(got, want, rel)
+        want = el.content_stream(224, **filters).eval()(img).numpy()
+    note = f"content input filters {filters}; " + assert_close(got, want, rel)
+    if filters.get("raw_taps"):
+        # The split stream's early taps are the unfiltered network's, the later ones not.
+        k = el.raw_columns(filters["raw_taps"])
+        raw = reference_features()
+        assert_close(got[:, :k], raw[:, :k], rel)
+        off_raw, off_want = np.abs(got[:, k:] - raw[:, k:]).max(), np.abs(got[:, k:] - want[:, k:]).max()
+        assert off_raw > 10 * off_want, f"the later taps are the unfiltered network's ({off_raw:.2e})"
+        note += f"; the first {k} columns are the unfiltered network's"
+    return note
 
 
 def test_two_stream_recipe():
     """scripts/train_two_stream.py end to end in a tiny configuration, with the variants of
     models/EXPERIMENTS.md's grain runs (grain pairs, a content stream cored below a 2-px
-    low-pass): the pairs' term is trained, the manifest records the options, and the
-    bundle's content features are those of the cored network (check_bundle)."""
+    low-pass whose first two taps see the unfiltered input): the pairs' term is trained,
+    the manifest records the options, and the bundle's content features are those of the
+    split, cored network (check_bundle)."""
     import subprocess
-    opts = ["--grain-pairs", "0.5", "--pair-weight", "10", "--content-core", "0.02", "--content-core-sigma", "2"]
+    opts = ["--grain-pairs", "0.5", "--pair-weight", "10", "--content-core", "0.02", "--content-core-sigma", "2",
+            "--content-raw-taps", "2"]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "bundle"
         run = subprocess.run(
@@ -227,9 +239,10 @@ def test_two_stream_recipe():
         assert run.returncode == 0, log
         assert "step 2/2" in log and "pairs " in log, log
         manifest = (out / "manifest.toml").read_text()
-        for o in ["--grain-pairs 0.5", "--pair-weight 10", "--content-core 0.02", "--content-core-sigma 2"]:
+        for o in ["--grain-pairs 0.5", "--pair-weight 10", "--content-core 0.02", "--content-core-sigma 2",
+                  "--content-raw-taps 2"]:
             assert o in manifest, f"{o} not recorded: {manifest}"
-        assert content_filters_of(out) == {"core": 0.02, "core_sigma": 2.0}
+        assert content_filters_of(out) == {"core": 0.02, "core_sigma": 2.0, "raw_taps": 2}
         return check_bundle(out)
 
 
