@@ -86,12 +86,13 @@ def feature_fingerprint(data_name, blur=0.0, core=0.0, core_sigma=1.0):
     h = hashlib.sha256()
     if blur:
         h.update(repr(["blur", blur]).encode())
-        h.update(inspect.getsource(el.GaussianBlur).encode())
     if core:
         h.update(repr(["core", core]).encode())
         h.update(inspect.getsource(el.ContentStream.forward).encode())
         if core_sigma != 1.0:
             h.update(repr(["core_sigma", core_sigma]).encode())
+    if blur or core:  # both filters are made of this low-pass
+        h.update(inspect.getsource(el.GaussianBlur).encode())
     h.update(repr([data_name, el.WEIGHTS_SHA256, el.TAPS, el.EFFNET_MEAN, el.EFFNET_STD,
                    el.CLIP_MEAN, el.CLIP_STD]).encode())
     for f in (el.std_pool, el.ContentStream.features, el.ContentStream.effnet_input, clip_pixels):
@@ -349,8 +350,8 @@ def train(visual, feats, images, meta, caps, tok, tokens, steps, batch_groups, s
             # space (and raising the logit scale) cannot satisfy it.
             if not len(m):
                 return img.sum() * 0
-            g = img[:n].view(-1, per, img.shape[1])
-            spread = (g[:, :1] - g[:, 1:]).pow(2).sum(2).mean().detach()
+            groups = img[:n].view(-1, per, img.shape[1])
+            spread = (groups[:, :1] - groups[:, 1:]).pow(2).sum(2).mean().detach()
             return pair_weight * (img[mi] - img[n:]).pow(2).sum(1).mean() / (spread + 1e-6)
 
         return out, torch.cat([idx, idx[mi]]), pair_loss
